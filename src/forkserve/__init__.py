@@ -1,0 +1,41 @@
+"""forkserve: a multi-process TCP server for Python.
+
+The public surface is ``__all__`` below (pinned by ``tests/unit/test_exports.py``); everything
+else is implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._version import __version__
+from .config import Config, from_mapping
+from .connection import Connection
+from .errors import ConfigError, ForkserveError, ListenError
+from .server import run_server
+
+
+def serve(app: str | Callable[[Connection], None] = "hello", **settings: object) -> int:
+    """Serve ``app`` with ``settings`` (the same names as the TOML keys) until stopped.
+
+    ``app`` is a built-in app's name or a handler: a function that takes a ``Connection``.
+
+    Blocks in the calling process, which becomes the master, and returns the exit status
+    (0, or 1 if a graceful stop had to kill connections). Raises ``ConfigError`` for a setting
+    that cannot work and ``ListenError`` for an address that cannot be bound.
+    """
+    if callable(app):
+        name = f"{getattr(app, '__module__', '?')}:{getattr(app, '__qualname__', '?')}"
+        return run_server(from_mapping({"app": name, **settings}), app)
+    return run_server(from_mapping({"app": app, **settings}))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Connection",
+    "ForkserveError",
+    "ListenError",
+    "__version__",
+    "serve",
+]

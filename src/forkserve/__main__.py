@@ -1,0 +1,5 @@
+"""``python -m forkserve``: the same as the ``forkserve`` command."""
+
+from .cli import entry
+
+entry()

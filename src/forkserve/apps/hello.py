@@ -1,0 +1,25 @@
+"""The seed tutorial's app, with framing fixed: one ``Hello from server!`` per line received.
+
+The tutorial printed every ``read()`` as if it were a message; here every *line* is one
+message, however the bytes were split or merged on the way. Received lines are logged at
+debug level (``--log-level debug``), not printed to stdout: a server's stdout is not a log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..connection import Connection
+
+log = logging.getLogger("forkserve.app.hello")
+
+ANSWER = b"Hello from server!\n"
+
+
+def handle(conn: Connection) -> None:
+    """Answer each line with ``Hello from server!\\n``."""
+    debug = log.isEnabledFor(logging.DEBUG)
+    for line in conn.lines():
+        if debug:
+            log.debug("Received: %s", line.rstrip(b"\r\n").decode("utf-8", "replace"))
+        conn.write(ANSWER)

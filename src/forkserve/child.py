@@ -1,0 +1,166 @@
+"""What a process does with one connection: the handler call, and a forked child's hygiene.
+
+Theory of operation
+-------------------
+``serve_one`` runs the app on one ``Connection`` and turns every outcome into an exit status;
+it is shared by the fork model (in a child) and the single model (in the master).
+
+``run_child`` is the body of a per-connection child (fork model). Rules:
+
+1. It never returns into the master's code: every path, exceptions included, ends in
+   ``os._exit`` (the seed's child fell back into the accept loop; DESIGN decision 3).
+2. First it closes what belongs to the master (listeners, the master's selector and wakeup
+   pipe), so no client can ever reach this child but its own and the port is not held.
+3. Signals: the master's dispositions and its wakeup fd are undone, the mask is cleared.
+   SIGTERM and SIGINT mean "finish gracefully": the handler stops reading (``shutdown``
+   SHUT_RD makes the next read see end-of-stream; a pending answer is still written) and arms
+   a timer of ``graceful_timeout`` plus a margin, whose SIGALRM (default action) ends a
+   handler that will not finish. These two system calls are the whole signal handler: no
+   logging, no locks (a deliberate, documented exception to "handlers only record": the child
+   has no loop to record into, and a poll before every read would cost a system call on the
+   hot path).
+4. Parent death: PR_SET_PDEATHSIG delivers SIGTERM when the master dies, plus a ``getppid``
+   check for a master that died before the call (prctl(2)).
+5. The RNG: CPython's ``random`` reseeds itself in every fork child (``os.register_at_fork``),
+   and OpenSSL detects the fork itself; nothing to do here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from .apps import App
+from .config import Config
+from .connection import Connection, format_address
+from .errors import ChildExit, ClientError, LineTooLong
+from .scoreboard import Scoreboard, SlotState
+
+log = logging.getLogger("forkserve")
+
+#: What a client gets before the connection closes when a line is over ``max_line``.
+LINE_TOO_LONG_ANSWER = b"ERR line too long\n"
+#: The child's own stop timer runs this much longer than the master's graceful deadline, so
+#: that a live master does the killing (and knows it had to).
+CHILD_GRACE_MARGIN = 1.0
+#: Signals that ask a child to finish gracefully.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the getppid check still works
+    _prctl = None
+
+_setproctitle: Callable[[str], None] | None
+try:
+    from setproctitle import setproctitle as _setproctitle
+except ImportError:  # an optional extra: titles are a nicety
+    _setproctitle = None
+
+
+def set_title(title: str) -> None:
+    """Show ``title`` in ps/top when setproctitle is installed; otherwise do nothing."""
+    if _setproctitle is not None:
+        _setproctitle(title)
+
+
+def serve_one(app: App, conn: Connection) -> ChildExit:
+    """Run ``app`` on ``conn``, close it, and say how it went. Raises nothing but BaseException.
+
+    Client misbehaviour (idle, reset, over-long line) is a normal end; a handler exception is
+    logged with its traceback and gives ``HANDLER_ERROR``.
+    """
+    try:
+        app(conn)
+        return ChildExit.OK
+    except LineTooLong:
+        with contextlib.suppress(ClientError, OSError):
+            conn.write(LINE_TOO_LONG_ANSWER)
+        log.info("%s: closed: line longer than max_line", conn.peer)
+        return ChildExit.OK
+    except ClientError as exc:
+        log.debug("%s: closed: %s", conn.peer, exc)
+        return ChildExit.OK
+    except (Exception, SystemExit):
+        log.exception("handler failed on the connection from %s", conn.peer)
+        return ChildExit.HANDLER_ERROR
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+@dataclass(frozen=True)
+class ChildContext:
+    """What a forked child needs from the master, fixed at fork time."""
+
+    app: App
+    config: Config
+    scoreboard: Scoreboard
+    master_pid: int
+    #: Closes every fd that belongs to the master (listeners, selector, wakeup pipe).
+    close_master_fds: Callable[[], None]
+    #: Signals the master handles: their dispositions are reset to the default in the child.
+    master_signals: Iterable[int]
+
+
+def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in ctx.master_signals:
+        signal.signal(sig, signal.SIG_DFL)
+    stop_after = ctx.config.graceful_timeout + CHILD_GRACE_MARGIN
+
+    def finish(signum: int, frame: object) -> None:
+        conn.interrupt()
+        signal.setitimer(signal.ITIMER_REAL, stop_after)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, finish)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now
+        finish(signal.SIGTERM, None)
+
+
+def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> ChildExit:
+    ctx.close_master_fds()
+    conn = Connection(sock, max_line=ctx.config.max_line, idle_timeout=ctx.config.idle_timeout,
+                      peer=format_address(addr, sock.family))
+    _reset_signals(ctx, conn)
+    set_title(f"forkserve: conn {conn.peer}")
+    with contextlib.suppress(OSError):
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pid, start = os.getpid(), time.monotonic()
+    board = ctx.scoreboard
+    board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
+                peer=conn.peer)
+    status = serve_one(ctx.app, conn)
+    board.write(slot, pid=pid, state=SlotState.CLOSING, connections=1, bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out, conn_start=start, heartbeat=time.monotonic(),
+                peer=conn.peer)
+    return status
+
+
+def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> NoReturn:
+    """Serve one connection in a freshly forked child, then exit. Never returns."""
+    status: int = ChildExit.HANDLER_ERROR
+    try:
+        status = _serve_in_child(ctx, sock, addr, slot)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("child failed before or after its handler")
+    finally:
+        # This must never return into the master's accept loop, hence os._exit() on every
+        # path: the seed's child fell through into accept() and served as a second master.
+        os._exit(status)

@@ -1,0 +1,84 @@
+"""The ``forkserve`` command: ``serve``, ``client`` and ``settings``.
+
+Every operator error ends as one line on standard error and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import config as config_mod
+from ._version import __version__
+from .client import ClientFailed
+from .client import run as run_client
+from .errors import ConfigError, ExitCode, ForkserveError
+from .server import run_server
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return config_mod.Int(minimum=1).convert(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        return config_mod.Seconds().convert(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forkserve", description="A multi-process TCP server (fork, single).")
+    parser.add_argument("--version", action="version", version=f"forkserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve an app (the seed's hello app by default)",
+                           description="Serve an app until stopped by a signal.")
+    serve.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
+                       "(command-line flags win over it)")
+    config_mod.add_arguments(serve)
+
+    client = sub.add_parser("client", help="the tutorial's client: send lines, print answers",
+                            description="Connect, send lines, print what the server answers.")
+    client.add_argument("address", metavar="ADDR", help="HOST:PORT, [IPV6]:PORT or unix:/path")
+    client.add_argument("--message", metavar="TEXT",
+                        help="send TEXT as a line --count times instead of reading stdin")
+    client.add_argument("--count", type=_positive_int, default=1, metavar="N",
+                        help="how many times to send --message (default 1)")
+    client.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="give up on connecting or on an answer after this long "
+                             "(default 10)")
+
+    sub.add_parser("settings", help="print the settings table (Markdown)",
+                   description="Print every setting with its flag, default and meaning.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_server(config_mod.from_cli(args, args.config))
+        if args.command == "client":
+            return run_client(args.address, message=args.message, count=args.count,
+                              timeout=args.timeout)
+        sys.stdout.write(config_mod.markdown_table())
+        return 0
+    except ClientFailed as exc:
+        print(f"forkserve: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, ForkserveError) as exc:
+        print(f"forkserve: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

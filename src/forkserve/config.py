@@ -1,0 +1,390 @@
+"""Settings: each one declared once, and everything else generated from the declaration.
+
+Theory of operation
+-------------------
+``Config`` is a frozen dataclass. Each field is declared with :func:`setting`, which records the
+default, the *kind* (how to read and check a value), the command-line flag and one line of
+documentation. The CLI (:func:`add_arguments`), the TOML loader (:func:`load_toml`) and the
+settings table of the README (:func:`markdown_table`) are all generated from these fields, so a
+new setting is one declaration (STYLE rule 14).
+
+A value may arrive as a string (command line), as a TOML value (int, float, str, list) or as a
+Python keyword argument. Every path goes through the same ``Kind.convert``, so the checks and the
+error messages are the same everywhere; a ``ConfigError`` names the setting as the operator
+wrote it (``--max-children`` or ``max_children``) and the file it came from.
+
+Precedence, lowest first: declared defaults, the ``--config`` file, command-line flags, and for
+the Python API the keyword arguments of :func:`forkserve.serve`.
+
+This module is pure: it imports no socket-owning module and opens nothing but the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import math
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------- addresses
+
+MAX_PORT = 65535
+#: sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_UNIX_PATH = 107
+
+
+@dataclass(frozen=True)
+class Address:
+    """A place to listen on: ``HOST:PORT``, ``[IPV6]:PORT`` or ``unix:/path``."""
+
+    kind: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse an address as written on the command line; raise ``ValueError`` if malformed."""
+        text = text.strip()
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path:
+                raise ValueError(f"{text!r}: unix: needs a path, as in unix:/run/app.sock")
+            if len(path.encode()) > MAX_UNIX_PATH:
+                raise ValueError(f"{text!r}: unix socket path longer than {MAX_UNIX_PATH} bytes")
+            return cls("unix", path=path)
+        if text.startswith("["):
+            host, sep, port = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"{text!r}: an IPv6 address is written [ADDR]:PORT")
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        else:
+            host, sep, port = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or unix:/path")
+            if ":" in host:
+                raise ValueError(f"{text!r}: write IPv6 addresses in brackets, as [::1]:8080")
+        if not port.isdigit() or int(port) > MAX_PORT:
+            raise ValueError(f"{text!r}: the port must be a number from 0 to {MAX_PORT}")
+        return cls("tcp", host=host, port=int(port))
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+class Kind:
+    """How a setting's values are read, checked and shown."""
+
+    metavar: ClassVar[str] = "VALUE"
+    repeat: ClassVar[bool] = False
+    choices: tuple[str, ...] | None = None
+
+    def convert(self, value: object) -> Any:
+        """Return the checked, canonical value; raise ``ValueError`` with a person's sentence."""
+        raise NotImplementedError
+
+    def show(self, value: object) -> str:
+        """The value as an operator would write it (for the docs table)."""
+        return "" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    minimum: int = 0
+    metavar: ClassVar[str] = "N"
+
+    def convert(self, value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip().replace("_", ""))
+            except ValueError:
+                raise ValueError(f"must be a whole number, got {value!r}") from None
+        if not isinstance(value, int):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        if value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum}, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    minimum: float = 0.0
+    strictly_positive: bool = True
+    metavar: ClassVar[str] = "SECONDS"
+
+    def convert(self, value: object) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number of seconds, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"must be a number of seconds, got {value!r}") from None
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"must be a number of seconds, got {value!r}")
+        if value < self.minimum or (self.strictly_positive and value <= 0):
+            bound = "greater than 0" if self.strictly_positive else f"at least {self.minimum:g}"
+            raise ValueError(f"must be {bound}, got {value:g}")
+        return float(value)
+
+    def show(self, value: object) -> str:
+        return f"{value:g}" if isinstance(value, float) else super().show(value)
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    options: tuple[str, ...] = ()
+    metavar: ClassVar[str] = "NAME"
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.options
+
+    def convert(self, value: object) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in self.options:
+            raise ValueError(f"must be one of {', '.join(self.options)}; got {value!r}")
+        return value.strip().lower()
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    optional: bool = False
+    metavar: ClassVar[str] = "TEXT"
+
+    def convert(self, value: object) -> str | None:
+        if value is None and self.optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"must be a non-empty string, got {value!r}")
+        return value.strip()
+
+
+@dataclass(frozen=True)
+class Path(Text):
+    metavar: ClassVar[str] = "PATH"
+
+
+@dataclass(frozen=True)
+class Addresses(Kind):
+    metavar: ClassVar[str] = "ADDR"
+    repeat: ClassVar[bool] = True
+
+    def convert(self, value: object) -> tuple[Address, ...]:
+        items: Iterable[object] = [value] if isinstance(value, str | Address) else value  # type: ignore[assignment]
+        try:
+            items = list(items)
+        except TypeError:
+            raise ValueError(f"must be an address or a list of addresses, got {value!r}") from None
+        if not items:
+            raise ValueError("needs at least one address")
+        out = []
+        for item in items:
+            if isinstance(item, Address):
+                out.append(item)
+            elif isinstance(item, str):
+                out.append(Address.parse(item))
+            else:
+                raise ValueError(f"an address is a string such as 127.0.0.1:8080, got {item!r}")
+        if len(set(out)) != len(out):
+            raise ValueError("the same address is listed twice")
+        return tuple(out)
+
+    def show(self, value: object) -> str:
+        if isinstance(value, tuple | list):
+            return ", ".join(str(v) for v in value)
+        return super().show(value)
+
+
+# --------------------------------------------------------------------------- declarations
+
+_META = "forkserve"
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """What :func:`setting` records about one field."""
+
+    kind: Kind
+    doc: str
+    flag: str
+
+
+def setting(default: object, kind: Kind, doc: str, *, flag: str = "") -> Any:
+    """Declare one setting: its default, kind, one doc line and (optionally) its CLI flag."""
+    return field(default=default, metadata={_META: SettingInfo(kind, doc, flag)})
+
+
+MODELS = ("fork", "single")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """All settings of one forkserve server, checked. Construct it with keyword arguments.
+
+    Raises ``ConfigError`` naming the first setting whose value cannot work.
+    """
+
+    bind: tuple[Address, ...] = setting(
+        ("127.0.0.1:8080",), Addresses(),
+        "Address to listen on: HOST:PORT, [IPV6]:PORT or unix:/path; repeat for more. "
+        "Port 0 picks a free port (the ready line tells which).",
+    )
+    model: str = setting(
+        "fork", Choice(options=MODELS),
+        "How connections meet processes: fork (a child per connection) or single "
+        "(the master serves one connection at a time).",
+    )
+    app: str = setting("hello", Text(), "The application: a built-in name (hello, echo).")
+    backlog: int = setting(1024, Int(minimum=1), "Length of the kernel's accept queue.")
+    max_children: int = setting(
+        512, Int(minimum=1),
+        "Connections served at once; at the cap the master stops accepting and new clients "
+        "wait in the backlog.",
+    )
+    max_line: int = setting(
+        65536, Int(minimum=1),
+        "Longest line a client may send, in bytes; a longer one gets `ERR line too long`.",
+    )
+    idle_timeout: float = setting(
+        300.0, Seconds(), "A client silent this long is disconnected."
+    )
+    graceful_timeout: float = setting(
+        30.0, Seconds(strictly_positive=False),
+        "On a graceful stop, how long connections in flight may take before they are killed.",
+    )
+    log_level: str = setting("info", Choice(options=LOG_LEVELS), "Least severe log level shown.")
+    access_log: str | None = setting(
+        None, Path(optional=True),
+        "Write one line per connection (peer, pid, duration, bytes, exit status) to this "
+        "file; `-` means standard error.",
+    )
+    access_log_format: str = setting(
+        "text", Choice(options=("text", "json")), "Format of the access log: text or json."
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            info: SettingInfo = f.metadata[_META]
+            try:
+                value = info.kind.convert(getattr(self, f.name))
+            except ValueError as exc:
+                raise ConfigError(f.name, str(exc)) from None
+            object.__setattr__(self, f.name, value)
+
+    def replace(self, **changes: object) -> Config:
+        """A copy with ``changes`` applied and checked."""
+        return from_mapping({**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def settings() -> tuple[tuple[str, SettingInfo, object], ...]:
+    """Every declared setting as ``(name, info, default)``, in declaration order."""
+    return tuple(
+        (f.name, f.metadata[_META], f.default) for f in dataclasses.fields(Config)
+    )
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def from_mapping(values: Mapping[str, object], *, source: str | None = None,
+                 naming: Callable[[str], str] = str) -> Config:
+    """Build a ``Config`` from ``values``; errors name settings with ``naming`` and ``source``."""
+    known = {name for name, _, _ in settings()}
+    for key in values:
+        if key not in known:
+            raise ConfigError(naming(key), f"unknown setting (known: {', '.join(sorted(known))})",
+                              source)
+    try:
+        return Config(**values)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(naming(exc.setting), exc.problem, source) from None
+
+
+def load_toml(path: str) -> dict[str, object]:
+    """Read a TOML config file into raw setting values (checked later, naming the file)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    from_mapping(values, source=path)  # check now, so the error names the file
+    return values
+
+
+# --------------------------------------------------------------------------- generated front ends
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per setting. Defaults are suppressed so that absent flags stay absent."""
+    for name, info, _default in settings():
+        flag = info.flag or flag_of(name)
+        kwargs: dict[str, Any] = {
+            "dest": name, "default": argparse.SUPPRESS, "help": info.doc,
+            "metavar": info.kind.metavar,
+        }
+        if info.kind.repeat:
+            kwargs["action"] = "append"
+        parser.add_argument(flag, **kwargs)
+
+
+def from_cli(namespace: argparse.Namespace, config_file: str | None = None,
+             overrides: Mapping[str, object] | None = None) -> Config:
+    """Merge defaults, the config file and command-line values (in that order)."""
+    values: dict[str, object] = load_toml(config_file) if config_file else {}
+    cli = {name: getattr(namespace, name) for name, _, _ in settings() if hasattr(namespace, name)}
+    values.update(cli)
+    values.update(overrides or {})
+    file_keys = set(values) - set(cli)
+
+    def naming(key: str) -> str:
+        return key if key in file_keys and config_file else flag_of(key)
+
+    source = None
+    try:
+        return from_mapping(values, naming=naming)
+    except ConfigError as exc:
+        if config_file and exc.setting in file_keys:
+            source = config_file
+        raise ConfigError(exc.setting, exc.problem, source) from None
+
+
+def markdown_table() -> str:
+    """The settings table of the README, generated from the declarations."""
+    rows = ["| setting (TOML key) | flag | default | meaning |", "|---|---|---|---|"]
+    for name, info, default in settings():
+        shown = info.kind.show(info.kind.convert(default)) if default is not None else ""
+        flag = info.flag or flag_of(name)
+        if info.kind.repeat:
+            flag += " (repeatable)"
+        rows.append(f"| `{name}` | `{flag} {info.kind.metavar}` | `{shown}` | {info.doc} |"
+                    if shown else f"| `{name}` | `{flag} {info.kind.metavar}` | | {info.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+__all__: Sequence[str] = ("Address", "Config", "from_mapping", "load_toml", "markdown_table")

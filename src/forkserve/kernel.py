@@ -1,0 +1,58 @@
+"""The seam between supervisor logic and the operating system (STYLE rule 6).
+
+The supervisor calls these few operations through a ``Kernel`` object instead of ``os`` and
+``time`` directly, so its unit tests run on a fake kernel with a virtual clock and injected
+failures, while the real-process tests exercise ``OsKernel``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Kernel(Protocol):
+    def fork(self) -> int: ...
+    def kill(self, pid: int, sig: int) -> None: ...
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]: ...
+    def monotonic(self) -> float: ...
+
+
+class OsKernel:
+    """The real thing."""
+
+    fork = staticmethod(os.fork)
+    kill = staticmethod(os.kill)
+    waitpid = staticmethod(os.waitpid)
+    monotonic = staticmethod(time.monotonic)
+
+
+@dataclass(frozen=True)
+class Exited:
+    """A reaped child: ``code`` is the exit status, or minus the signal that killed it."""
+
+    pid: int
+    code: int
+
+    @property
+    def signal(self) -> int | None:
+        return -self.code if self.code < 0 else None
+
+
+def reap(kernel: Kernel) -> list[Exited]:
+    """Collect every child that has ended, without blocking (STYLE rule 7: the one reaper).
+
+    SIGCHLDs coalesce, so this loops until ``waitpid`` reports no more (0) or no children at
+    all (``ChildProcessError``). Children the caller does not know are returned too.
+    """
+    done: list[Exited] = []
+    while True:
+        try:
+            pid, status = kernel.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if pid == 0:
+            return done
+        done.append(Exited(pid, os.waitstatus_to_exitcode(status)))

@@ -1,0 +1,54 @@
+"""Models decide how connections meet processes; the supervisor does everything else.
+
+Every model implements ``Model``. The supervisor owns the listeners, the signals, reaping and
+the stop checklist; it calls the model when a listener is readable (``on_readable``), when a
+child has been reaped (``on_exit``), and asks it which processes to signal on a stop
+(``pids``). Adding a model is one class here and one name in ``config.MODELS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..kernel import Exited
+    from ..listeners import Listener
+    from ..supervisor import Supervisor
+
+
+class Model(Protocol):
+    name: str
+
+    @property
+    def full(self) -> bool:
+        """True while the model can take no more connections (accepting pauses)."""
+
+    def start(self) -> None:
+        """Called once in the master before the first accept."""
+
+    def on_readable(self, listener: Listener) -> None:
+        """``listener`` has connections waiting: take what the model can."""
+
+    def on_exit(self, exited: Exited) -> bool:
+        """A child was reaped; return False if it was not this model's."""
+
+    def interrupt(self, fast: bool) -> None:
+        """A stop began (called from the signal handler: one system call at most)."""
+
+    def pids(self) -> Collection[int]:
+        """Processes that a stop must wait for (and may have to kill)."""
+
+    def close(self) -> None:
+        """Release what the model holds; called once, after the last child is reaped."""
+
+
+def create(name: str, supervisor: Supervisor) -> Model:
+    """The model called ``name`` (a checked ``Config.model``)."""
+    return _MODELS[name](supervisor)
+
+
+from .fork import ForkModel  # noqa: E402  (the models need the protocol above)
+from .single import SingleModel  # noqa: E402
+
+_MODELS: dict[str, Callable[[Supervisor], Model]] = {"fork": ForkModel, "single": SingleModel}

@@ -1,0 +1,141 @@
+"""The fork model: the master accepts, and forks one child per connection (the seed, done right).
+
+Costs and bounds: one fork per connection (about 1 ms of CPU for a small Python master, more
+with a large heap: hence ``gc.freeze()`` in the supervisor before the first fork); at most
+``max_children`` children, after which the master stops accepting and clients wait in the
+kernel backlog (tcpserver ``-c``). A child's slot in the scoreboard gives the master the byte
+counts for the access log after it reaps the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..child import ChildContext, run_child
+from ..connection import format_address
+from ..errors import ChildExit
+from ..kernel import Exited
+from ..listeners import Listener
+from ..logs import AccessRecord
+from ..scoreboard import Scoreboard
+
+if TYPE_CHECKING:
+    from ..supervisor import Supervisor
+
+log = logging.getLogger("forkserve")
+
+#: Connections taken per readiness event before the loop looks at signals again.
+ACCEPT_BATCH = 32
+#: fork() errors that mean "no resources right now" (RLIMIT_NPROC, pids.max, memory).
+FORK_CAPACITY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
+
+
+@dataclass
+class Child:
+    pid: int
+    slot: int
+    peer: str
+    started: float
+
+
+class ForkModel:
+    name = "fork"
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+        size = supervisor.config.max_children
+        self.scoreboard = Scoreboard(size)
+        self.children: dict[int, Child] = {}
+        self._free_slots = list(range(size - 1, -1, -1))
+        self._context = ChildContext(
+            app=supervisor.app, config=supervisor.config, scoreboard=self.scoreboard,
+            master_pid=supervisor.pid, close_master_fds=supervisor.close_in_child,
+            master_signals=supervisor.handled_signals(),
+        )
+
+    def start(self) -> None:
+        pass
+
+    @property
+    def full(self) -> bool:
+        return len(self.children) >= self.sup.config.max_children
+
+    def on_readable(self, listener: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.full:
+                self.sup.update_accepting()
+                return
+            try:
+                sock, addr = listener.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if self.sup.accept_failed(exc):
+                    return
+                continue
+            if not self._spawn(sock, addr):
+                return
+
+    def _spawn(self, sock: socket.socket, addr: object) -> bool:
+        """Fork a child for ``sock``; False if forking failed (accepting is then paused)."""
+        slot = self._free_slots.pop()
+        kernel = self.sup.kernel
+        try:
+            pid = kernel.fork()
+        except OSError as exc:
+            self._free_slots.append(slot)
+            sock.close()  # this client is refused: better than a master that dies
+            self.sup.fork_failed(exc)
+            return False
+        if pid == 0:
+            run_child(self._context, sock, addr, slot)  # never returns
+        sock.close()  # the child has its copy; the master must not keep one
+        self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
+                                   kernel.monotonic())
+        return True
+
+    def on_exit(self, exited: Exited) -> bool:
+        child = self.children.pop(exited.pid, None)
+        if child is None:
+            return False
+        slot = self.scoreboard.read(child.slot)
+        self.scoreboard.clear(child.slot)
+        self._free_slots.append(child.slot)
+        if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR):
+            self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
+        ours = slot.pid == exited.pid
+        self.sup.write_access(AccessRecord(
+            peer=child.peer, pid=exited.pid,
+            duration_s=round(self.sup.kernel.monotonic() - child.started, 6),
+            bytes_in=slot.bytes_in if ours else 0, bytes_out=slot.bytes_out if ours else 0,
+            status=describe_status(exited.code),
+        ))
+        self.sup.update_accepting()
+        return True
+
+    def interrupt(self, fast: bool) -> None:
+        pass  # children are signalled by the supervisor's stop checklist
+
+    def pids(self) -> Collection[int]:
+        return self.children.keys()
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.scoreboard.close()
+
+
+def describe_status(code: int) -> str:
+    """``0``, ``1`` ... for an exit; ``SIGKILL`` ... for a signal."""
+    if code >= 0:
+        return str(code)
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"

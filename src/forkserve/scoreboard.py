@@ -1,0 +1,91 @@
+"""The scoreboard: one fixed-size slot per serving process, in shared memory.
+
+Theory of operation
+-------------------
+The master creates one anonymous shared mapping (``mmap(-1, n)``, inherited by every fork)
+before it forks anything. Each slot belongs to exactly one process at a time: the master hands a
+free slot index to a child when it forks it, the child writes its own slot (its state, its peer,
+its byte counts), and the master reads the slot after it has reaped the child, which orders the
+child's last write before the master's read. Readers never lock: a slot is written by one
+process only, and a torn read of a live slot shows at worst one stale field (like Apache's
+scoreboard). No file on disk, no system call per update.
+
+Layout of a slot (little-endian, ``SLOT_SIZE`` bytes): pid, generation, state letter,
+connections served, bytes in, bytes out, connection start and last heartbeat (monotonic
+seconds), and the peer address as up to ``PEER_BYTES`` bytes of text.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import struct
+from dataclasses import dataclass
+
+
+class SlotState(enum.Enum):
+    """What a slot's process is doing, with Apache's scoreboard letters."""
+
+    FREE = "."
+    STARTING = "S"
+    IDLE = "_"
+    READING = "R"
+    WRITING = "W"
+    CLOSING = "C"
+    FINISHING = "G"
+
+
+_FORMAT = struct.Struct("<iIc3xQQQdd64p")
+SLOT_SIZE = 128
+PEER_BYTES = 63
+assert _FORMAT.size <= SLOT_SIZE
+
+_BY_LETTER = {state.value.encode(): state for state in SlotState}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A copy of one slot, as read at one moment."""
+
+    index: int
+    pid: int
+    generation: int
+    state: SlotState
+    connections: int
+    bytes_in: int
+    bytes_out: int
+    conn_start: float
+    heartbeat: float
+    peer: str
+
+
+class Scoreboard:
+    """``size`` slots in a shared anonymous mapping. Create it in the master before forking."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("a scoreboard needs at least one slot")
+        self.size = size
+        self._map = mmap.mmap(-1, size * SLOT_SIZE)
+
+    def write(self, index: int, *, pid: int, state: SlotState, generation: int = 0,
+              connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
+              conn_start: float = 0.0, heartbeat: float = 0.0, peer: str = "") -> None:
+        """Overwrite slot ``index``. Only the slot's owner calls this."""
+        _FORMAT.pack_into(
+            self._map, index * SLOT_SIZE, pid, generation, state.value.encode(), connections,
+            bytes_in, bytes_out, conn_start, heartbeat, peer.encode()[:PEER_BYTES],
+        )
+
+    def read(self, index: int) -> Slot:
+        pid, gen, letter, conns, b_in, b_out, start, beat, peer = _FORMAT.unpack_from(
+            self._map, index * SLOT_SIZE
+        )
+        return Slot(index, pid, gen, _BY_LETTER.get(letter, SlotState.FREE), conns, b_in, b_out,
+                    start, beat, peer.decode(errors="replace"))
+
+    def clear(self, index: int) -> None:
+        self.write(index, pid=0, state=SlotState.FREE)
+
+    def close(self) -> None:
+        self._map.close()

@@ -1,0 +1,357 @@
+"""The master: one selectors loop that accepts, reaps, and runs the lifecycle.
+
+Theory of operation
+-------------------
+The master is single-threaded and blocks in exactly one place: ``selector.select`` with a
+timeout equal to the nearest deadline (an accept pause ending, the graceful stop deadline), or
+no timeout at all. It never polls on a timer: an idle master uses no CPU.
+
+Signals (DESIGN decision 1, STYLE rules 4 and 5): ``SIGNALS`` is the one table that maps each
+signal to an intent; it drives installation, dispatch and the docs. A handler only appends the
+signal number to a queue (and, for a stop, lets the model interrupt a connection it serves
+in-process); ``signal.set_wakeup_fd`` makes the selector return, and the loop then acts on the
+queued intents by name. PEP 475 retries system calls after a handler that does not raise, so
+nothing may block outside ``select``.
+
+Reaping (decision 2, rule 7): after every wake-up, ``kernel.reap`` loops ``waitpid(-1,
+WNOHANG)`` until nothing is left, because SIGCHLDs coalesce. Children are registered in the
+same loop iteration that forked them, before any reaping, so there is no registration race.
+
+Backpressure (decision 4): the listeners are registered in the selector only while the model
+has room and accepting is not paused; otherwise clients wait in the kernel backlog. Capacity
+errors of accept() and fork() pause accepting briefly and are logged at most once a second
+(decision 5: never spin).
+
+Stopping (rule 17), a checklist with a deadline: close the listeners (new clients are refused,
+not left hanging in a queue nobody will read), ask every child to finish (SIGTERM: a child
+stops reading and writes what it owes), wait for them up to ``graceful_timeout``, SIGKILL what
+is left, reap, exit 1 if anything had to be killed, else 0. A fast stop (SIGQUIT) kills at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import gc
+import logging
+import os
+import selectors
+import signal
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from . import models
+from .apps import App
+from .child import set_title
+from .config import Config
+from .errors import ExitCode
+from .kernel import Exited, Kernel, OsKernel, reap
+from .listeners import Listener
+from .logs import AccessLog, AccessRecord, RateLimiter
+
+log = logging.getLogger("forkserve")
+
+
+class Intent(enum.Enum):
+    GRACEFUL_STOP = "graceful stop"
+    FAST_STOP = "fast stop"
+    REAP = "reap children"
+    REOPEN_LOGS = "reopen log files"
+
+
+@dataclass(frozen=True)
+class SignalRoute:
+    """One row of the signal table: a signal, what it means, its CLI verb and its doc line."""
+
+    signal: signal.Signals
+    intent: Intent
+    verb: str | None
+    doc: str
+
+
+SIGNALS: tuple[SignalRoute, ...] = (
+    SignalRoute(signal.SIGTERM, Intent.GRACEFUL_STOP, "stop",
+                "Graceful stop: refuse new connections, let those in flight finish up to "
+                "`graceful_timeout`, then kill what is left (exit 1 if anything was killed)."),
+    SignalRoute(signal.SIGINT, Intent.GRACEFUL_STOP, None, "Same as TERM (Ctrl-C)."),
+    SignalRoute(signal.SIGQUIT, Intent.FAST_STOP, "quit",
+                "Fast stop: kill every child at once and exit."),
+    SignalRoute(signal.SIGUSR1, Intent.REOPEN_LOGS, "reopen",
+                "Reopen the access log file (after log rotation)."),
+    SignalRoute(signal.SIGCHLD, Intent.REAP, None, "A child ended: reap it (internal)."),
+)
+_INTENTS = {route.signal.value: route.intent for route in SIGNALS}
+
+#: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
+#: the pending connection stays queued, so retrying at once would spin.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors that belong to one connection that is already gone (accept(2), "Error
+#: handling"): skip it and take the next.
+ACCEPT_TRANSIENT_ERRNOS = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM,
+    errno.EINTR,
+})
+#: How long accepting pauses after a capacity error: short enough that a passing spike costs
+#: little latency, long enough that a lasting one costs ten wake-ups a second, not a spin.
+ACCEPT_PAUSE_SECONDS = 0.1
+#: The same after fork() fails for lack of resources (EAGAIN, ENOMEM).
+FORK_PAUSE_SECONDS = 0.1
+#: At most one report per kind of trouble per this many seconds.
+REPORT_INTERVAL = 1.0
+
+
+@dataclass
+class Stop:
+    fast: bool
+    deadline: float
+    killed: bool = False
+
+
+class Supervisor:
+    """The master process's loop. Create it after binding; ``run()`` serves until stopped."""
+
+    def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
+                 access_log: AccessLog | None = None, kernel: Kernel | None = None) -> None:
+        self.config = config
+        self.app = app
+        self.listeners = list(listeners)
+        self.kernel: Kernel = kernel or OsKernel()
+        self.access_log = access_log
+        self.pid = os.getpid()
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._received: deque[int] = deque()
+        self._accepting = False
+        self._paused_until = 0.0
+        self._stop: Stop | None = None
+        self._killed = False
+        self._reports = RateLimiter(REPORT_INTERVAL)
+        self.model = models.create(config.model, self)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        """Serve until a stop completes; return the exit status. Runs in the master."""
+        try:
+            with self._signals_installed():
+                self._start()
+                while not self._finished():
+                    self._wait()
+                    self._act_on_signals()
+                    self._reap()
+                    self._advance_stop()
+                    self.update_accepting()
+        finally:
+            self._close()
+        return ExitCode.KILLED if self._killed else ExitCode.OK
+
+    def _start(self) -> None:
+        # Everything imported and built so far is shared with every child: freeze it so that a
+        # child's garbage collector never writes to those pages (bpo-31558).
+        gc.collect()
+        gc.freeze()
+        self.model.start()
+        names = " ".join(listener.name for listener in self.listeners)
+        set_title(f"forkserve: master [{self.model.name}] {names}")
+        self.update_accepting()
+        for listener in self.listeners:
+            print(f"forkserve: listening on {listener.name} "
+                  f"(model={self.model.name}, pid={self.pid})", file=sys.stderr, flush=True)
+
+    def _finished(self) -> bool:
+        return self._stop is not None and not self.model.pids()
+
+    def _wait(self) -> None:
+        for key, _ in self.selector.select(self._timeout()):
+            if key.data is None:
+                self._drain_wakeup()
+            elif self._stop is None and self._accepting:
+                self.model.on_readable(key.data)
+
+    def _timeout(self) -> float | None:
+        deadlines = []
+        if self._paused_until and self._stop is None:
+            deadlines.append(self._paused_until)
+        if self._stop is not None and not self._stop.killed:
+            deadlines.append(self._stop.deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self.kernel.monotonic())
+
+    def _drain_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    # ------------------------------------------------------------------ signals
+
+    @contextlib.contextmanager
+    def _signals_installed(self) -> Iterator[None]:
+        """Install the table's handlers and the wakeup fd; restore the previous ones after."""
+        previous = {route.signal: signal.signal(route.signal, self._record) for route in SIGNALS}
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: record, and nothing else (see the module doc)."""
+        self._received.append(signum)
+        intent = _INTENTS.get(signum)
+        if intent is Intent.GRACEFUL_STOP or intent is Intent.FAST_STOP:
+            self.model.interrupt(fast=intent is Intent.FAST_STOP)
+
+    def handled_signals(self) -> tuple[int, ...]:
+        return tuple(route.signal.value for route in SIGNALS)
+
+    def _act_on_signals(self) -> None:
+        while self._received:
+            intent = _INTENTS.get(self._received.popleft())
+            if intent is Intent.GRACEFUL_STOP:
+                self._begin_stop(fast=False)
+            elif intent is Intent.FAST_STOP:
+                self._begin_stop(fast=True)
+            elif intent is Intent.REOPEN_LOGS and self.access_log is not None:
+                self.access_log.reopen()
+                log.info("reopened the access log %s", self.access_log.path)
+
+    # ------------------------------------------------------------------ children
+
+    def _reap(self) -> None:
+        for exited in reap(self.kernel):
+            if not self.model.on_exit(exited):
+                log.info("reaped pid %d, which is not one of ours (exit %d)",
+                         exited.pid, exited.code)
+
+    def report_abnormal_exit(self, exited: Exited, what: str) -> None:
+        sig = exited.signal
+        if sig is None:
+            log.warning("pid %d (%s) exited with status %d", exited.pid, what, exited.code)
+            return
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+        hint = " (out of memory?)" if sig == signal.SIGKILL and self._stop is None else ""
+        log.warning("pid %d (%s) was killed by %s%s", exited.pid, what, name, hint)
+
+    def write_access(self, record: AccessRecord) -> None:
+        if self.access_log is not None:
+            self.access_log.write(record)
+
+    # ------------------------------------------------------------------ accepting
+
+    def update_accepting(self) -> None:
+        """Watch the listeners exactly when the model has room and accepting is not paused."""
+        now = self.kernel.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+        want = self._stop is None and not self._paused_until and not self.model.full
+        if want == self._accepting:
+            return
+        self._accepting = want
+        for listener in self.listeners:
+            if want:
+                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+            else:
+                self.selector.unregister(listener.sock)
+
+    def _pause(self, seconds: float) -> None:
+        self._paused_until = self.kernel.monotonic() + seconds
+        self.update_accepting()
+
+    def _report(self, key: str, level: int, message: str, *args: object) -> None:
+        held = self._reports.allow(key, self.kernel.monotonic())
+        if held is not None:
+            suffix = f" ({held} more since the last report)" if held else ""
+            log.log(level, message + suffix, *args)
+
+    def accept_failed(self, exc: OSError) -> bool:
+        """Handle an accept() error; True if the model should stop accepting for now."""
+        code = exc.errno or 0
+        if code in ACCEPT_TRANSIENT_ERRNOS:
+            return False
+        name = errno.errorcode.get(code, str(code))
+        self._pause(ACCEPT_PAUSE_SECONDS)
+        level = logging.WARNING if code in ACCEPT_CAPACITY_ERRNOS else logging.ERROR
+        self._report(f"accept:{name}", level,
+                     "accept failed: %s (%s); pausing accepts for %.1f s",
+                     exc.strerror, name, ACCEPT_PAUSE_SECONDS)
+        return True
+
+    def fork_failed(self, exc: OSError) -> None:
+        """fork() failed: that client was closed; pause accepting and report (rate-limited)."""
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self._pause(FORK_PAUSE_SECONDS)
+        self._report(f"fork:{name}", logging.ERROR,
+                     "fork failed: %s (%s); closed that connection, pausing accepts for %.1f s",
+                     exc.strerror, name, FORK_PAUSE_SECONDS)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _begin_stop(self, *, fast: bool) -> None:
+        now = self.kernel.monotonic()
+        if self._stop is not None:
+            if fast and not self._stop.fast:
+                self._stop.fast = True
+                self._kill_all(signal.SIGKILL)
+            return
+        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout)
+        self.update_accepting()
+        for listener in self.listeners:
+            listener.close()
+        pending = len(self.model.pids())
+        if fast:
+            log.info("fast stop: killing %d connection(s)", pending)
+        else:
+            log.info("graceful stop: waiting up to %g s for %d connection(s)",
+                     self.config.graceful_timeout, pending)
+        self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)
+
+    def _kill_all(self, sig: int) -> None:
+        for pid in list(self.model.pids()):
+            with contextlib.suppress(ProcessLookupError):
+                self.kernel.kill(pid, sig)
+
+    def _advance_stop(self) -> None:
+        stop = self._stop
+        if stop is None or stop.killed or stop.fast:
+            return
+        left = self.model.pids()
+        if left and self.kernel.monotonic() >= stop.deadline:
+            stop.killed = True
+            self.note_killed(f"graceful timeout: killing {len(left)} connection(s) still open")
+            self._kill_all(signal.SIGKILL)
+
+    def note_killed(self, message: str) -> None:
+        """Something had to be killed to stop: say so, and exit 1 at the end."""
+        self._killed = True
+        log.warning("%s", message)
+
+    # ------------------------------------------------------------------ cleaning up
+
+    def close_in_child(self) -> None:
+        """In a forked child: close every fd that belongs to the master (not the unix files)."""
+        for listener in self.listeners:
+            listener.sock.close()
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self.access_log is not None:
+            self.access_log.close()
+
+    def _close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.model.close()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -1,0 +1,274 @@
+"""Real forkserve processes for tests: start, talk, signal, inspect /proc, and clean up.
+
+Each server runs as ``python -m forkserve ...`` in its own session (so every process it forks
+can be found by session id), on port 0; its address comes from the ready line on stderr, which
+a thread drains so the server can never block on a full pipe. ``stop()`` sends SIGTERM, then
+SIGKILL to the process group, reaps, and checks that no process of the session is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = re.compile(r"^forkserve: listening on (\S+) \(model=(\w+), pid=(\d+)\)$")
+#: Generous bounds (DESIGN: 5x what is expected) so a loaded CI machine does not flake.
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Proc:
+    pid: int
+    ppid: int
+    state: str
+    sid: int
+
+
+def proc_info(pid: int) -> Proc | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return Proc(pid, int(fields[1]), fields[0], int(fields[3]))
+
+
+def all_procs() -> Iterator[Proc]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = proc_info(int(entry))
+            if info is not None:
+                yield info
+
+
+def session_procs(sid: int) -> list[Proc]:
+    return [p for p in all_procs() if p.sid == sid]
+
+
+def children_of(pid: int, *, live_only: bool = True) -> list[Proc]:
+    return [p for p in all_procs() if p.ppid == pid and (p.state != "Z" or not live_only)]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(predicate())  # type: ignore[operator]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    argv: list[str]
+    stdout_path: Path
+    lines: list[str] = field(default_factory=list)
+    #: Set by a test that makes a handler fail on purpose (the log then has a traceback).
+    traceback_expected: bool = False
+    addresses: list[str] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def host(self) -> str:
+        return self.addresses[0].rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.addresses[0].rpartition(":")[2])
+
+    # -------------------------------------------------------------- output
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                match = READY.match(line)
+                if match:
+                    self.addresses.append(match.group(1))
+                self._cond.notify_all()
+
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if m := regex.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r}:\n{self.log_tail()}")
+                self._cond.wait(left)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def stdout(self) -> bytes:
+        return self.stdout_path.read_bytes()
+
+    # -------------------------------------------------------------- talking
+
+    def connect(self, timeout: float = 10.0, source: str | None = None) -> socket.socket:
+        if self.addresses[0].startswith("unix:"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(self.addresses[0][len("unix:") :])
+            return s
+        src = (source, 0) if source else None
+        return socket.create_connection((self.host, self.port), timeout=timeout,
+                                        source_address=src)
+
+    def children(self) -> list[Proc]:
+        return children_of(self.pid)
+
+    # -------------------------------------------------------------- ending
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL the whole session; reap; return the master's exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT)
+        status = self.proc.poll()
+        if status is None or session_procs(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            for p in session_procs(self.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+        reap_orphans(self.pid)
+        if self._reader is not None:
+            self._reader.join(STOP_TIMEOUT)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return status
+
+
+def reap_orphans(sid: int) -> None:
+    """Reap zombies of session ``sid`` that were re-parented to this (subreaper) process."""
+    me = os.getpid()
+    for _ in range(250):
+        left = session_procs(sid)
+        for p in left:
+            if p.ppid == me and p.state == "Z":
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p.pid, 0)
+        if not session_procs(sid):
+            return
+        time.sleep(0.02)
+
+
+def start(args: list[str], tmp: Path, *, command: str = "serve", ready: int = 1,
+          bind: list[str] | None = None, env: dict[str, str] | None = None,
+          expect_ready: bool = True, cwd: Path | None = None,
+          script: str | None = None) -> Server:
+    """Start ``python -m forkserve COMMAND [--bind ...] ARGS`` and wait for ``ready`` lines.
+
+    With ``script``, run that Python source instead (it calls ``forkserve.serve``), with
+    ``ARGS`` as its command line.
+    """
+    if script is not None:
+        path = tmp / f"app_{time.monotonic_ns()}.py"
+        path.write_text(script)
+        argv = [sys.executable, str(path), *args]
+    else:
+        argv = [sys.executable, "-m", "forkserve", command]
+        if command == "serve":
+            for b in bind if bind is not None else ["127.0.0.1:0"]:
+                argv += ["--bind", b]
+        argv += args
+    stdout_path = tmp / f"stdout-{time.monotonic_ns()}.txt"
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("NOTIFY_SOCKET", None)
+    with open(stdout_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.PIPE, start_new_session=True, env=full_env,
+                                cwd=cwd)
+    server = Server(proc, argv, stdout_path)
+    server._reader = threading.Thread(target=server._drain, daemon=True)
+    server._reader.start()
+    if expect_ready:
+        deadline = time.monotonic() + START_TIMEOUT
+        with server._cond:
+            while len(server.addresses) < ready:
+                left = deadline - time.monotonic()
+                if left <= 0 or proc.poll() is not None:
+                    server._cond.wait(0.2)  # let the reader catch the last lines
+                    server.stop()
+                    raise AssertionError(f"server did not become ready:\n{server.log_tail()}")
+                server._cond.wait(min(left, 0.2))
+    return server
+
+
+def run_cli(args: list[str], timeout: float = 30.0, input: bytes | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m forkserve ARGS`` to completion (for commands that do not serve)."""
+    return subprocess.run([sys.executable, "-m", "forkserve", *args], capture_output=True,
+                          timeout=timeout, input=input, start_new_session=True, check=False,
+                          cwd=cwd)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes (the socket's timeout bounds each wait)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

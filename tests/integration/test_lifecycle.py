@@ -1,0 +1,152 @@
+"""Stopping: graceful with work in flight, graceful with a stuck client, fast, and master death."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.harness import (
+    Server,
+    children_of,
+    proc_info,
+    recv_all,
+    recv_exactly,
+    wait_until,
+)
+
+HELLO = b"Hello from server!\n"
+Factory = Callable[..., Server]
+MODELS = ["fork", "single"]
+
+
+def refused(server: Server) -> bool:
+    try:
+        server.connect(timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_graceful_stop_answers_what_was_received_then_exits_0(server_factory: Factory,
+                                                              model: str) -> None:
+    server = server_factory("--model", model)
+    with server.connect() as s:
+        s.sendall(b"ping\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        s.sendall(b"ping\n" * 1000 + b"partial")  # in flight when the stop begins
+        server.signal(signal.SIGTERM)
+        assert recv_all(s) == HELLO * 1001, "every request received is answered, then EOF"
+    assert server.wait() == 0
+    assert refused(server)
+    server.wait_for_log(r"graceful stop")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_graceful_stop_closes_idle_connections_at_once(server_factory: Factory,
+                                                       model: str) -> None:
+    server = server_factory("--model", model, "--graceful-timeout", "30")
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        start = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert recv_all(s) == b""
+        assert server.wait() == 0
+        assert time.monotonic() - start < 10, "an idle connection does not hold up the stop"
+
+
+#: A handler that never finishes once it has a line: what a stop must be able to end.
+STUCK_APP = """
+import sys, time
+import forkserve
+
+def handle(conn):
+    for line in conn.lines():
+        conn.write(b"working\\n")
+        time.sleep(3600)
+
+sys.exit(forkserve.serve(handle, bind=["127.0.0.1:0"], model=sys.argv[1],
+                         graceful_timeout=float(sys.argv[2])))
+"""
+
+
+def stuck_client(server: Server) -> socket.socket:
+    s = server.connect()
+    s.sendall(b"work\n")
+    assert recv_exactly(s, 8) == b"working\n"
+    return s
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_graceful_stop_kills_what_outlives_the_timeout_and_exits_1(server_factory: Factory,
+                                                                   model: str) -> None:
+    server = server_factory(model, "1", script=STUCK_APP)
+    with stuck_client(server) as s:
+        start = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 1
+        elapsed = time.monotonic() - start
+        assert 0.9 < elapsed < 6.0, elapsed
+        assert recv_all(s) == b"", "the killed connection is closed"
+    server.wait_for_log(r"graceful timeout|outlived the stop deadline")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_stop_does_not_wait(server_factory: Factory, model: str) -> None:
+    server = server_factory(model, "60", script=STUCK_APP)
+    with stuck_client(server):
+        start = time.monotonic()
+        server.signal(signal.SIGQUIT)
+        assert server.wait() == 0
+        assert time.monotonic() - start < 5.0
+    assert refused(server)
+
+
+def test_sigint_is_a_graceful_stop(server_factory: Factory) -> None:
+    server = server_factory()
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        server.signal(signal.SIGINT)
+        assert recv_all(s) == b""
+    assert server.wait() == 0
+
+
+def test_killing_the_master_makes_every_child_exit(server_factory: Factory) -> None:
+    server = server_factory()
+    socks = [server.connect() for _ in range(5)]
+    for s in socks:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    kids = [k.pid for k in server.children()]
+    assert len(kids) == 5
+    server.signal(signal.SIGKILL)
+    server.wait()
+
+    def all_gone() -> bool:
+        return all((p := proc_info(pid)) is None or p.state == "Z" for pid in kids)
+
+    assert wait_until(all_gone, 2.0), "children outlived their master"
+    for s in socks:
+        s.settimeout(5)
+        assert recv_all(s) == b"", "each orphaned connection is closed"
+        s.close()
+
+
+def test_stop_leaves_no_child_and_no_zombie(server_factory: Factory) -> None:
+    server = server_factory()
+    socks = [server.connect() for _ in range(10)]
+    for s in socks:
+        s.sendall(b"hi\n")
+    for s in socks:
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert children_of(server.pid, live_only=False) == []
+    for s in socks:
+        s.close()

@@ -1,0 +1,156 @@
+"""Processes: one child per connection, reaped at once, no leaks, nothing blocks on anyone."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+from collections.abc import Callable
+
+from tests.integration.harness import (
+    Server,
+    children_of,
+    cmdline,
+    cpu_seconds,
+    fd_count,
+    recv_exactly,
+    wait_until,
+)
+
+HELLO = b"Hello from server!\n"
+Factory = Callable[..., Server]
+
+
+def ask(s: socket.socket, line: bytes = b"ping\n") -> None:
+    s.sendall(line)
+    assert recv_exactly(s, len(HELLO)) == HELLO
+
+
+def test_one_distinct_child_per_connection_gone_within_a_second(server_factory: Factory) -> None:
+    server = server_factory()
+    socks = [server.connect() for _ in range(3)]
+    for s in socks:
+        ask(s)
+    kids = server.children()
+    assert len(kids) == 3
+    ports = {str(s.getsockname()[1]) for s in socks}
+    titles = [cmdline(k.pid) for k in kids]
+    for title in titles:  # setproctitle is installed with the dev extra
+        assert title.startswith("forkserve: conn 127.0.0.1:"), titles
+    assert {t.rpartition(":")[2] for t in titles} == ports
+    by_port = {cmdline(k.pid).rpartition(":")[2]: k.pid for k in kids}
+    first = by_port[str(socks[0].getsockname()[1])]
+    socks[0].close()
+    assert wait_until(lambda: first not in {k.pid for k in children_of(server.pid,
+                                                                          live_only=False)},
+                      1.0), "the child of a closed connection is reaped within a second"
+    assert len(server.children()) == 2
+    for s in socks[1:]:
+        s.close()
+    assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
+
+
+def test_2000_sequential_connections_leave_no_zombie_and_no_fd(server_factory: Factory) -> None:
+    server = server_factory()
+    with server.connect() as s:
+        ask(s)
+    assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
+    fds_before = fd_count(server.pid)
+    deadline = time.monotonic() + 120
+    for _ in range(2000):
+        assert time.monotonic() < deadline, "2000 connections took longer than 120 s"
+        with server.connect() as s:
+            ask(s)
+    assert wait_until(lambda: not children_of(server.pid, live_only=False), 5.0), (
+        "zombies or children left after 2000 connections"
+    )
+    assert fd_count(server.pid) == fds_before
+
+
+def test_200_concurrent_clients_are_all_served(server_factory: Factory) -> None:
+    server = server_factory()
+    socks = [server.connect() for _ in range(200)]
+    try:
+        for s in socks:
+            s.sendall(b"ping\n")
+        for s in socks:
+            assert recv_exactly(s, len(HELLO)) == HELLO
+        assert len(server.children()) == 200
+    finally:
+        for s in socks:
+            s.close()
+    assert wait_until(lambda: not children_of(server.pid, live_only=False), 10.0)
+
+
+def test_single_model_makes_the_second_client_wait_and_fork_does_not(
+        server_factory: Factory) -> None:
+    single = server_factory("--model", "single")
+    fork = server_factory("--model", "fork")
+    for server, queued in ((single, True), (fork, False)):
+        with server.connect() as first, server.connect(timeout=0.5) as second:
+            ask(first)  # the first client holds its connection open
+            second.sendall(b"me too\n")
+            if queued:
+                try:
+                    second.recv(1)
+                    raise AssertionError("single model answered a second client at once")
+                except TimeoutError:
+                    pass
+                first.close()
+                second.settimeout(10)
+                assert recv_exactly(second, len(HELLO)) == HELLO
+            else:
+                assert recv_exactly(second, len(HELLO)) == HELLO
+
+
+def test_max_children_defers_the_next_client_to_the_backlog(server_factory: Factory) -> None:
+    server = server_factory("--max-children", "2")
+    a, b = server.connect(), server.connect()
+    ask(a)
+    ask(b)
+    with server.connect(timeout=0.5) as c:
+        c.sendall(b"third\n")  # connected (kernel backlog) but not accepted
+        try:
+            c.recv(1)
+            raise AssertionError("a third child was forked beyond --max-children 2")
+        except TimeoutError:
+            pass
+        assert len(server.children()) == 2
+        a.close()
+        c.settimeout(10)
+        assert recv_exactly(c, len(HELLO)) == HELLO
+    b.close()
+
+
+def test_fd_exhaustion_pauses_accepting_without_spinning(server_factory: Factory) -> None:
+    server = server_factory()
+    with server.connect() as s:
+        ask(s)
+    assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
+    # Allow the master no fd beyond those it has: the next accept() fails with EMFILE.
+    limit = fd_count(server.pid)
+    old = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+    try:
+        client = server.connect(timeout=10)
+        client.sendall(b"waiting\n")
+        server.wait_for_log(r"accept failed: .*EMFILE.*pausing accepts")
+        cpu0 = cpu_seconds(server.pid)
+        time.sleep(1.5)
+        assert cpu_seconds(server.pid) - cpu0 < 0.5, "the master spins on EMFILE"
+        reports = [line for line in server.lines if "accept failed" in line]
+        assert len(reports) <= 3, "EMFILE is reported at most once a second"
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, old)
+    assert recv_exactly(client, len(HELLO)) == HELLO, "the waiting client is served afterwards"
+    client.close()
+
+
+def test_idle_master_uses_no_cpu(server_factory: Factory) -> None:
+    server = server_factory()
+    with server.connect() as s:
+        ask(s)
+    time.sleep(0.3)
+    cpu0 = cpu_seconds(server.pid)
+    time.sleep(2.0)
+    assert cpu_seconds(server.pid) - cpu0 <= 0.02, "an idle master must not poll"
