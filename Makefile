@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration settings-table clean
+.PHONY: run test lint typecheck unit integration docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,12 @@ run: $(STAMP)
 
 # Every check: lint, types, then the tests (unit and real-process integration).
 test: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -33,6 +33,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
+
+# Regenerate the settings and signal tables of README.md from their declarations.
+docs: $(STAMP)
+	$(BIN)/python scripts/update_readme_tables.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ from .client import ClientFailed
 from .client import run as run_client
 from .errors import ConfigError, ExitCode, ForkserveError
 from .server import run_server
+from .supervisor import signal_table
 
 
 def _positive_int(text: str) -> int:
@@ -54,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up on connecting or on an answer after this long "
                              "(default 10)")
 
-    sub.add_parser("settings", help="print the settings table (Markdown)",
-                   description="Print every setting with its flag, default and meaning.")
+    settings = sub.add_parser("settings", help="print the settings table (Markdown)",
+                              description="Print every setting with its flag, default and "
+                                          "meaning, or the table of signals.")
+    settings.add_argument("--signals", action="store_true",
+                          help="print the table of signals the master handles instead")
     return parser
 
 
@@ -68,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "client":
             return run_client(args.address, message=args.message, count=args.count,
                               timeout=args.timeout)
-        sys.stdout.write(config_mod.markdown_table())
+        sys.stdout.write(signal_table() if args.signals else config_mod.markdown_table())
         return 0
     except ClientFailed as exc:
         print(f"forkserve: {exc}", file=sys.stderr)

@@ -69,7 +69,9 @@ def scripted(sock: socket.socket, message: str, count: int, out: BinaryIO) -> No
 def interactive(sock: socket.socket, stdin: BinaryIO, out: BinaryIO) -> None:
     """Relay stdin lines to the server and the server's bytes to ``out`` until it closes."""
     sock.settimeout(None)
-    sel = selectors.DefaultSelector()
+    # poll(2), not epoll: epoll refuses regular files and /dev/null as stdin (EPERM), while
+    # poll reports them readable, which is what they are.
+    sel = selectors.PollSelector()
     sel.register(sock, selectors.EVENT_READ)
     sel.register(stdin, selectors.EVENT_READ)
     input_open = True
@@ -90,7 +92,7 @@ def interactive(sock: socket.socket, stdin: BinaryIO, out: BinaryIO) -> None:
                 else:
                     line = stdin.readline()
                     if line:
-                        sock.sendall(line)
+                        _send(sock, line)
                         continue
                     input_open = False
                     sel.unregister(stdin)
@@ -98,6 +100,13 @@ def interactive(sock: socket.socket, stdin: BinaryIO, out: BinaryIO) -> None:
                         sock.shutdown(socket.SHUT_WR)
     finally:
         sel.close()
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise ClientFailed(f"connection lost: {exc.strerror or exc}") from None
 
 
 def run(address: str, *, message: str | None, count: int, timeout: float) -> int:

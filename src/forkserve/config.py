@@ -379,11 +379,10 @@ def markdown_table() -> str:
     rows = ["| setting (TOML key) | flag | default | meaning |", "|---|---|---|---|"]
     for name, info, default in settings():
         shown = info.kind.show(info.kind.convert(default)) if default is not None else ""
-        flag = info.flag or flag_of(name)
+        flag = f"`{info.flag or flag_of(name)} {info.kind.metavar}`"
         if info.kind.repeat:
             flag += " (repeatable)"
-        rows.append(f"| `{name}` | `{flag} {info.kind.metavar}` | `{shown}` | {info.doc} |"
-                    if shown else f"| `{name}` | `{flag} {info.kind.metavar}` | | {info.doc} |")
+        rows.append(f"| `{name}` | {flag} | {f'`{shown}`' if shown else ''} | {info.doc} |")
     return "\n".join(rows) + "\n"
 
 

@@ -8,6 +8,7 @@ failures, while the real-process tests exercise ``OsKernel``.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,15 @@ class Exited:
     @property
     def signal(self) -> int | None:
         return -self.code if self.code < 0 else None
+
+    def describe(self) -> str:
+        """``0``, ``1`` ... for an exit; ``SIGKILL`` ... for a signal."""
+        if self.code >= 0:
+            return str(self.code)
+        try:
+            return signal.Signals(-self.code).name
+        except ValueError:
+            return f"signal {-self.code}"
 
 
 def reap(kernel: Kernel) -> list[Exited]:

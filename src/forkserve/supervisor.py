@@ -86,6 +86,13 @@ SIGNALS: tuple[SignalRoute, ...] = (
 )
 _INTENTS = {route.signal.value: route.intent for route in SIGNALS}
 
+
+def signal_table() -> str:
+    """The signals table of the README, generated from ``SIGNALS``."""
+    rows = ["| signal | meaning |", "|---|---|"]
+    rows += [f"| `{route.signal.name}` | {route.doc} |" for route in SIGNALS]
+    return "\n".join(rows) + "\n"
+
 #: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
 #: the pending connection stays queued, so retrying at once would spin.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -171,6 +178,8 @@ class Supervisor:
         for key, _ in self.selector.select(self._timeout()):
             if key.data is None:
                 self._drain_wakeup()
+            elif self._received:
+                return  # a signal came in (perhaps a stop): act on it before taking more
             elif self._stop is None and self._accepting:
                 self.model.on_readable(key.data)
 
@@ -213,6 +222,20 @@ class Supervisor:
     def handled_signals(self) -> tuple[int, ...]:
         return tuple(route.signal.value for route in SIGNALS)
 
+    @contextlib.contextmanager
+    def signals_blocked(self) -> Iterator[None]:
+        """Hold the handled signals back around a fork.
+
+        A signal that arrived in a new child before it reset its dispositions would run the
+        master's handler there and be lost for the child; blocked, it stays pending until the
+        child has installed its own handlers and cleared the mask.
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.handled_signals())
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
     def _act_on_signals(self) -> None:
         while self._received:
             intent = _INTENTS.get(self._received.popleft())
@@ -233,13 +256,12 @@ class Supervisor:
                          exited.pid, exited.code)
 
     def report_abnormal_exit(self, exited: Exited, what: str) -> None:
-        sig = exited.signal
-        if sig is None:
+        if exited.signal is None:
             log.warning("pid %d (%s) exited with status %d", exited.pid, what, exited.code)
             return
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
-        hint = " (out of memory?)" if sig == signal.SIGKILL and self._stop is None else ""
-        log.warning("pid %d (%s) was killed by %s%s", exited.pid, what, name, hint)
+        oom = exited.signal == signal.SIGKILL and self._stop is None
+        log.warning("pid %d (%s) was killed by %s%s", exited.pid, what, exited.describe(),
+                    " (out of memory?)" if oom else "")
 
     def write_access(self, record: AccessRecord) -> None:
         if self.access_log is not None:

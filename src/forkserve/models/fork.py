@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import signal
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -88,14 +87,15 @@ class ForkModel:
         slot = self._free_slots.pop()
         kernel = self.sup.kernel
         try:
-            pid = kernel.fork()
+            with self.sup.signals_blocked():
+                pid = kernel.fork()
+                if pid == 0:
+                    run_child(self._context, sock, addr, slot)  # never returns
         except OSError as exc:
             self._free_slots.append(slot)
             sock.close()  # this client is refused: better than a master that dies
             self.sup.fork_failed(exc)
             return False
-        if pid == 0:
-            run_child(self._context, sock, addr, slot)  # never returns
         sock.close()  # the child has its copy; the master must not keep one
         self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
                                    kernel.monotonic())
@@ -115,7 +115,7 @@ class ForkModel:
             peer=child.peer, pid=exited.pid,
             duration_s=round(self.sup.kernel.monotonic() - child.started, 6),
             bytes_in=slot.bytes_in if ours else 0, bytes_out=slot.bytes_out if ours else 0,
-            status=describe_status(exited.code),
+            status=exited.describe(),
         ))
         self.sup.update_accepting()
         return True
@@ -130,12 +130,3 @@ class ForkModel:
         with contextlib.suppress(BufferError):
             self.scoreboard.close()
 
-
-def describe_status(code: int) -> str:
-    """``0``, ``1`` ... for an exit; ``SIGKILL`` ... for a signal."""
-    if code >= 0:
-        return str(code)
-    try:
-        return signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"

@@ -1,0 +1,20 @@
+"""The public surface is small and explicit (STYLE rule 13)."""
+
+from __future__ import annotations
+
+import forkserve
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(forkserve.__all__) == [
+        "Config", "ConfigError", "Connection", "ForkserveError", "ListenError", "__version__",
+        "serve",
+    ]
+    for name in forkserve.__all__:
+        assert hasattr(forkserve, name)
+
+
+def test_errors_form_one_tree() -> None:
+    assert issubclass(forkserve.ConfigError, forkserve.ForkserveError)
+    assert issubclass(forkserve.ConfigError, ValueError)
+    assert issubclass(forkserve.ListenError, forkserve.ForkserveError)

@@ -1,0 +1,83 @@
+"""Line framing: vectors fed whole, byte by byte and split anywhere (hypothesis)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from forkserve.errors import LineTooLong
+from forkserve.framing import LineFramer
+
+
+def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes]:
+    out: list[bytes] = []
+    for chunk in chunks:
+        out += framer.feed(chunk)
+    last = framer.end()
+    return out + ([last] if last is not None else [])
+
+
+def reference_lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    rest = lines.pop()
+    return [line + b"\n" for line in lines] + ([rest] if rest else [])
+
+
+VECTORS = [
+    (b"", []),
+    (b"a\n", [b"a\n"]),
+    (b"a\nb\n", [b"a\n", b"b\n"]),
+    (b"\n\n", [b"\n", b"\n"]),
+    (b"crlf\r\n", [b"crlf\r\n"]),
+    (b"no newline", [b"no newline"]),
+    (b"a\nrest", [b"a\n", b"rest"]),
+]
+
+
+@pytest.mark.parametrize(("data", "lines"), VECTORS)
+def test_vectors_whole_and_byte_by_byte(data: bytes, lines: list[bytes]) -> None:
+    assert feed_all(LineFramer(100), [data]) == lines
+    assert feed_all(LineFramer(100), [data[i : i + 1] for i in range(len(data))]) == lines
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+def test_any_split_gives_the_same_lines(data: bytes, cuts: list[int]) -> None:
+    points = sorted({min(c, len(data)) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert feed_all(LineFramer(1000), chunks) == reference_lines(data)
+
+
+@given(st.lists(st.binary(max_size=20).filter(lambda b: b"\n" not in b), min_size=1,
+                max_size=8),
+       st.integers(min_value=1, max_value=20), st.integers(min_value=1, max_value=7))
+def test_lines_over_the_limit_raise_after_the_good_ones(parts: list[bytes], limit: int,
+                                                        step: int) -> None:
+    data = b"".join(p + b"\n" for p in parts)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
+    framer = LineFramer(limit)
+    got: list[bytes] = []
+    try:
+        for chunk in chunks:
+            got += framer.feed(chunk)
+            assert framer.buffered <= limit, "never buffers more than max_line"
+    except LineTooLong as exc:
+        got += exc.complete
+        first_bad = next(i for i, p in enumerate(parts) if len(p) > limit)
+        assert got == [p + b"\n" for p in parts[:first_bad]]
+    else:
+        assert all(len(p) <= limit for p in parts)
+        assert got == [p + b"\n" for p in parts]
+
+
+def test_a_partial_line_over_the_limit_raises_before_its_newline() -> None:
+    framer = LineFramer(4)
+    assert framer.feed(b"abcd") == []
+    with pytest.raises(LineTooLong):
+        framer.feed(b"e")
+
+
+def test_exactly_max_line_is_allowed() -> None:
+    assert LineFramer(3).feed(b"abc\n") == [b"abc\n"]
+    with pytest.raises(LineTooLong):
+        LineFramer(3).feed(b"abcd\n")

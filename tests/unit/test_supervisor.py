@@ -1,0 +1,161 @@
+"""Supervisor logic on a fake kernel and a virtual clock: reaping, backoff, the stop checklist."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from forkserve.config import Config
+from forkserve.connection import Connection
+from forkserve.kernel import Exited, reap
+from forkserve.models.fork import ForkModel
+from forkserve.supervisor import (
+    ACCEPT_PAUSE_SECONDS,
+    FORK_PAUSE_SECONDS,
+    SIGNALS,
+    Intent,
+    Supervisor,
+)
+from tests.unit.fakes import FakeKernel
+
+
+def app(conn: Connection) -> None:
+    raise AssertionError("no handler runs in these tests")
+
+
+@pytest.fixture
+def kernel() -> FakeKernel:
+    return FakeKernel()
+
+
+@pytest.fixture
+def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
+    supervisor = Supervisor(Config(model="fork", max_children=3, graceful_timeout=10), app, [],
+                            kernel=kernel)
+    yield supervisor
+    supervisor._close()
+
+
+def spawn(sup: Supervisor) -> int:
+    a, b = socket.socketpair()
+    b.close()
+    model = sup.model
+    assert isinstance(model, ForkModel)
+    assert model._spawn(a, ("127.0.0.1", 4000))
+    assert a.fileno() == -1, "the master closes its copy of the connection"
+    return max(model.children)
+
+
+def test_reap_loops_until_nothing_is_left_and_decodes(kernel: FakeKernel) -> None:
+    for pid in (5, 6, 7):
+        kernel.live.add(pid)
+    kernel.exit(5, 0)
+    kernel.exit(6, 1)
+    kernel.die(7, signal.SIGKILL)
+    assert reap(kernel) == [Exited(5, 0), Exited(6, 1), Exited(7, -signal.SIGKILL)]
+    assert reap(kernel) == []  # no children at all: ChildProcessError ends the loop
+    assert Exited(7, -9).signal == 9
+    assert Exited(6, 1).signal is None
+
+
+def test_fork_failure_closes_that_client_and_pauses_accepting(
+        sup: Supervisor, kernel: FakeKernel, caplog: pytest.LogCaptureFixture) -> None:
+    sup.update_accepting()
+    assert sup._accepting
+    kernel.fork_error = OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    a, b = socket.socketpair()
+    model = sup.model
+    assert isinstance(model, ForkModel)
+    with caplog.at_level(logging.ERROR, logger="forkserve"):
+        assert not model._spawn(a, ("127.0.0.1", 1))
+        assert a.fileno() == -1
+        assert b.recv(1) == b"", "the refused client sees its connection closed"
+        assert not sup._accepting
+        assert sup._timeout() == pytest.approx(FORK_PAUSE_SECONDS)
+        c, d = socket.socketpair()
+        assert not model._spawn(c, ("127.0.0.1", 2))  # a second failure within the second
+    reports = [r for r in caplog.records if "fork failed" in r.getMessage()]
+    assert len(reports) == 1, "reported at most once a second"
+    assert "EAGAIN" in reports[0].getMessage()
+    assert model._free_slots == [2, 1, 0], "a failed fork gives its slot back"
+    kernel.now += FORK_PAUSE_SECONDS
+    kernel.fork_error = None
+    sup.update_accepting()
+    assert sup._accepting
+    for s in (b, d):
+        s.close()
+
+
+def test_accept_errors_capacity_pauses_transient_skips(sup: Supervisor,
+                                                       kernel: FakeKernel) -> None:
+    sup.update_accepting()
+    assert sup.accept_failed(OSError(errno.ECONNABORTED, "aborted")) is False
+    assert sup._accepting
+    assert sup.accept_failed(OSError(errno.EMFILE, "Too many open files")) is True
+    assert not sup._accepting
+    kernel.now += ACCEPT_PAUSE_SECONDS / 2
+    sup.update_accepting()
+    assert not sup._accepting
+    kernel.now += ACCEPT_PAUSE_SECONDS
+    sup.update_accepting()
+    assert sup._accepting
+
+
+def test_at_max_children_accepting_stops_until_a_child_is_reaped(sup: Supervisor,
+                                                                 kernel: FakeKernel) -> None:
+    sup.update_accepting()
+    pids = [spawn(sup) for _ in range(3)]
+    sup.update_accepting()
+    assert not sup._accepting, "at max_children the listeners are not watched"
+    kernel.exit(pids[0])
+    sup._reap()
+    assert sup._accepting
+
+
+def test_graceful_stop_terms_waits_then_kills_at_the_deadline(sup: Supervisor,
+                                                              kernel: FakeKernel) -> None:
+    pids = [spawn(sup) for _ in range(2)]
+    sup._begin_stop(fast=False)
+    assert kernel.killed == [(p, signal.SIGTERM) for p in pids]
+    kernel.exit(pids[0])
+    sup._reap()
+    kernel.now += 9.9
+    sup._advance_stop()
+    assert not sup._finished()
+    assert sup._timeout() == pytest.approx(0.1)
+    kernel.now += 0.1
+    sup._advance_stop()
+    assert kernel.killed[-1] == (pids[1], signal.SIGKILL)
+    assert sup._timeout() is None, "after the kill, only SIGCHLD can wake the loop"
+    kernel.die(pids[1], signal.SIGKILL)
+    sup._reap()
+    assert sup._finished()
+    assert sup._killed, "exit status 1: something had to be killed"
+
+
+def test_graceful_stop_without_stragglers_exits_0(sup: Supervisor, kernel: FakeKernel) -> None:
+    pid = spawn(sup)
+    sup._begin_stop(fast=False)
+    kernel.exit(pid)
+    sup._reap()
+    assert sup._finished()
+    assert not sup._killed
+
+
+def test_quit_during_a_graceful_stop_kills_at_once(sup: Supervisor, kernel: FakeKernel) -> None:
+    pid = spawn(sup)
+    sup._received.extend([signal.SIGTERM, signal.SIGTERM, signal.SIGQUIT])
+    sup._act_on_signals()
+    assert kernel.killed == [(pid, signal.SIGTERM), (pid, signal.SIGKILL)]
+
+
+def test_the_signal_table_covers_every_intent() -> None:
+    assert {route.intent for route in SIGNALS} == set(Intent)
+    assert len({route.signal for route in SIGNALS}) == len(SIGNALS)
+    verbs = [route.verb for route in SIGNALS if route.verb]
+    assert len(verbs) == len(set(verbs))
