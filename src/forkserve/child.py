@@ -12,13 +12,15 @@ it is shared by the fork model (in a child) and the single model (in the master)
 2. First it closes what belongs to the master (listeners, the master's selector and wakeup
    pipe), so no client can ever reach this child but its own and the port is not held.
 3. Signals: the master's dispositions and its wakeup fd are undone, the mask is cleared.
-   SIGTERM and SIGINT mean "finish gracefully": the handler stops reading (``shutdown``
-   SHUT_RD makes the next read see end-of-stream; a pending answer is still written) and arms
-   a timer of ``graceful_timeout`` plus a margin, whose SIGALRM (default action) ends a
-   handler that will not finish. These two system calls are the whole signal handler: no
-   logging, no locks (a deliberate, documented exception to "handlers only record": the child
-   has no loop to record into, and a poll before every read would cost a system call on the
-   hot path).
+   SIGTERM and SIGINT mean "finish gracefully": the handler calls ``Connection.interrupt``
+   (answer what was received, then end the input and close with lingering) and arms a timer
+   of ``graceful_timeout`` plus a margin, whose SIGALRM (default action) ends a handler that
+   will not finish. These two system calls are the whole signal handler: no logging, no
+   locks (a deliberate, documented exception to "handlers only record": the child has no
+   loop to record into, and a poll before every read would cost a system call on the hot
+   path). SIGQUIT ends the child at once (``os._exit``, no core dump); SIGHUP and SIGUSR1,
+   which an operator may send to the whole process group, are ignored (exec'd programs must
+   get them back at their defaults).
 4. Parent death: PR_SET_PDEATHSIG delivers SIGTERM when the master dies, plus a ``getppid``
    check for a master that died before the call (prctl(2)).
 5. The RNG: CPython's ``random`` reseeds itself in every fork child (``os.register_at_fork``),
@@ -33,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -53,6 +56,8 @@ LINE_TOO_LONG_ANSWER = b"ERR line too long\n"
 CHILD_GRACE_MARGIN = 1.0
 #: Signals that ask a child to finish gracefully.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals meant for the master that a child ignores when the whole group gets them.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -112,6 +117,10 @@ class ChildContext:
     master_signals: Iterable[int]
 
 
+def _quit_now(signum: int, frame: object) -> None:
+    os._exit(ChildExit.QUIT)  # a fast stop: nothing to finish, no core dump
+
+
 def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
     signal.set_wakeup_fd(-1)
     for sig in ctx.master_signals:
@@ -124,9 +133,12 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, finish)
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, _quit_now)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    if _prctl is not None:
+    if _prctl is not None:  # a failure leaves the getppid check below and the master's kill
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now
         finish(signal.SIGTERM, None)
@@ -135,6 +147,7 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
 def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> ChildExit:
     ctx.close_master_fds()
     conn = Connection(sock, max_line=ctx.config.max_line, idle_timeout=ctx.config.idle_timeout,
+                      write_timeout=ctx.config.write_timeout,
                       peer=format_address(addr, sock.family))
     _reset_signals(ctx, conn)
     set_title(f"forkserve: conn {conn.peer}")
@@ -163,4 +176,8 @@ def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -
     finally:
         # This must never return into the master's accept loop, hence os._exit() on every
         # path: the seed's child fell through into accept() and served as a second master.
+        # os._exit skips Python's exit, so flush what a handler may have printed.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
         os._exit(status)

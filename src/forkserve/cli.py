@@ -68,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return run_server(config_mod.from_cli(args, args.config))
+            config = config_mod.from_cli(args, args.config)
+            reload = (lambda: config_mod.from_cli(args, args.config)) if args.config else None
+            return run_server(config, reload_config=reload)
         if args.command == "client":
             return run_client(args.address, message=args.message, count=args.count,
                               timeout=args.timeout)

@@ -124,10 +124,15 @@ class Int(Kind):
         return value
 
 
+#: Shortest and longest durations a setting may have: the kernel's timers need a non-zero
+#: value, and more than about eleven days is a typo, not a timeout.
+MIN_SECONDS = 0.001
+MAX_SECONDS = 1e6
+
+
 @dataclass(frozen=True)
 class Seconds(Kind):
-    minimum: float = 0.0
-    strictly_positive: bool = True
+    minimum: float = MIN_SECONDS
     metavar: ClassVar[str] = "SECONDS"
 
     def convert(self, value: object) -> float:
@@ -140,9 +145,9 @@ class Seconds(Kind):
                 raise ValueError(f"must be a number of seconds, got {value!r}") from None
         if not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"must be a number of seconds, got {value!r}")
-        if value < self.minimum or (self.strictly_positive and value <= 0):
-            bound = "greater than 0" if self.strictly_positive else f"at least {self.minimum:g}"
-            raise ValueError(f"must be {bound}, got {value:g}")
+        if not self.minimum <= value <= MAX_SECONDS:
+            raise ValueError(f"must be from {self.minimum:g} to {MAX_SECONDS:g} seconds, "
+                             f"got {value:g}")
         return float(value)
 
     def show(self, value: object) -> str:
@@ -267,8 +272,13 @@ class Config:
     idle_timeout: float = setting(
         300.0, Seconds(), "A client silent this long is disconnected."
     )
+    write_timeout: float = setting(
+        60.0, Seconds(),
+        "A client that accepts no data for this long while an answer is being written is "
+        "disconnected.",
+    )
     graceful_timeout: float = setting(
-        30.0, Seconds(strictly_positive=False),
+        30.0, Seconds(minimum=0.0),
         "On a graceful stop, how long connections in flight may take before they are killed.",
     )
     log_level: str = setting("info", Choice(options=LOG_LEVELS), "Least severe log level shown.")
@@ -330,7 +340,7 @@ def load_toml(path: str) -> dict[str, object]:
             data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
     values = {key.replace("-", "_"): value for key, value in data.items()}
     from_mapping(values, source=path)  # check now, so the error names the file

@@ -7,11 +7,19 @@ master itself (single model). Rules:
    silence by ``idle_timeout``. The idle deadline is the kernel's ``SO_RCVTIMEO``, so a read
    costs one ``recv`` system call and no ``poll`` (a socket timeout in Python would add a
    ``poll`` before every ``recv``).
+   Writes are bounded by ``write_timeout`` the same way (``SO_SNDTIMEO``): a client that stops
+   reading cannot hold a process forever.
 2. Client misbehaviour surfaces as a ``ClientError`` (``IdleTimeout``, ``LineTooLong``,
-   ``PeerGone``); the code that runs the handler ends the connection quietly on those.
-3. ``interrupt()`` makes the next read see end-of-stream (``shutdown(SHUT_RD)``): it is how a
-   graceful stop tells a handler blocked in a read to finish, and it is one system call, safe
-   to make from a signal handler. An answer being written is not cut.
+   ``PeerGone``); the code that runs the handler ends the connection quietly on those. Any
+   ``OSError`` of the connection's own reads and writes is the client's doing.
+3. ``interrupt()`` is how a graceful stop tells a handler to finish: it sets a flag and lowers
+   the receive timeout to ``STOP_POLL`` (one ``setsockopt``, safe in a signal handler; a read
+   blocked at that moment is retried by PEP 475 with the new timeout). From then on a read
+   returns what the client has already sent, and the first read that would wait ends the
+   input (``readline`` returns ``b""``). Nothing received is dropped, no answer is cut, and
+   the connection then closes with lingering, as below. (``shutdown(SHUT_RD)`` was rejected:
+   it fakes an end-of-stream, so the close could no longer tell when the client was done and
+   would reset a client still sending, destroying answers in flight.)
 4. ``close()`` lingers when the server closes first: shut down the write side, drain what the
    client still sends for a moment, then close, so a final answer is not destroyed by the RST
    that closing with unread input would send (RFC 1122 4.2.2.13).
@@ -35,13 +43,17 @@ RECV_SIZE = 65536
 LINGER_SECONDS = 2.0
 #: ...and how much it reads at most while doing so, so lingering is bounded in bytes too.
 LINGER_MAX_BYTES = 1 << 20
-#: errnos that mean the peer is gone (as opposed to a bug of ours).
-_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+#: The receive timeout once a stop is asked for: reads return queued data, never wait.
+STOP_POLL = 0.000_001
+#: Longest timeout the kernel's timeval takes without overflow that we will ever set.
+MAX_TIMEOUT = 1e6
 
 
 def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval``; never all-zero, which the kernel reads as "no timeout"."""
+    seconds = min(max(seconds, STOP_POLL), MAX_TIMEOUT)
     whole = int(seconds)
-    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    return struct.pack("@ll", whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
 
 
 def format_address(addr: object, family: int) -> str:
@@ -62,16 +74,19 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_framer", "_pending", "bytes_in", "bytes_out",
-        "local", "peer", "sock",
+        "_closed", "_eof", "_error", "_framer", "_pending", "_stopping", "bytes_in",
+        "bytes_out", "local", "peer", "sock",
     )
 
     def __init__(self, sock: socket.socket, *, max_line: int, idle_timeout: float | None,
-                 peer: str | None = None, local: str | None = None) -> None:
+                 write_timeout: float | None = None, peer: str | None = None,
+                 local: str | None = None) -> None:
         self.sock = sock
         sock.settimeout(None)
         if idle_timeout is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_timeout))
+        if write_timeout is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write_timeout))
         self.peer = peer if peer is not None else format_address(sock.getpeername(), sock.family)
         self.local = (local if local is not None
                       else format_address(sock.getsockname(), sock.family))
@@ -81,6 +96,7 @@ class Connection:
         self._pending: deque[bytes] = deque()
         self._error: LineTooLong | None = None
         self._eof = False
+        self._stopping = False
         self._closed = False
 
     # ------------------------------------------------------------------ reading
@@ -97,34 +113,40 @@ class Connection:
         """
         pending = self._pending
         while not pending:
-            if self._eof:
+            if self._eof or self._fill() is None:
                 return b""
-            self._fill()
         return pending.popleft()
 
-    def _fill(self) -> None:
+    def _fill(self) -> bool | None:
+        """Read once into the line queue; ``None`` when the input ended (stop or EOF)."""
         if self._error is not None:
             raise self._error
         data = self._recv()
+        if data is None:
+            return None
         if not data:
             self._eof = True
             last = self._framer.end()
             if last is not None:
                 self._pending.append(last)
-            return
+            return True
         try:
             self._pending.extend(self._framer.feed(data))
         except LineTooLong as exc:
             self._pending.extend(exc.complete)
             exc.complete = []
             self._error = exc
+        return True
 
-    def _recv(self) -> bytes:
+    def _recv(self) -> bytes | None:
+        """One ``recv``: data, ``b""`` at the client's end, ``None`` once a stop ends input."""
         try:
             data = self.sock.recv(RECV_SIZE)
         except BlockingIOError:  # SO_RCVTIMEO expired
+            if self._stopping:
+                return None
             raise IdleTimeout("client sent nothing within the idle timeout") from None
-        except _GONE as exc:
+        except OSError as exc:
             raise PeerGone(f"client went away: {exc.strerror or exc}") from None
         self.bytes_in += len(data)
         return data
@@ -135,16 +157,19 @@ class Connection:
         """Send all of ``data``. Raises ``PeerGone`` if the client is gone."""
         try:
             self.sock.sendall(data)
-        except _GONE as exc:
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise PeerGone("client stopped reading (write timeout)") from None
+        except OSError as exc:
             raise PeerGone(f"client went away: {exc.strerror or exc}") from None
         self.bytes_out += len(data)
 
     # ------------------------------------------------------------------ ending
 
     def interrupt(self) -> None:
-        """Make the next read return end-of-stream. Safe to call from a signal handler."""
+        """Finish: answer what was received, then end the input. Safe in a signal handler."""
+        self._stopping = True
         with contextlib.suppress(OSError):  # already closed: nothing to interrupt
-            self.sock.shutdown(socket.SHUT_RD)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_POLL))
 
     def close(self) -> None:
         """Close, lingering briefly if the client has not closed its side. Idempotent."""

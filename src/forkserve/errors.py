@@ -33,6 +33,8 @@ class ChildExit(enum.IntEnum):
     OK = 0
     #: The handler raised: its traceback is in the log.
     HANDLER_ERROR = 1
+    #: Ended at once by SIGQUIT (a fast stop reached it, or an operator sent it).
+    QUIT = 2
 
 
 class ForkserveError(Exception):

@@ -79,6 +79,15 @@ def _bind_tcp(address: Address, backlog: int) -> Listener:
 def _clear_stale_unix(address: Address) -> None:
     """Remove a socket file that no server answers on; refuse to touch anything else."""
     try:
+        _clear_stale_unix_file(address)
+    except ListenError:
+        raise
+    except OSError as exc:
+        raise _fail(address, exc) from None
+
+
+def _clear_stale_unix_file(address: Address) -> None:
+    try:
         st = os.lstat(address.path)
     except FileNotFoundError:
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .apps import App, load_app
 from .config import Config
 from .errors import ConfigError
@@ -10,7 +12,8 @@ from .logs import AccessLog, configure
 from .supervisor import Supervisor
 
 
-def run_server(config: Config, app: App | None = None) -> int:
+def run_server(config: Config, app: App | None = None,
+               reload_config: Callable[[], Config] | None = None) -> int:
     """Serve ``config`` (with ``app``, else the app it names) until stopped; return the status.
 
     Everything an operator can get wrong is checked before any socket is bound: the app
@@ -34,7 +37,8 @@ def run_server(config: Config, app: App | None = None) -> int:
             access_log.close()
         raise
     try:
-        supervisor = Supervisor(config, app, listeners, access_log=access_log)
+        supervisor = Supervisor(config, app, listeners, access_log=access_log,
+                                reload_config=reload_config)
     except BaseException:
         for listener in listeners:
             listener.close()

@@ -40,18 +40,18 @@ import selectors
 import signal
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
 from . import models
-from .apps import App
+from .apps import App, load_app
 from .child import set_title
 from .config import Config
-from .errors import ExitCode
+from .errors import ConfigError, ExitCode, ForkserveError
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
-from .logs import AccessLog, AccessRecord, RateLimiter
+from .logs import AccessLog, AccessRecord, RateLimiter, configure
 
 log = logging.getLogger("forkserve")
 
@@ -59,6 +59,7 @@ log = logging.getLogger("forkserve")
 class Intent(enum.Enum):
     GRACEFUL_STOP = "graceful stop"
     FAST_STOP = "fast stop"
+    RELOAD = "reload"
     REAP = "reap children"
     REOPEN_LOGS = "reopen log files"
 
@@ -80,6 +81,10 @@ SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGINT, Intent.GRACEFUL_STOP, None, "Same as TERM (Ctrl-C)."),
     SignalRoute(signal.SIGQUIT, Intent.FAST_STOP, "quit",
                 "Fast stop: kill every child at once and exit."),
+    SignalRoute(signal.SIGHUP, Intent.RELOAD, "reload",
+                "Reload: re-read the config file; new connections get the new settings, those "
+                "in flight keep theirs. A file that does not validate changes nothing (the "
+                "log says why); `bind`, `model`, `backlog` and `max_children` need a restart."),
     SignalRoute(signal.SIGUSR1, Intent.REOPEN_LOGS, "reopen",
                 "Reopen the access log file (after log rotation)."),
     SignalRoute(signal.SIGCHLD, Intent.REAP, None, "A child ended: reap it (internal)."),
@@ -110,6 +115,8 @@ ACCEPT_PAUSE_SECONDS = 0.1
 FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
+#: Settings that a reload cannot change: they shape sockets and shared memory made at start.
+RESTART_ONLY = ("bind", "model", "backlog", "max_children")
 
 
 @dataclass
@@ -123,17 +130,23 @@ class Supervisor:
     """The master process's loop. Create it after binding; ``run()`` serves until stopped."""
 
     def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
-                 access_log: AccessLog | None = None, kernel: Kernel | None = None) -> None:
+                 access_log: AccessLog | None = None, kernel: Kernel | None = None,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.app = app
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
         self.access_log = access_log
+        self._reload_config = reload_config
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._received: deque[int] = deque()
+        #: Set by the signal handler for anything but SIGCHLD: the loop acts before accepting.
+        self._urgent = False
+        #: Set by the signal handler on TERM, INT or QUIT, before the loop has seen them.
+        self.stop_requested = False
         self._accepting = False
         self._paused_until = 0.0
         self._stop: Stop | None = None
@@ -154,6 +167,9 @@ class Supervisor:
                     self._reap()
                     self._advance_stop()
                     self.update_accepting()
+        except BaseException:
+            self._abandon()
+            raise
         finally:
             self._close()
         return ExitCode.KILLED if self._killed else ExitCode.OK
@@ -178,7 +194,7 @@ class Supervisor:
         for key, _ in self.selector.select(self._timeout()):
             if key.data is None:
                 self._drain_wakeup()
-            elif self._received:
+            elif self._urgent:
                 return  # a signal came in (perhaps a stop): act on it before taking more
             elif self._stop is None and self._accepting:
                 self.model.on_readable(key.data)
@@ -216,7 +232,10 @@ class Supervisor:
         """The signal handler: record, and nothing else (see the module doc)."""
         self._received.append(signum)
         intent = _INTENTS.get(signum)
+        if intent is not Intent.REAP:
+            self._urgent = True
         if intent is Intent.GRACEFUL_STOP or intent is Intent.FAST_STOP:
+            self.stop_requested = True
             self.model.interrupt(fast=intent is Intent.FAST_STOP)
 
     def handled_signals(self) -> tuple[int, ...]:
@@ -237,15 +256,57 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _act_on_signals(self) -> None:
+        self._urgent = False
         while self._received:
             intent = _INTENTS.get(self._received.popleft())
             if intent is Intent.GRACEFUL_STOP:
                 self._begin_stop(fast=False)
             elif intent is Intent.FAST_STOP:
                 self._begin_stop(fast=True)
+            elif intent is Intent.RELOAD and self._stop is None:
+                self._reload()
             elif intent is Intent.REOPEN_LOGS and self.access_log is not None:
                 self.access_log.reopen()
                 log.info("reopened the access log %s", self.access_log.path)
+
+    # ------------------------------------------------------------------ reload
+
+    def _reload(self) -> None:
+        """Re-read the config; apply it to new connections, or keep the old one and say why."""
+        if self._reload_config is None:
+            log.info("reload: there is no config file to re-read; nothing changed")
+            return
+        try:
+            new = self._reload_config()
+            kept = [name for name in RESTART_ONLY
+                    if getattr(new, name) != getattr(self.config, name)]
+            new = new.replace(**{name: getattr(self.config, name) for name in kept})
+            app = self.app if new.app == self.config.app else load_app(new.app)
+            access_log = self._reopen_access_log(new)
+        except ForkserveError as exc:
+            log.error("reload failed, still serving with the running config: %s", exc)
+            return
+        if kept:
+            log.warning("reload: %s can only change with a restart; kept the running value",
+                        ", ".join(kept))
+        if access_log is not self.access_log and self.access_log is not None:
+            self.access_log.close()
+        self.config, self.app, self.access_log = new, app, access_log
+        configure(new.log_level)
+        self.model.reconfigure()
+        log.info("reloaded the config: new connections use it")
+
+    def _reopen_access_log(self, new: Config) -> AccessLog | None:
+        old = self.config
+        if (new.access_log, new.access_log_format) == (old.access_log, old.access_log_format):
+            return self.access_log
+        if new.access_log is None:
+            return None
+        try:
+            return AccessLog(new.access_log, new.access_log_format)
+        except OSError as exc:
+            raise ConfigError("access_log", f"cannot open {new.access_log}: "
+                              f"{exc.strerror}") from None
 
     # ------------------------------------------------------------------ children
 
@@ -367,6 +428,14 @@ class Supervisor:
         os.close(self._wake_w)
         if self.access_log is not None:
             self.access_log.close()
+
+    def _abandon(self) -> None:
+        """The loop failed: do not leave children behind. Kill them and reap them, blocking."""
+        for pid in list(self.model.pids()):
+            with contextlib.suppress(OSError):
+                self.kernel.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                self.kernel.waitpid(pid, 0)
 
     def _close(self) -> None:
         for listener in self.listeners:

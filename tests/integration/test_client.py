@@ -47,11 +47,36 @@ def test_server_closing_early_is_reported(server_factory: Factory) -> None:
         "forkserve: the server closed the connection after 1 of 3 answers")
 
 
-def test_interactive_mode_reports_a_server_that_closes_first(server_factory: Factory) -> None:
-    server = server_factory("--idle-timeout", "0.3")
+def test_interactive_mode_half_closes_at_end_of_input(server_factory: Factory) -> None:
+    server = server_factory()
     result = run_cli(["client", f"127.0.0.1:{server.port}"], input=b"")
     # stdin is empty (EOF at once): the client half-closes, the server closes, exit 0
     assert result.returncode == 0, result.stderr
+    assert result.stdout == b""
+
+
+def test_interactive_mode_reports_a_server_that_closes_first(server_factory: Factory) -> None:
+    server = server_factory("--idle-timeout", "0.3")
+    proc = subprocess.Popen([sys.executable, "-m", "forkserve", "client",
+                             f"127.0.0.1:{server.port}"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    try:
+        proc.stdin.write(b"hi\n")
+        proc.stdin.flush()  # input stays open: the server's idle timeout closes first
+        proc.wait(timeout=30)
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+    assert proc.returncode == 1
+    assert out == b"Hello from server!\n"
+    assert err.decode().strip() == "forkserve: the server closed the connection"
 
 
 def test_interactive_mode_reads_stdin_from_a_file(server_factory: Factory,

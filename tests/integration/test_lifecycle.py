@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.integration.harness import (
     Server,
-    children_of,
     proc_info,
     recv_all,
     recv_exactly,
+    session_procs,
     wait_until,
 )
 
@@ -40,9 +42,10 @@ def test_graceful_stop_answers_what_was_received_then_exits_0(server_factory: Fa
         assert recv_exactly(s, len(HELLO)) == HELLO
         s.sendall(b"ping\n" * 1000 + b"partial")  # in flight when the stop begins
         server.signal(signal.SIGTERM)
-        assert recv_all(s) == HELLO * 1001, "every request received is answered, then EOF"
+        # every complete line received is answered, then the server closes (an unfinished
+        # line is not a request); the close is clean, never a reset
+        assert recv_all(s) == HELLO * 1000
     assert server.wait() == 0
-    assert refused(server)
     server.wait_for_log(r"graceful stop")
 
 
@@ -85,13 +88,16 @@ def stuck_client(server: Server) -> socket.socket:
 @pytest.mark.parametrize("model", MODELS)
 def test_graceful_stop_kills_what_outlives_the_timeout_and_exits_1(server_factory: Factory,
                                                                    model: str) -> None:
-    server = server_factory(model, "1", script=STUCK_APP)
+    server = server_factory(model, "2", script=STUCK_APP)
     with stuck_client(server) as s:
         start = time.monotonic()
         server.signal(signal.SIGTERM)
+        if model == "fork":  # (the single model is inside the handler until it ends)
+            server.wait_for_log(r"graceful stop")
+            assert refused(server), "the listeners close as the stop begins, before the drain"
         assert server.wait() == 1
         elapsed = time.monotonic() - start
-        assert 0.9 < elapsed < 6.0, elapsed
+        assert 1.9 < elapsed < 8.0, elapsed
         assert recv_all(s) == b"", "the killed connection is closed"
     server.wait_for_log(r"graceful timeout|outlived the stop deadline")
 
@@ -99,12 +105,12 @@ def test_graceful_stop_kills_what_outlives_the_timeout_and_exits_1(server_factor
 @pytest.mark.parametrize("model", MODELS)
 def test_fast_stop_does_not_wait(server_factory: Factory, model: str) -> None:
     server = server_factory(model, "60", script=STUCK_APP)
-    with stuck_client(server):
+    with stuck_client(server) as s:
         start = time.monotonic()
         server.signal(signal.SIGQUIT)
         assert server.wait() == 0
         assert time.monotonic() - start < 5.0
-    assert refused(server)
+        assert recv_all(s) == b""
 
 
 def test_sigint_is_a_graceful_stop(server_factory: Factory) -> None:
@@ -127,15 +133,15 @@ def test_killing_the_master_makes_every_child_exit(server_factory: Factory) -> N
     assert len(kids) == 5
     server.signal(signal.SIGKILL)
     server.wait()
+    for s in socks:  # each orphan finishes: its client sees a clean end, then closes too
+        s.settimeout(5)
+        assert recv_all(s) == b""
+        s.close()
 
     def all_gone() -> bool:
         return all((p := proc_info(pid)) is None or p.state == "Z" for pid in kids)
 
     assert wait_until(all_gone, 2.0), "children outlived their master"
-    for s in socks:
-        s.settimeout(5)
-        assert recv_all(s) == b"", "each orphaned connection is closed"
-        s.close()
 
 
 def test_stop_leaves_no_child_and_no_zombie(server_factory: Factory) -> None:
@@ -147,6 +153,24 @@ def test_stop_leaves_no_child_and_no_zombie(server_factory: Factory) -> None:
         assert recv_exactly(s, len(HELLO)) == HELLO
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
-    assert children_of(server.pid, live_only=False) == []
+    # the master waited for its children: none of its session may be left, not even a zombie
+    # re-parented to this test process (the subreaper)
+    assert session_procs(server.pid) == []
     for s in socks:
         s.close()
+
+
+def test_group_signals_meant_for_the_master_do_not_kill_children(server_factory: Factory,
+                                                                  tmp_path: Path) -> None:
+    log_path = tmp_path / "access.log"
+    server = server_factory("--access-log", str(log_path))
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        os.killpg(server.pid, signal.SIGUSR1)  # what `pkill -USR1 -g` or a shell would do
+        os.killpg(server.pid, signal.SIGHUP)
+        server.wait_for_log("reopened the access log")
+        server.wait_for_log("reload: there is no config file")
+        s.sendall(b"still served\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    assert server.proc.poll() is None

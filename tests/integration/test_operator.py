@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Server, recv_exactly, run_cli, wait_until
+from tests.integration.harness import Server, recv_all, recv_exactly, run_cli, wait_until
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -59,7 +59,9 @@ def test_nothing_is_left_bound_when_a_later_listener_fails(tmp_path: Path) -> No
     (["--model", "threads"], "invalid --model: must be one of fork, single"),
     (["--max-children", "-3"], "invalid --max-children: must be at least 1, got -3"),
     (["--max-line", "lots"], "invalid --max-line: must be a whole number, got 'lots'"),
-    (["--idle-timeout", "0"], "invalid --idle-timeout: must be greater than 0"),
+    (["--idle-timeout", "0"], "invalid --idle-timeout: must be from 0.001 to 1e+06 seconds"),
+    (["--write-timeout", "1e300"], "invalid --write-timeout: must be from 0.001 to 1e+06"),
+    (["--graceful-timeout", "1e10"], "invalid --graceful-timeout: must be from 0 to 1e+06"),
     (["--graceful-timeout", "nan"], "invalid --graceful-timeout"),
     (["--backlog", "0"], "invalid --backlog: must be at least 1"),
     (["--log-level", "loud"], "invalid --log-level"),
@@ -180,3 +182,29 @@ def test_settings_command_prints_the_table() -> None:
     assert "| `max_children` | `--max-children N` | `512` |" in out
     signals = run_cli(["settings", "--signals"]).stdout.decode()
     assert "| `SIGTERM` | Graceful stop" in signals
+
+
+def test_hup_reloads_the_config_file_and_a_broken_one_changes_nothing(
+        server_factory: Factory, tmp_path: Path) -> None:
+    path = tmp_path / "forkserve.toml"
+    path.write_text('app = "hello"\n')
+    server = server_factory("--config", str(path))
+    with server.connect() as before:  # in flight across the reload: keeps the old app
+        before.sendall(b"x\n")
+        assert recv_exactly(before, len(HELLO)) == HELLO
+        path.write_text('app = "echo"\nmax_line = 4\nmodel = "single"\n')
+        server.signal(signal.SIGHUP)
+        server.wait_for_log("reloaded the config")
+        server.wait_for_log(r"reload: model can only change with a restart")
+        with server.connect() as after:
+            after.sendall(b"abcd\nabcde\n")
+            assert recv_all(after) == b"abcd\nERR line too long\n"
+        before.sendall(b"y\n")
+        assert recv_exactly(before, len(HELLO)) == HELLO
+    path.write_text("max_line = -1\n")
+    server.signal(signal.SIGHUP)
+    server.wait_for_log(r"reload failed, still serving with the running config: "
+                        r"invalid max_line in .*: must be at least 1")
+    with server.connect() as s:
+        s.sendall(b"echo\n")
+        assert recv_exactly(s, 5) == b"echo\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import time
@@ -56,9 +57,9 @@ def test_2000_sequential_connections_leave_no_zombie_and_no_fd(server_factory: F
         ask(s)
     assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
     fds_before = fd_count(server.pid)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 50  # within pytest's 60 s deadline for the test
     for _ in range(2000):
-        assert time.monotonic() < deadline, "2000 connections took longer than 120 s"
+        assert time.monotonic() < deadline, "2000 connections took longer than 50 s"
         with server.connect() as s:
             ask(s)
     assert wait_until(lambda: not children_of(server.pid, live_only=False), 5.0), (
@@ -100,6 +101,7 @@ def test_single_model_makes_the_second_client_wait_and_fork_does_not(
                 second.settimeout(10)
                 assert recv_exactly(second, len(HELLO)) == HELLO
             else:
+                second.settimeout(10)  # a fork and an answer, on a possibly loaded machine
                 assert recv_exactly(second, len(HELLO)) == HELLO
 
 
@@ -127,8 +129,8 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(server_factory: Factory
     with server.connect() as s:
         ask(s)
     assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
-    # Allow the master no fd beyond those it has: the next accept() fails with EMFILE.
-    limit = fd_count(server.pid)
+    # Allow the master no fd number beyond those it has: the next accept() gets EMFILE.
+    limit = max(int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")) + 1
     old = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (limit, old[1]))
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -136,3 +137,24 @@ def test_ipv6_loopback_and_several_listeners(server_factory: Factory) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as s:
             s.sendall(b"hi\n")
             assert recv_exactly(s, len(HELLO)) == HELLO
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(
+        server_factory: Factory, model: str) -> None:
+    server = server_factory("--model", model, "--app", "echo", "--write-timeout", "0.5",
+                            "--access-log", "-")
+    with server.connect() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        line = b"x" * 60000 + b"\n"
+        s.settimeout(0.5)
+        sent = 0
+        start = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - start < 20:
+                s.sendall(line)  # echoed back, never read: the server's writes stall
+                sent += 1
+        server.wait_for_log(r"status=0$", timeout=20)
+    with server.connect() as s:  # the server is free again (the single model proves it)
+        s.sendall(b"next\n")
+        assert recv_exactly(s, 5) == b"next\n"

@@ -27,6 +27,9 @@ class Model(Protocol):
     def start(self) -> None:
         """Called once in the master before the first accept."""
 
+    def reconfigure(self) -> None:
+        """The supervisor's ``config`` or ``app`` was reloaded: use them from now on."""
+
     def on_readable(self, listener: Listener) -> None:
         """``listener`` has connections waiting: take what the model can."""
 
@@ -34,7 +37,8 @@ class Model(Protocol):
         """A child was reaped; return False if it was not this model's."""
 
     def interrupt(self, fast: bool) -> None:
-        """A stop began (called from the signal handler: one system call at most)."""
+        """A stop was asked for. Called from the signal handler: at most a couple of system
+        calls on a connection served in this process, no locks, no logging."""
 
     def pids(self) -> Collection[int]:
         """Processes that a stop must wait for (and may have to kill)."""

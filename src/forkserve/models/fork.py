@@ -53,14 +53,21 @@ class ForkModel:
         self.scoreboard = Scoreboard(size)
         self.children: dict[int, Child] = {}
         self._free_slots = list(range(size - 1, -1, -1))
-        self._context = ChildContext(
-            app=supervisor.app, config=supervisor.config, scoreboard=self.scoreboard,
-            master_pid=supervisor.pid, close_master_fds=supervisor.close_in_child,
-            master_signals=supervisor.handled_signals(),
+        self._context = self._make_context()
+
+    def _make_context(self) -> ChildContext:
+        sup = self.sup
+        return ChildContext(
+            app=sup.app, config=sup.config, scoreboard=self.scoreboard, master_pid=sup.pid,
+            close_master_fds=sup.close_in_child, master_signals=sup.handled_signals(),
         )
 
     def start(self) -> None:
         pass
+
+    def reconfigure(self) -> None:
+        """The supervisor's config or app changed: children forked from now on use them."""
+        self._context = self._make_context()
 
     @property
     def full(self) -> bool:
@@ -108,7 +115,7 @@ class ForkModel:
         slot = self.scoreboard.read(child.slot)
         self.scoreboard.clear(child.slot)
         self._free_slots.append(child.slot)
-        if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR):
+        if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR, ChildExit.QUIT):
             self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
         ours = slot.pid == exited.pid
         self.sup.write_access(AccessRecord(

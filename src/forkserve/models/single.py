@@ -4,24 +4,31 @@ It exists to show what the fork model fixes: while one client holds the connecti
 client waits in the kernel backlog. It has the same apps, limits and lifecycle as the others.
 
 A stop while a connection is being served: the supervisor's signal handler calls
-``interrupt``, which makes the handler's next read see end-of-stream and arms a timer of
-``graceful_timeout``; if the handler is still running when it fires, SIGALRM raises
-``StopDeadline`` out of the handler (the only way to end Python code running in this same
-process), the connection is closed and the master exits 1, as the fork model does when it has
-to kill a child.
+``interrupt``, which tells the connection to finish (``Connection.interrupt``: answer what was
+received, then end the input) and arms a timer of ``graceful_timeout``. If the handler is still
+running when it fires, SIGALRM raises ``StopDeadline`` out of the handler (the only way to end
+Python code running in this same process), the connection is closed and the master exits 1,
+as the fork model does when it has to kill a child. A handler that swallows even that (a bare
+``except:``) is given ``FINAL_GRACE`` more seconds, then the process exits at once.
+
+A stop that arrives between accept() and the start of the handler is not lost: ``_serve``
+checks the supervisor's stop flag after it has published the connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Collection
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..child import serve_one
 from ..connection import Connection, format_address
+from ..errors import ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
@@ -33,6 +40,8 @@ log = logging.getLogger("forkserve")
 
 #: On a fast stop, how long a handler may take to notice that its socket is shut.
 FAST_STOP_SECONDS = 1.0
+#: After StopDeadline was raised, how long a handler that swallowed it may still run.
+FINAL_GRACE = 1.0
 
 
 class StopDeadline(BaseException):
@@ -41,7 +50,6 @@ class StopDeadline(BaseException):
 
 class SingleModel:
     name = "single"
-
     #: Never full: while it serves, it does not look at the listeners at all.
     full = False
 
@@ -49,13 +57,23 @@ class SingleModel:
         self.sup = supervisor
         self._serving: Connection | None = None
         self._fast_stop = False
+        self._deadline_hit = False
+        self._previous_alarm: signal._HANDLER = None
 
     def start(self) -> None:
-        signal.signal(signal.SIGALRM, self._deadline)
+        self._previous_alarm = signal.signal(signal.SIGALRM, self._deadline)
 
-    def _deadline(self, signum: int, frame: object) -> None:
-        if self._serving is not None:
-            raise StopDeadline
+    def _deadline(self, signum: int, frame: FrameType | None) -> None:
+        conn = self._serving
+        if conn is None:
+            return
+        if self._deadline_hit:  # the handler swallowed StopDeadline: end the process
+            os._exit(ExitCode.KILLED)
+        self._deadline_hit = True
+        with contextlib.suppress(OSError):  # cut it, as SIGKILL would: no lingering close
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        signal.setitimer(signal.ITIMER_REAL, FINAL_GRACE)
+        raise StopDeadline
 
     def on_readable(self, listener: Listener) -> None:
         try:
@@ -73,38 +91,58 @@ class SingleModel:
         peer = format_address(addr, sock.family)
         try:
             conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
-                              peer=peer)
+                              write_timeout=config.write_timeout, peer=peer)
         except OSError as exc:  # the client reset before we looked at it
             log.debug("%s: closed before it was served: %s", peer, exc)
             sock.close()
             return
-        status = "0"
-        self._serving = conn
         try:
-            status = str(int(serve_one(self.sup.app, conn)))
-        except StopDeadline:
-            status = "killed"
-            if not self._fast_stop:  # a fast stop kills by design; only a graceful one fails
-                self.sup.note_killed(f"the connection from {peer} outlived the stop deadline")
-            with contextlib.suppress(OSError):
-                conn.close()
-        finally:
-            self._serving = None
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            status = self._run_handler(conn)
+        except StopDeadline:  # raised after the handler returned, before the timer was off
+            status = self._killed(conn)
         self.sup.write_access(AccessRecord(
             peer=peer, pid=self.sup.pid, duration_s=round(kernel.monotonic() - started, 6),
             bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=status,
         ))
 
+    def _run_handler(self, conn: Connection) -> str:
+        self._serving = conn
+        try:
+            if self.sup.stop_requested:  # the stop came before the connection was published
+                self.interrupt(self._fast_stop)
+            return str(int(serve_one(self.sup.app, conn)))
+        except StopDeadline:
+            return self._killed(conn)
+        finally:
+            self._serving = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _killed(self, conn: Connection) -> str:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self._serving = None
+        if not self._fast_stop:  # a fast stop kills by design; only a graceful one fails
+            self.sup.note_killed(f"the connection from {conn.peer} outlived the stop deadline")
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            conn.close()
+        return "killed"
+
+    def reconfigure(self) -> None:
+        pass  # each connection reads the supervisor's config when it starts
+
     def on_exit(self, exited: Exited) -> bool:
         return False  # this model forks nothing
 
     def interrupt(self, fast: bool) -> None:
-        """Called from the signal handler: stop the connection in service, arm its deadline."""
+        """From the signal handler: tell the connection in service to finish; arm its deadline.
+
+        Two system calls (a ``setsockopt`` or ``shutdown``, and ``setitimer``), no locks.
+        """
         conn = self._serving
+        self._fast_stop = self._fast_stop or fast
         if conn is None:
             return
-        self._fast_stop = self._fast_stop or fast
         if fast:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
@@ -117,4 +155,4 @@ class SingleModel:
         return ()
 
     def close(self) -> None:
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, self._previous_alarm)
