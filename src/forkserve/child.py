@@ -117,6 +117,12 @@ class ChildContext:
     master_signals: Iterable[int]
 
 
+def set_parent_death_signal(sig: int) -> None:
+    """Ask the kernel for ``sig`` when the parent dies (Linux; elsewhere a no-op)."""
+    if _prctl is not None:  # a failure leaves the caller's getppid check and the master's kill
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
 def _quit_now(signum: int, frame: object) -> None:
     os._exit(ChildExit.QUIT)  # a fast stop: nothing to finish, no core dump
 
@@ -138,8 +144,7 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
     signal.signal(signal.SIGQUIT, _quit_now)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    if _prctl is not None:  # a failure leaves the getppid check below and the master's kill
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now
         finish(signal.SIGTERM, None)
 

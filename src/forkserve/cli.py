@@ -13,7 +13,7 @@ from . import config as config_mod
 from ._version import __version__
 from .client import ClientFailed
 from .client import run as run_client
-from .errors import ConfigError, ExitCode, ForkserveError
+from .errors import ConfigError, ExitCode, ForkserveError, HaltServer
 from .server import run_server
 from .supervisor import signal_table
 
@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClientFailed as exc:
         print(f"forkserve: {exc}", file=sys.stderr)
         return 1
+    except HaltServer as exc:
+        print(f"forkserve: {exc}", file=sys.stderr)
+        return exc.status
     except (ConfigError, ForkserveError) as exc:
         print(f"forkserve: {exc}", file=sys.stderr)
         return ExitCode.USAGE

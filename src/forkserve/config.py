@@ -237,7 +237,7 @@ def setting(default: object, kind: Kind, doc: str, *, flag: str = "") -> Any:
     return field(default=default, metadata={_META: SettingInfo(kind, doc, flag)})
 
 
-MODELS = ("fork", "single")
+MODELS = ("fork", "single", "prefork")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -255,11 +255,29 @@ class Config:
     )
     model: str = setting(
         "fork", Choice(options=MODELS),
-        "How connections meet processes: fork (a child per connection) or single "
-        "(the master serves one connection at a time).",
+        "How connections meet processes: fork (a child per connection), prefork (a pool of "
+        "workers forked ahead, each serving one connection at a time) or single (the master "
+        "serves one connection at a time).",
     )
     app: str = setting("hello", Text(), "The application: a built-in name (hello, echo).")
     backlog: int = setting(1024, Int(minimum=1), "Length of the kernel's accept queue.")
+    workers: int = setting(
+        0, Int(minimum=0),
+        "prefork: workers in the pool; 0 means twice the CPU count. TTIN/TTOU add or "
+        "remove one.",
+    )
+    max_workers: int = setting(
+        64, Int(minimum=1), "prefork: the pool never grows beyond this (TTIN stops there)."
+    )
+    max_requests: int = setting(
+        0, Int(minimum=0),
+        "prefork: a worker is replaced after serving this many connections (0: never).",
+    )
+    max_requests_jitter: int = setting(
+        0, Int(minimum=0),
+        "prefork: add a random 0..N to each worker's max_requests, so they do not all "
+        "restart at once.",
+    )
     max_children: int = setting(
         512, Int(minimum=1),
         "Connections served at once; at the cap the master stops accepting and new clients "

@@ -37,6 +37,16 @@ class ChildExit(enum.IntEnum):
     QUIT = 2
 
 
+class WorkerExit(enum.IntEnum):
+    """Exit statuses of a pre-forked worker."""
+
+    OK = 0
+    #: The worker's loop failed after it was ready: its traceback is in the log.
+    ERROR = 1
+    #: The worker failed before it was ready to accept: respawning may only loop.
+    BOOT_ERROR = 3
+
+
 class ForkserveError(Exception):
     """Root of every error forkserve raises on purpose."""
 

@@ -60,6 +60,8 @@ class Intent(enum.Enum):
     GRACEFUL_STOP = "graceful stop"
     FAST_STOP = "fast stop"
     RELOAD = "reload"
+    MORE = "one worker more"
+    FEWER = "one worker fewer"
     REAP = "reap children"
     REOPEN_LOGS = "reopen log files"
 
@@ -85,6 +87,11 @@ SIGNALS: tuple[SignalRoute, ...] = (
                 "Reload: re-read the config file; new connections get the new settings, those "
                 "in flight keep theirs. A file that does not validate changes nothing (the "
                 "log says why); `bind`, `model`, `backlog` and `max_children` need a restart."),
+    SignalRoute(signal.SIGTTIN, Intent.MORE, "more",
+                "prefork: one worker more (up to `max_workers`)."),
+    SignalRoute(signal.SIGTTOU, Intent.FEWER, "fewer",
+                "prefork: one worker fewer (never below 1); the one retired finishes its "
+                "connection first."),
     SignalRoute(signal.SIGUSR1, Intent.REOPEN_LOGS, "reopen",
                 "Reopen the access log file (after log rotation)."),
     SignalRoute(signal.SIGCHLD, Intent.REAP, None, "A child ended: reap it (internal)."),
@@ -116,7 +123,7 @@ FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
-RESTART_ONLY = ("bind", "model", "backlog", "max_children")
+RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers")
 
 
 @dataclass
@@ -166,6 +173,7 @@ class Supervisor:
                     self._act_on_signals()
                     self._reap()
                     self._advance_stop()
+                    self.model.manage()
                     self.update_accepting()
         except BaseException:
             self._abandon()
@@ -194,10 +202,24 @@ class Supervisor:
         for key, _ in self.selector.select(self._timeout()):
             if key.data is None:
                 self._drain_wakeup()
+            elif callable(key.data):
+                key.data()  # a model's own fd (the prefork ready pipe)
             elif self._urgent:
                 return  # a signal came in (perhaps a stop): act on it before taking more
             elif self._stop is None and self._accepting:
                 self.model.on_readable(key.data)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop whenever ``fd`` is readable (for models)."""
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.selector.unregister(fd)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None
 
     def _timeout(self) -> float | None:
         deadlines = []
@@ -205,6 +227,9 @@ class Supervisor:
             deadlines.append(self._paused_until)
         if self._stop is not None and not self._stop.killed:
             deadlines.append(self._stop.deadline)
+        model_deadline = self.model.next_deadline()
+        if model_deadline is not None:
+            deadlines.append(model_deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.kernel.monotonic())
@@ -265,6 +290,8 @@ class Supervisor:
                 self._begin_stop(fast=True)
             elif intent is Intent.RELOAD and self._stop is None:
                 self._reload()
+            elif intent in (Intent.MORE, Intent.FEWER) and self._stop is None:
+                self.model.scale(1 if intent is Intent.MORE else -1)
             elif intent is Intent.REOPEN_LOGS and self.access_log is not None:
                 self.access_log.reopen()
                 log.info("reopened the access log %s", self.access_log.path)
@@ -335,7 +362,8 @@ class Supervisor:
         now = self.kernel.monotonic()
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
-        want = self._stop is None and not self._paused_until and not self.model.full
+        want = (self.model.accepts and self._stop is None and not self._paused_until
+                and not self.model.full)
         if want == self._accepting:
             return
         self._accepting = want
@@ -419,15 +447,19 @@ class Supervisor:
 
     # ------------------------------------------------------------------ cleaning up
 
-    def close_in_child(self) -> None:
-        """In a forked child: close every fd that belongs to the master (not the unix files)."""
-        for listener in self.listeners:
-            listener.sock.close()
+    def close_in_child(self, *, worker: bool = False) -> None:
+        """In a forked child: close the fds that belong to the master (not the unix files).
+
+        A pre-fork ``worker`` keeps the listeners (it accepts) and the access log (it writes).
+        """
+        if not worker:
+            for listener in self.listeners:
+                listener.sock.close()
+            if self.access_log is not None:
+                self.access_log.close()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self.access_log is not None:
-            self.access_log.close()
 
     def _abandon(self) -> None:
         """The loop failed: do not leave children behind. Kill them and reap them, blocking."""

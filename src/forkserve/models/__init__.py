@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 class Model(Protocol):
     name: str
+    #: Whether the master accepts connections (fork, single) or the workers do (prefork).
+    accepts: bool
 
     @property
     def full(self) -> bool:
@@ -29,6 +31,15 @@ class Model(Protocol):
 
     def reconfigure(self) -> None:
         """The supervisor's ``config`` or ``app`` was reloaded: use them from now on."""
+
+    def manage(self) -> None:
+        """Called after every turn of the master's loop: keep the processes up to target."""
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time at which ``manage`` has something to do, if any."""
+
+    def scale(self, delta: int) -> None:
+        """TTIN (+1) or TTOU (-1)."""
 
     def on_readable(self, listener: Listener) -> None:
         """``listener`` has connections waiting: take what the model can."""
@@ -53,6 +64,9 @@ def create(name: str, supervisor: Supervisor) -> Model:
 
 
 from .fork import ForkModel  # noqa: E402  (the models need the protocol above)
+from .prefork import PreforkModel  # noqa: E402
 from .single import SingleModel  # noqa: E402
 
-_MODELS: dict[str, Callable[[Supervisor], Model]] = {"fork": ForkModel, "single": SingleModel}
+_MODELS: dict[str, Callable[[Supervisor], Model]] = {
+    "fork": ForkModel, "single": SingleModel, "prefork": PreforkModel,
+}

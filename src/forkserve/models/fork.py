@@ -46,6 +46,7 @@ class Child:
 
 class ForkModel:
     name = "fork"
+    accepts = True
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.sup = supervisor
@@ -107,6 +108,15 @@ class ForkModel:
         self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
                                    kernel.monotonic())
         return True
+
+    def manage(self) -> None:
+        pass  # nothing to keep up between events
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def scale(self, delta: int) -> None:
+        log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
     def on_exit(self, exited: Exited) -> bool:
         child = self.children.pop(exited.pid, None)

@@ -50,6 +50,7 @@ class StopDeadline(BaseException):
 
 class SingleModel:
     name = "single"
+    accepts = True
     #: Never full: while it serves, it does not look at the listeners at all.
     full = False
 
@@ -130,6 +131,15 @@ class SingleModel:
 
     def reconfigure(self) -> None:
         pass  # each connection reads the supervisor's config when it starts
+
+    def manage(self) -> None:
+        pass  # nothing to keep up between events
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def scale(self, delta: int) -> None:
+        log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
     def on_exit(self, exited: Exited) -> bool:
         return False  # this model forks nothing

@@ -1,0 +1,239 @@
+"""The pre-fork model: N workers forked ahead of time accept on the shared listeners.
+
+Theory of operation
+-------------------
+Apache prefork and gunicorn's sync worker: each worker (``worker.py``) serves one connection
+at a time, and the kernel queues the rest in the backlog. The master does not accept at all;
+it keeps the pool at its target size and rolls it on reload.
+
+- Replacing: a worker that exits is replaced at once, unless its slot was already replaced
+  less than ``RESPAWN_INTERVAL`` ago (a crash loop at run time), in which case the new one
+  waits for the rest of the interval: at most one fork per slot per interval.
+- Boot failures: a worker that exits before it wrote its ready message failed while booting.
+  ``BOOT_FAILURES_TO_HALT`` of those in a row, with no worker ready in between, stop the master
+  with exit status 3 instead of forking forever (gunicorn's WORKER_BOOT_ERROR).
+- Reload (SIGHUP): a new generation is forked with the new config; each old worker is retired
+  (SIGTERM: it finishes its connection and exits) only once a new one has said it is ready, so
+  the pool never shrinks and the shared accept queue never loses a connection.
+- Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config import Config
+from ..errors import ExitCode, HaltServer, WorkerExit
+from ..kernel import Exited
+from ..listeners import Listener
+from ..scoreboard import Scoreboard
+from ..worker import READY, WorkerContext, run_worker
+
+if TYPE_CHECKING:
+    from ..supervisor import Supervisor
+
+log = logging.getLogger("forkserve")
+
+#: At most one replacement per slot per this many seconds (a worker that crashes at once).
+RESPAWN_INTERVAL = 1.0
+#: Workers that fail while booting, in a row, before the master gives up.
+BOOT_FAILURES_TO_HALT = 3
+
+
+def pool_size(config: Config) -> int:
+    """``workers``, where 0 means twice the CPU count; never above ``max_workers``."""
+    return min(config.workers or 2 * (os.cpu_count() or 1), config.max_workers)
+
+
+@dataclass
+class WorkerInfo:
+    pid: int
+    slot: int
+    generation: int
+    started: float
+    ready: bool = False
+    retiring: bool = False
+
+
+@dataclass
+class Pool:
+    target: int
+    generation: int = 0
+    boot_failures: int = 0
+    #: slot -> monotonic time before which it may not be forked again
+    slot_free_at: dict[int, float] = field(default_factory=dict)
+
+
+class PreforkModel:
+    name = "prefork"
+    #: The master never accepts: the workers do.
+    accepts = False
+    full = False
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+        config = supervisor.config
+        # room for two full generations: a reload forks the new one before the old one leaves
+        self.scoreboard = Scoreboard(2 * config.max_workers)
+        self.workers: dict[int, WorkerInfo] = {}
+        self.pool = Pool(target=pool_size(config))
+        self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._ready_r, False)
+        self._buffer = b""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.sup.watch(self._ready_r, self._on_ready)
+        self.manage()
+
+    def manage(self) -> None:
+        """Fork what the pool lacks now; called after every turn of the master's loop."""
+        if self.sup.stopping:
+            return
+        self._retire_replaced()
+        now = self.sup.kernel.monotonic()
+        while self._current_count() < self.pool.target:
+            slot = self._free_slot(now)
+            if slot is None:
+                return
+            self._spawn(slot, now)
+
+    def next_deadline(self) -> float | None:
+        if self.sup.stopping or self._current_count() >= self.pool.target:
+            return None
+        used = {w.slot for w in self.workers.values()}
+        waits = [t for s, t in self.pool.slot_free_at.items() if s not in used]
+        return min(waits) if waits else None
+
+    def _current_count(self) -> int:
+        return sum(1 for w in self.workers.values()
+                   if w.generation == self.pool.generation and not w.retiring)
+
+    def _free_slot(self, now: float) -> int | None:
+        used = {w.slot for w in self.workers.values()}
+        for slot in range(self.scoreboard.size):
+            if slot not in used and self.pool.slot_free_at.get(slot, 0.0) <= now:
+                return slot
+        return None
+
+    def _spawn(self, slot: int, now: float) -> None:
+        sup = self.sup
+        self.pool.slot_free_at[slot] = now + RESPAWN_INTERVAL
+        ctx = WorkerContext(
+            app=sup.app, config=sup.config, listeners=sup.listeners,
+            scoreboard=self.scoreboard, access_log=sup.access_log, master_pid=sup.pid,
+            ready_fd=self._ready_w, close_master_fds=self._close_in_worker,
+            master_signals=sup.handled_signals(),
+        )
+        try:
+            with sup.signals_blocked():
+                pid = sup.kernel.fork()
+                if pid == 0:
+                    run_worker(ctx, slot, self.pool.generation)  # never returns
+        except OSError as exc:
+            sup.fork_failed(exc)
+            return
+        self.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, now)
+
+    def _close_in_worker(self) -> None:
+        self.sup.close_in_child(worker=True)
+        os.close(self._ready_r)
+
+    # ------------------------------------------------------------------ events
+
+    def _on_ready(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._buffer += os.read(self._ready_r, 4096)
+        whole = len(self._buffer) - len(self._buffer) % READY.size
+        chunk, self._buffer = self._buffer[:whole], self._buffer[whole:]
+        by_slot = {w.slot: w for w in self.workers.values()}
+        for (slot,) in READY.iter_unpack(chunk):
+            worker = by_slot.get(slot)
+            if worker is not None:
+                worker.ready = True
+                self.pool.boot_failures = 0
+        self._retire_replaced()
+
+    def _retire_replaced(self) -> None:
+        """Keep at most ``target - ready new`` old workers serving: each new worker that is
+        ready lets one old one go (oldest generation first), so the pool never shrinks."""
+        gen = self.pool.generation
+        ready_new = sum(1 for w in self.workers.values() if w.generation == gen and w.ready)
+        old = sorted((w for w in self.workers.values()
+                      if w.generation != gen and not w.retiring),
+                     key=lambda w: (w.generation, w.started))
+        for worker in old[: max(0, len(old) - max(0, self.pool.target - ready_new))]:
+            self._retire(worker)
+
+    def _retire(self, worker: WorkerInfo) -> None:
+        worker.retiring = True
+        with contextlib.suppress(ProcessLookupError):
+            self.sup.kernel.kill(worker.pid, signal.SIGTERM)
+
+    def on_exit(self, exited: Exited) -> bool:
+        worker = self.workers.pop(exited.pid, None)
+        if worker is None:
+            return False
+        self.scoreboard.clear(worker.slot)
+        if self.sup.stopping or worker.retiring:
+            return True
+        if not worker.ready:
+            self._boot_failed(worker, exited)
+        elif exited.code == WorkerExit.OK:
+            self.pool.slot_free_at[worker.slot] = 0.0  # recycled: replace it at once
+        else:
+            self.sup.report_abnormal_exit(exited, f"worker {worker.slot}")
+        return True
+
+    def _boot_failed(self, worker: WorkerInfo, exited: Exited) -> None:
+        self.pool.boot_failures += 1
+        log.error("worker %d (pid %d) failed while booting (exit %s)", worker.slot,
+                  exited.pid, exited.describe())
+        if self.pool.boot_failures >= BOOT_FAILURES_TO_HALT:
+            raise HaltServer(f"workers keep failing while booting ({self.pool.boot_failures} "
+                             "in a row): stopping; the log above says why",
+                             ExitCode.BOOT_ERROR)
+
+    # ------------------------------------------------------------------ operator intents
+
+    def scale(self, delta: int) -> None:
+        target = min(max(self.pool.target + delta, 1), self.sup.config.max_workers)
+        if target == self.pool.target:
+            log.info("workers: staying at %d (between 1 and max_workers=%d)", target,
+                     self.sup.config.max_workers)
+            return
+        self.pool.target = target
+        log.info("workers: target is now %d", target)
+        surplus = [w for w in self.workers.values()
+                   if w.generation == self.pool.generation and not w.retiring]
+        for worker in sorted(surplus, key=lambda w: -w.started)[: max(0, len(surplus) - target)]:
+            self._retire(worker)
+
+    def reconfigure(self) -> None:
+        """A reload: fork a new generation; old workers retire as new ones become ready."""
+        self.pool.generation += 1
+        self.pool.target = pool_size(self.sup.config)
+        log.info("reload: starting worker generation %d", self.pool.generation)
+
+    def on_readable(self, listener: Listener) -> None:
+        pass  # the master never watches the listeners in this model: the workers accept
+
+    def interrupt(self, fast: bool) -> None:
+        pass  # workers are signalled by the supervisor's stop checklist
+
+    def pids(self) -> Collection[int]:
+        return self.workers.keys()
+
+    def close(self) -> None:
+        self.sup.unwatch(self._ready_r)
+        os.close(self._ready_r)
+        os.close(self._ready_w)
+        with contextlib.suppress(BufferError):
+            self.scoreboard.close()

@@ -1,0 +1,220 @@
+"""A pre-forked worker: accepts on the shared listeners and serves one connection at a time.
+
+Theory of operation
+-------------------
+1. It never returns into the master's code: ``run_worker`` ends in ``os._exit`` on every path.
+2. It keeps the listeners and closes the master's private fds (selector, wakeup and ready
+   pipes' read ends).
+3. It has one loop, like the master: an epoll set with the listeners, registered with
+   ``EPOLLEXCLUSIVE`` so that a new connection wakes one idle worker, not all of them (the
+   thundering herd), and the worker's own signal wakeup fd. The listeners are non-blocking:
+   a worker woken for a connection another worker took gets EAGAIN and waits again.
+4. Signal handlers only record (SIGTERM/SIGINT: finish; SIGQUIT: exit now), except that a stop
+   while a connection is in service tells it to finish (``Connection.interrupt``, one
+   ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on.
+5. When it is ready to accept it writes its slot number to the ready pipe: the master rolls a
+   reload forward only on workers that have said so, and tells a crash at boot from one later.
+6. It exits 0 after ``max_requests`` connections (plus its jitter) and the master replaces it.
+
+Exit statuses: 0 (stopped or recycled), ``WorkerExit.BOOT_ERROR`` (failed before ready).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import NoReturn
+
+from .apps import App
+from .child import CHILD_GRACE_MARGIN, serve_one, set_parent_death_signal, set_title
+from .config import Config
+from .connection import Connection, format_address
+from .errors import WorkerExit
+from .listeners import Listener
+from .logs import AccessLog, AccessRecord
+from .scoreboard import Scoreboard, SlotState
+
+log = logging.getLogger("forkserve")
+
+#: accept() errors of one connection already gone: skip it (as in the master).
+_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+#: After an accept() error that is not one connection's (EMFILE, ENOBUFS ...), this worker
+#: waits this long before it accepts again: never spin.
+ACCEPT_PAUSE_SECONDS = 0.1
+#: The ready message: the worker's slot number.
+READY = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker needs from the master, fixed at fork time."""
+
+    app: App
+    config: Config
+    listeners: Sequence[Listener]
+    scoreboard: Scoreboard
+    access_log: AccessLog | None
+    master_pid: int
+    ready_fd: int
+    #: Closes the master's private fds (not the listeners, not the ready pipe's write end).
+    close_master_fds: Callable[[], None]
+    master_signals: Iterable[int]
+
+
+class Worker:
+    """The loop of one pre-forked worker. Runs in the worker process only."""
+
+    def __init__(self, ctx: WorkerContext, slot: int, generation: int) -> None:
+        self.ctx = ctx
+        self.slot = slot
+        self.generation = generation
+        self.pid = os.getpid()
+        config = ctx.config
+        jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
+        self.max_requests = config.max_requests + jitter if config.max_requests else 0
+        self.served = 0
+        self.stopping = False
+        self.serving: Connection | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller = select.epoll()
+        self._listeners = {lst.fileno(): lst for lst in ctx.listeners}
+
+    # ------------------------------------------------------------------ boot
+
+    def boot(self) -> None:
+        """Hygiene, signals, the epoll set; then tell the master this worker is ready."""
+        self.ctx.close_master_fds()
+        self._install_signals()
+        set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
+        for fd in self._listeners:
+            self.poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.poller.register(self._wake_r, select.EPOLLIN)
+        self._state(SlotState.IDLE)
+        os.write(self.ctx.ready_fd, READY.pack(self.slot))
+        os.close(self.ctx.ready_fd)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in self.ctx.master_signals:
+            signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._finish)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, _quit_now)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != self.ctx.master_pid:
+            self._finish(signal.SIGTERM, None)
+
+    def _finish(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM: record the stop; a connection in service is told to finish."""
+        self.stopping = True
+        conn = self.serving
+        if conn is not None:
+            conn.interrupt()
+        signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
+                         + CHILD_GRACE_MARGIN)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> WorkerExit:
+        while not self.stopping:
+            for fd, _ in self.poller.poll():
+                if fd == self._wake_r:
+                    _drain(self._wake_r)
+                elif not self.stopping:
+                    self._accept(self._listeners[fd])
+            if self.max_requests and self.served >= self.max_requests:
+                log.info("worker %d: served %d connections, recycling", self.pid, self.served)
+                break
+        return WorkerExit.OK
+
+    def _accept(self, listener: Listener) -> None:
+        try:
+            sock, addr = listener.sock.accept()
+        except BlockingIOError:
+            return  # another worker took it
+        except OSError as exc:
+            if exc.errno not in _SKIP_ERRNOS:
+                log.warning("worker %d: accept failed: %s; pausing %.1f s", self.pid,
+                            exc.strerror, ACCEPT_PAUSE_SECONDS)
+                time.sleep(ACCEPT_PAUSE_SECONDS)
+            return
+        self._serve(sock, addr)
+
+    def _serve(self, sock: socket.socket, addr: object) -> None:
+        config = self.ctx.config
+        started = time.monotonic()
+        peer = format_address(addr, sock.family)
+        try:
+            conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
+                              write_timeout=config.write_timeout, peer=peer)
+        except OSError:
+            sock.close()
+            return
+        with contextlib.suppress(OSError):
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._state(SlotState.READING, peer=peer, conn_start=started)
+        self.serving = conn
+        if self.stopping:
+            conn.interrupt()
+        try:
+            status = serve_one(self.ctx.app, conn)
+        finally:
+            self.serving = None
+        self.served += 1
+        self._state(SlotState.IDLE)
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.write(AccessRecord(
+                peer=peer, pid=self.pid, duration_s=round(time.monotonic() - started, 6),
+                bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=str(int(status))))
+
+    def _state(self, state: SlotState, *, peer: str = "", conn_start: float = 0.0) -> None:
+        self.ctx.scoreboard.write(self.slot, pid=self.pid, generation=self.generation,
+                                  state=state, connections=self.served, conn_start=conn_start,
+                                  heartbeat=time.monotonic(), peer=peer)
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+def _quit_now(signum: int, frame: FrameType | None) -> None:
+    os._exit(WorkerExit.OK)  # a fast stop: nothing to finish, no core dump
+
+
+def run_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
+    """Body of a freshly forked worker. Never returns."""
+    status: int = WorkerExit.BOOT_ERROR
+    try:
+        worker = Worker(ctx, slot, generation)
+        worker.boot()
+        status = WorkerExit.ERROR
+        status = worker.run()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("worker %d failed", os.getpid())
+    finally:
+        # This must never return into the master's loop, hence os._exit() on every path.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(status)

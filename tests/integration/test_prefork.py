@@ -1,0 +1,197 @@
+"""The pre-fork model: a pool that shares the load, heals, reloads and scales without loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.harness import (
+    Server,
+    children_of,
+    proc_info,
+    recv_all,
+    recv_exactly,
+    wait_until,
+)
+
+HELLO = b"Hello from server!\n"
+Factory = Callable[..., Server]
+
+
+def worker_pids(server: Server) -> set[int]:
+    return {p.pid for p in server.children()}
+
+
+def wait_for_workers(server: Server, n: int, timeout: float = 10.0) -> set[int]:
+    assert wait_until(lambda: len(worker_pids(server)) == n, timeout), (
+        f"expected {n} workers, have {len(worker_pids(server))}\n{server.log_tail()}")
+    return worker_pids(server)
+
+
+class Load:
+    """Clients in threads doing connect, request, answer, close in a loop, counting failures."""
+
+    def __init__(self, server: Server, clients: int, *, lines: int = 1) -> None:
+        self.server = server
+        self.lines = lines
+        self.ok = 0
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 50  # bounded even if nobody stops us
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                with self.server.connect(timeout=10) as s:
+                    s.sendall(b"ping\n" * self.lines)
+                    answer = recv_exactly(s, len(HELLO) * self.lines)
+                    s.shutdown(socket.SHUT_WR)
+                    rest = s.recv(1)
+                if answer != HELLO * self.lines or rest != b"":
+                    raise AssertionError(f"truncated or extra: {answer!r} {rest!r}")
+                with self._lock:
+                    self.ok += 1
+            except (OSError, AssertionError) as exc:
+                with self._lock:
+                    self.failures.append((time.monotonic(), repr(exc)))
+
+
+def test_workers_share_the_load(server_factory: Factory, tmp_path: Path) -> None:
+    log_path = tmp_path / "access.log"
+    server = server_factory("--model", "prefork", "--workers", "4", "--access-log",
+                            str(log_path))
+    pids = wait_for_workers(server, 4)
+    with Load(server, 8) as load:
+        assert wait_until(lambda: load.ok >= 2000, 50), "2000 connections took too long"
+    assert load.failures == []
+    assert wait_until(lambda: log_path.read_text().count("\n") >= load.ok, 10)
+    served = Counter(line.split()[1] for line in log_path.read_text().splitlines())
+    assert set(served) == {f"pid={pid}" for pid in pids}, "every worker served a share"
+    assert max(served.values()) < 0.9 * sum(served.values())
+
+
+def test_a_killed_worker_is_replaced_within_a_second(server_factory: Factory) -> None:
+    server = server_factory("--model", "prefork", "--workers", "3")
+    pids = wait_for_workers(server, 3)
+    victim = min(pids)
+    with Load(server, 4) as load:
+        time.sleep(0.3)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert wait_until(lambda: len(worker_pids(server) - {victim}) == 3, 5)
+        assert time.monotonic() - killed_at < 1.5, "replaced within a second (plus slack)"
+        ok_after_kill = load.ok
+        time.sleep(0.5)
+    assert load.ok > ok_after_kill
+    # only the connection the victim was serving may fail, at the moment of the kill
+    late = [f for t, f in load.failures if t > killed_at + 0.5]
+    assert late == [], late
+    server.wait_for_log(rf"pid {victim} \(worker \d+\) was killed by SIGKILL")
+
+
+def test_hup_under_load_loses_nothing_and_replaces_every_worker(server_factory: Factory,
+                                                                tmp_path: Path) -> None:
+    path = tmp_path / "forkserve.toml"
+    path.write_text('model = "prefork"\nworkers = 3\n')
+    server = server_factory("--config", str(path))
+    first = wait_for_workers(server, 3)
+    seen = set(first)
+    with Load(server, 50, lines=3) as load:
+        for _ in range(5):
+            time.sleep(0.3)
+            server.signal(signal.SIGHUP)
+            before = worker_pids(server)
+            assert wait_until(lambda b=before: not (worker_pids(server) & b)
+                              and len(worker_pids(server)) == 3, 15), server.log_tail()
+            seen |= worker_pids(server)
+        time.sleep(0.3)
+    assert load.failures == [], load.failures[:5]
+    assert load.ok > 50
+    assert not (worker_pids(server) & first)
+    assert len(seen) >= 3 * 6
+
+
+def test_broken_config_on_hup_keeps_the_pool(server_factory: Factory, tmp_path: Path) -> None:
+    path = tmp_path / "forkserve.toml"
+    path.write_text('model = "prefork"\nworkers = 2\n')
+    server = server_factory("--config", str(path))
+    pids = wait_for_workers(server, 2)
+    path.write_text("workers = 'many'\n")
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("reload failed, still serving")
+    time.sleep(0.5)
+    assert worker_pids(server) == pids
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+
+
+def test_ttin_and_ttou_change_the_pool_by_exactly_one(server_factory: Factory) -> None:
+    server = server_factory("--model", "prefork", "--workers", "3")
+    wait_for_workers(server, 3)
+    # (one signal at a time: the kernel merges a signal sent again before it was delivered)
+    server.signal(signal.SIGTTIN)
+    wait_for_workers(server, 4)
+    for n in (3, 2, 1):
+        server.signal(signal.SIGTTOU)
+        wait_for_workers(server, n)
+    server.signal(signal.SIGTTOU)
+    server.wait_for_log(r"workers: staying at 1")
+    wait_for_workers(server, 1)
+    time.sleep(0.5)
+    assert len(worker_pids(server)) == 1, "never below one worker"
+
+
+def test_max_requests_recycles_workers(server_factory: Factory) -> None:
+    server = server_factory("--model", "prefork", "--workers", "2", "--max-requests", "5")
+    first = wait_for_workers(server, 2)
+    for _ in range(30):
+        with server.connect() as s:
+            s.sendall(b"hi\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO
+    assert wait_until(lambda: len(worker_pids(server)) == 2
+                      and not (worker_pids(server) & first), 10)
+    server.wait_for_log(r"served 5 connections, recycling")
+
+
+def test_graceful_stop_finishes_connections_in_flight(server_factory: Factory) -> None:
+    server = server_factory("--model", "prefork", "--workers", "2")
+    wait_for_workers(server, 2)
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        s.sendall(b"ping\n" * 100)
+        server.signal(signal.SIGTERM)
+        assert recv_all(s) == HELLO * 100
+    assert server.wait() == 0
+
+
+def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:
+    server = server_factory("--model", "prefork", "--workers", "3")
+    pids = wait_for_workers(server, 3)
+    server.signal(signal.SIGKILL)
+    server.wait()
+
+    def gone() -> bool:
+        return all((p := proc_info(pid)) is None or p.state == "Z" for pid in pids)
+
+    assert wait_until(gone, 1.5), "idle workers outlived their master"
+    assert children_of(server.pid) == []
