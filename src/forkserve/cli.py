@@ -10,9 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from . import config as config_mod
+from . import control
 from ._version import __version__
 from .client import ClientFailed
 from .client import run as run_client
+from .control import VERBS
 from .errors import ConfigError, ExitCode, ForkserveError, HaltServer
 from .server import run_server
 from .supervisor import signal_table
@@ -55,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up on connecting or on an answer after this long "
                              "(default 10)")
 
+    sig = sub.add_parser("signal", help="send a running server a signal by name",
+                         description="Send the master the signal for VERB: "
+                         + ", ".join(f"{verb} ({s.name})" for verb, s in VERBS.items()) + ".")
+    sig.add_argument("verb", choices=sorted(VERBS), metavar="VERB",
+                     help="one of: " + ", ".join(sorted(VERBS)))
+    who = sig.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid-file", metavar="FILE", help="the server's --pid-file")
+    who.add_argument("--pid", type=_positive_int, metavar="PID", help="the master's pid")
+
     settings = sub.add_parser("settings", help="print the settings table (Markdown)",
                               description="Print every setting with its flag, default and "
                                           "meaning, or the table of signals.")
@@ -71,12 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config_mod.from_cli(args, args.config)
             reload = (lambda: config_mod.from_cli(args, args.config)) if args.config else None
             return run_server(config, reload_config=reload)
+        if args.command == "signal":
+            pid = control.send(args.verb, pid_file=args.pid_file, pid=args.pid)
+            print(f"forkserve: sent {VERBS[args.verb].name} to {pid}", file=sys.stderr)
+            return 0
         if args.command == "client":
             return run_client(args.address, message=args.message, count=args.count,
                               timeout=args.timeout)
         sys.stdout.write(signal_table() if args.signals else config_mod.markdown_table())
         return 0
-    except ClientFailed as exc:
+    except (ClientFailed, control.SignalFailed) as exc:
         print(f"forkserve: {exc}", file=sys.stderr)
         return 1
     except HaltServer as exc:

@@ -299,6 +299,10 @@ class Config:
         30.0, Seconds(minimum=0.0),
         "On a graceful stop, how long connections in flight may take before they are killed.",
     )
+    pid_file: str | None = setting(
+        None, Path(optional=True),
+        "Write the master's pid to this file (removed on exit); `forkserve signal` reads it.",
+    )
     log_level: str = setting("info", Choice(options=LOG_LEVELS), "Least severe log level shown.")
     access_log: str | None = setting(
         None, Path(optional=True),

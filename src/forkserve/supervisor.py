@@ -76,6 +76,9 @@ class SignalRoute:
     doc: str
 
 
+#: Settings that a reload cannot change: they shape sockets and shared memory made at start.
+RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file")
+
 SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGTERM, Intent.GRACEFUL_STOP, "stop",
                 "Graceful stop: refuse new connections, let those in flight finish up to "
@@ -85,8 +88,9 @@ SIGNALS: tuple[SignalRoute, ...] = (
                 "Fast stop: kill every child at once and exit."),
     SignalRoute(signal.SIGHUP, Intent.RELOAD, "reload",
                 "Reload: re-read the config file; new connections get the new settings, those "
-                "in flight keep theirs. A file that does not validate changes nothing (the "
-                "log says why); `bind`, `model`, `backlog` and `max_children` need a restart."),
+                "in flight keep theirs (prefork: a new generation of workers replaces the "
+                "old one). A file that does not validate changes nothing (the log says why); "
+                + ", ".join(f"`{name}`" for name in RESTART_ONLY) + " need a restart."),
     SignalRoute(signal.SIGTTIN, Intent.MORE, "more",
                 "prefork: one worker more (up to `max_workers`)."),
     SignalRoute(signal.SIGTTOU, Intent.FEWER, "fewer",
@@ -101,8 +105,9 @@ _INTENTS = {route.signal.value: route.intent for route in SIGNALS}
 
 def signal_table() -> str:
     """The signals table of the README, generated from ``SIGNALS``."""
-    rows = ["| signal | meaning |", "|---|---|"]
-    rows += [f"| `{route.signal.name}` | {route.doc} |" for route in SIGNALS]
+    rows = ["| signal | `forkserve signal` verb | meaning |", "|---|---|---|"]
+    rows += [f"| `{route.signal.name}` | {f'`{route.verb}`' if route.verb else ''} | "
+             f"{route.doc} |" for route in SIGNALS]
     return "\n".join(rows) + "\n"
 
 #: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
@@ -122,8 +127,6 @@ ACCEPT_PAUSE_SECONDS = 0.1
 FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
-#: Settings that a reload cannot change: they shape sockets and shared memory made at start.
-RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers")
 
 
 @dataclass
@@ -182,11 +185,34 @@ class Supervisor:
             self._close()
         return ExitCode.KILLED if self._killed else ExitCode.OK
 
+    def _write_pid_file(self) -> None:
+        path = self.config.pid_file
+        if path is None:
+            return
+        try:
+            tmp = f"{path}.{self.pid}.tmp"
+            with open(tmp, "w", encoding="ascii") as fh:
+                fh.write(f"{self.pid}\n")
+            os.replace(tmp, path)  # atomic: a reader never sees a half-written pid
+        except OSError as exc:
+            raise ConfigError("pid_file", f"cannot write {path}: {exc.strerror}") from None
+
+    def _remove_pid_file(self) -> None:
+        path = self.config.pid_file
+        if path is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, encoding="ascii") as fh:
+                if int(fh.read().strip()) != self.pid:
+                    return  # a newer master owns it now
+            os.unlink(path)
+
     def _start(self) -> None:
         # Everything imported and built so far is shared with every child: freeze it so that a
         # child's garbage collector never writes to those pages (bpo-31558).
         gc.collect()
         gc.freeze()
+        self._write_pid_file()
         self.model.start()
         names = " ".join(listener.name for listener in self.listeners)
         set_title(f"forkserve: master [{self.model.name}] {names}")
@@ -470,6 +496,7 @@ class Supervisor:
                 self.kernel.waitpid(pid, 0)
 
     def _close(self) -> None:
+        self._remove_pid_file()
         for listener in self.listeners:
             listener.close()
         self.selector.close()

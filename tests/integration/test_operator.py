@@ -181,7 +181,7 @@ def test_settings_command_prints_the_table() -> None:
     out = result.stdout.decode()
     assert "| `max_children` | `--max-children N` | `512` |" in out
     signals = run_cli(["settings", "--signals"]).stdout.decode()
-    assert "| `SIGTERM` | Graceful stop" in signals
+    assert "| `SIGTERM` | `stop` | Graceful stop" in signals
 
 
 def test_hup_reloads_the_config_file_and_a_broken_one_changes_nothing(
@@ -208,3 +208,48 @@ def test_hup_reloads_the_config_file_and_a_broken_one_changes_nothing(
     with server.connect() as s:
         s.sendall(b"echo\n")
         assert recv_exactly(s, 5) == b"echo\n"
+
+
+def test_pid_file_and_signals_by_name(server_factory: Factory, tmp_path: Path) -> None:
+    pid_file = tmp_path / "forkserve.pid"
+    config = tmp_path / "forkserve.toml"
+    config.write_text('app = "hello"\n')
+    server = server_factory("--config", str(config), "--pid-file", str(pid_file))
+    assert pid_file.read_text() == f"{server.pid}\n"
+    config.write_text('app = "echo"\n')
+    result = run_cli(["signal", "reload", "--pid-file", str(pid_file)])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().strip() == f"forkserve: sent SIGHUP to {server.pid}"
+    server.wait_for_log("reloaded the config")
+    with server.connect() as s:
+        s.sendall(b"echoed\n")
+        assert recv_exactly(s, 7) == b"echoed\n"
+    assert run_cli(["signal", "stop", "--pid-file", str(pid_file)]).returncode == 0
+    assert server.wait() == 0
+    assert not pid_file.exists(), "the pid file is removed on exit"
+
+
+def test_signal_command_errors_are_one_line(tmp_path: Path) -> None:
+    missing = run_cli(["signal", "stop", "--pid-file", str(tmp_path / "none.pid")])
+    assert missing.returncode == 1
+    assert "cannot read the pid file" in missing.stderr.decode()
+    stale = tmp_path / "stale.pid"
+    stale.write_text("999999999\n")
+    result = run_cli(["signal", "reload", "--pid-file", str(stale)])
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == (
+        f"forkserve: no process 999999999 (stale pid file {stale}?)")
+    garbage = tmp_path / "garbage.pid"
+    garbage.write_text("hello\n")
+    result = run_cli(["signal", "reload", "--pid-file", str(garbage)])
+    assert result.returncode == 1
+    assert "does not hold a pid" in result.stderr.decode()
+    bad_verb = run_cli(["signal", "explode", "--pid", "1"])
+    assert bad_verb.returncode == 2
+    assert "Traceback" not in bad_verb.stderr.decode()
+
+
+def test_unwritable_pid_file_is_an_operator_error(tmp_path: Path) -> None:
+    result = run_cli(["serve", "--bind", "127.0.0.1:0", "--pid-file",
+                      str(tmp_path / "missing-dir" / "x.pid")])
+    assert_usage_error(result, "invalid pid_file: cannot write")
