@@ -263,11 +263,21 @@ class Config:
     backlog: int = setting(1024, Int(minimum=1), "Length of the kernel's accept queue.")
     workers: int = setting(
         0, Int(minimum=0),
-        "prefork: workers in the pool; 0 means twice the CPU count. TTIN/TTOU add or "
-        "remove one.",
+        "prefork: workers in the pool; 0 means twice the CPU count (never more than "
+        "max_workers). TTIN/TTOU add or remove one.",
     )
     max_workers: int = setting(
         64, Int(minimum=1), "prefork: the pool never grows beyond this (TTIN stops there)."
+    )
+    timeout: float = setting(
+        30.0, Seconds(),
+        "prefork: a worker whose own code makes no progress for this long (waiting on a "
+        "client does not count) gets SIGABRT, which logs its Python stack, then SIGKILL.",
+    )
+    max_worker_memory: int = setting(
+        0, Int(minimum=0),
+        "prefork: a worker whose resident memory passes this many MB is replaced after its "
+        "connection (0: never).",
     )
     max_requests: int = setting(
         0, Int(minimum=0),
@@ -280,8 +290,8 @@ class Config:
     )
     max_children: int = setting(
         512, Int(minimum=1),
-        "Connections served at once; at the cap the master stops accepting and new clients "
-        "wait in the backlog.",
+        "fork: connections served at once; at the cap the master stops accepting and new "
+        "clients wait in the backlog.",
     )
     max_line: int = setting(
         65536, Int(minimum=1),

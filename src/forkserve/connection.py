@@ -36,6 +36,7 @@ from collections.abc import Iterator
 
 from .errors import IdleTimeout, LineTooLong, PeerGone
 from .framing import LineFramer
+from .scoreboard import SlotMonitor
 
 #: Bytes asked of the kernel per read: large enough for many pipelined lines at once.
 RECV_SIZE = 65536
@@ -74,14 +75,15 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_framer", "_pending", "_stopping", "bytes_in",
-        "bytes_out", "local", "peer", "sock",
+        "_closed", "_eof", "_error", "_framer", "_monitor", "_pending", "_stopping",
+        "bytes_in", "bytes_out", "local", "peer", "sock",
     )
 
     def __init__(self, sock: socket.socket, *, max_line: int, idle_timeout: float | None,
                  write_timeout: float | None = None, peer: str | None = None,
-                 local: str | None = None) -> None:
+                 local: str | None = None, monitor: SlotMonitor | None = None) -> None:
         self.sock = sock
+        self._monitor = monitor
         sock.settimeout(None)
         if idle_timeout is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_timeout))
@@ -140,6 +142,9 @@ class Connection:
 
     def _recv(self) -> bytes | None:
         """One ``recv``: data, ``b""`` at the client's end, ``None`` once a stop ends input."""
+        monitor = self._monitor
+        if monitor is not None:
+            monitor.waiting()
         try:
             data = self.sock.recv(RECV_SIZE)
         except BlockingIOError:  # SO_RCVTIMEO expired
@@ -148,6 +153,8 @@ class Connection:
             raise IdleTimeout("client sent nothing within the idle timeout") from None
         except OSError as exc:
             raise PeerGone(f"client went away: {exc.strerror or exc}") from None
+        if monitor is not None:
+            monitor.working()
         self.bytes_in += len(data)
         return data
 
@@ -155,12 +162,17 @@ class Connection:
 
     def write(self, data: bytes) -> None:
         """Send all of ``data``. Raises ``PeerGone`` if the client is gone."""
+        monitor = self._monitor
+        if monitor is not None:
+            monitor.waiting()
         try:
             self.sock.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO expired
             raise PeerGone("client stopped reading (write timeout)") from None
         except OSError as exc:
             raise PeerGone(f"client went away: {exc.strerror or exc}") from None
+        if monitor is not None:
+            monitor.working()
         self.bytes_out += len(data)
 
     # ------------------------------------------------------------------ ending

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import logging
 import os
 import random
@@ -55,6 +56,8 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 ACCEPT_PAUSE_SECONDS = 0.1
 #: The ready message: the worker's slot number.
 READY = struct.Struct("<I")
+#: Signals meant for the master that a worker ignores when the whole group gets them.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Worker:
         """Hygiene, signals, the epoll set; then tell the master this worker is ready."""
         self.ctx.close_master_fds()
         self._install_signals()
+        faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints the stack
         set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
         for fd in self._listeners:
             self.poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
@@ -111,7 +115,7 @@ class Worker:
             signal.signal(sig, signal.SIG_DFL)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._finish)
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+        for sig in IGNORED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, _quit_now)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -122,27 +126,45 @@ class Worker:
             self._finish(signal.SIGTERM, None)
 
     def _finish(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM: record the stop; a connection in service is told to finish."""
+        """SIGTERM: record the stop; a connection in service is told to finish, and this
+        worker lets go of the listeners at once, so that once the master and the idle workers
+        have too, new clients are refused instead of queued for nobody."""
         self.stopping = True
         conn = self.serving
         if conn is not None:
             conn.interrupt()
+        for listener in self.ctx.listeners:
+            listener.sock.close()  # one close(2) each; also leaves this worker's epoll set
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
                          + CHILD_GRACE_MARGIN)
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> WorkerExit:
+        beat = self.ctx.config.timeout / 2  # idle, it still shows the watchdog it is alive
         while not self.stopping:
-            for fd, _ in self.poller.poll():
+            events = self.poller.poll(beat)
+            if not events:
+                self._state(SlotState.IDLE)
+            for fd, _ in events:
                 if fd == self._wake_r:
                     _drain(self._wake_r)
                 elif not self.stopping:
                     self._accept(self._listeners[fd])
-            if self.max_requests and self.served >= self.max_requests:
-                log.info("worker %d: served %d connections, recycling", self.pid, self.served)
+            if self._should_recycle():
                 break
         return WorkerExit.OK
+
+    def _should_recycle(self) -> bool:
+        if self.max_requests and self.served >= self.max_requests:
+            log.info("worker %d: served %d connections, recycling", self.pid, self.served)
+            return True
+        limit = self.ctx.config.max_worker_memory
+        if limit and (rss := resident_mb()) > limit:
+            log.info("worker %d: resident memory %.0f MB is over max_worker_memory %d MB, "
+                     "recycling", self.pid, rss, limit)
+            return True
+        return False
 
     def _accept(self, listener: Listener) -> None:
         try:
@@ -163,14 +185,15 @@ class Worker:
         peer = format_address(addr, sock.family)
         try:
             conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
-                              write_timeout=config.write_timeout, peer=peer)
+                              write_timeout=config.write_timeout, peer=peer,
+                              monitor=self.ctx.scoreboard.monitor(self.slot))
         except OSError:
             sock.close()
             return
         with contextlib.suppress(OSError):
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._state(SlotState.READING, peer=peer, conn_start=started)
+        self._state(SlotState.WRITING, peer=peer, conn_start=started)
         self.serving = conn
         if self.stopping:
             conn.interrupt()
@@ -189,6 +212,15 @@ class Worker:
         self.ctx.scoreboard.write(self.slot, pid=self.pid, generation=self.generation,
                                   state=state, connections=self.served, conn_start=conn_start,
                                   heartbeat=time.monotonic(), peer=peer)
+
+
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 1048576
+
+
+def resident_mb() -> float:
+    """This process's resident set size in MB (one read of /proc/self/statm)."""
+    with open("/proc/self/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * _PAGE_MB
 
 
 def _drain(fd: int) -> None:

@@ -195,3 +195,67 @@ def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:
 
     assert wait_until(gone, 1.5), "idle workers outlived their master"
     assert children_of(server.pid) == []
+
+
+WATCHDOG_APP = """
+import sys, time
+import forkserve
+
+BLOBS = []
+
+def handle(conn):
+    for line in conn.lines():
+        if line.startswith(b"stuck"):
+            time.sleep(3600)
+        if line.startswith(b"grow"):
+            BLOBS.append(bytearray(40 * 1024 * 1024))
+        conn.write(b"ok\\n")
+
+sys.exit(forkserve.serve(handle, bind=["127.0.0.1:0"], model="prefork", workers=1,
+                         timeout=float(sys.argv[1]), max_worker_memory=int(sys.argv[2])))
+"""
+
+
+def test_watchdog_aborts_a_stuck_worker_with_its_stack_and_replaces_it(
+        server_factory: Factory) -> None:
+    server = server_factory("1", "0", script=WATCHDOG_APP)
+    server.traceback_expected = True  # faulthandler's stack dump of the stuck worker
+    (stuck_pid,) = wait_for_workers(server, 1)
+    with server.connect() as s:
+        s.sendall(b"stuck\n")
+        peer = f"127.0.0.1:{s.getsockname()[1]}"
+        assert recv_all(s) == b"", "the stuck connection is closed when its worker dies"
+    server.wait_for_log(rf"made no progress for \d+\.\d s while serving {peer} \(connected")
+    server.wait_for_log(r'line \d+ in handle')  # the Python stack of the stuck handler
+    server.wait_for_log(rf"pid {stuck_pid} \(worker 0\) was killed by SIGABRT")
+    assert wait_until(lambda: len(worker_pids(server) - {stuck_pid}) == 1, 5)
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, 3) == b"ok\n"
+
+
+def test_watchdog_spares_a_worker_that_waits_on_its_client(server_factory: Factory) -> None:
+    server = server_factory("1", "0", script=WATCHDOG_APP)
+    (pid,) = wait_for_workers(server, 1)
+    with server.connect() as s:
+        s.sendall(b"a\n")
+        assert recv_exactly(s, 3) == b"ok\n"
+        time.sleep(2.5)  # the client thinks: that is the client's time, not the worker's
+        s.sendall(b"b\n")
+        assert recv_exactly(s, 3) == b"ok\n"
+    time.sleep(1.5)  # idle beyond the timeout too
+    assert worker_pids(server) == {pid}
+
+
+def test_a_worker_over_max_worker_memory_is_replaced_after_its_connection(
+        server_factory: Factory) -> None:
+    server = server_factory("30", "60", script=WATCHDOG_APP)
+    (first,) = wait_for_workers(server, 1)
+    with server.connect() as s:
+        s.sendall(b"grow\n")
+        assert recv_exactly(s, 3) == b"ok\n"
+        s.sendall(b"grow\n")  # now well over 60 MB, but the connection is not cut
+        assert recv_exactly(s, 3) == b"ok\n"
+    server.wait_for_log(r"resident memory \d+ MB is over max_worker_memory 60 MB, recycling")
+    assert wait_until(lambda: len(worker_pids(server)) == 1 and first not in worker_pids(server),
+                      5)

@@ -6,9 +6,11 @@ Apache prefork and gunicorn's sync worker: each worker (``worker.py``) serves on
 at a time, and the kernel queues the rest in the backlog. The master does not accept at all;
 it keeps the pool at its target size and rolls it on reload.
 
-- Replacing: a worker that exits is replaced at once, unless its slot was already replaced
-  less than ``RESPAWN_INTERVAL`` ago (a crash loop at run time), in which case the new one
-  waits for the rest of the interval: at most one fork per slot per interval.
+- Slots: generation ``g`` forks into slots ``[b, b + target)`` with ``b = (g % 2) *
+  max_workers``, so a reload's new generation never competes with the old one for slots.
+- Replacing: a worker that exits is replaced at once, unless its slot was forked less than
+  ``RESPAWN_INTERVAL`` ago (a crash loop at run time), in which case the new one waits for the
+  rest of the interval: at most ``target`` forks per interval, however fast workers crash.
 - Boot failures: a worker that exits before it wrote its ready message failed while booting.
   ``BOOT_FAILURES_TO_HALT`` of those in a row, with no worker ready in between, stop the master
   with exit status 3 instead of forking forever (gunicorn's WORKER_BOOT_ERROR).
@@ -32,7 +34,7 @@ from ..config import Config
 from ..errors import ExitCode, HaltServer, WorkerExit
 from ..kernel import Exited
 from ..listeners import Listener
-from ..scoreboard import Scoreboard
+from ..scoreboard import Scoreboard, SlotState
 from ..worker import READY, WorkerContext, run_worker
 
 if TYPE_CHECKING:
@@ -44,6 +46,10 @@ log = logging.getLogger("forkserve")
 RESPAWN_INTERVAL = 1.0
 #: Workers that fail while booting, in a row, before the master gives up.
 BOOT_FAILURES_TO_HALT = 3
+#: After the watchdog's SIGABRT (which prints the stack), SIGKILL if still alive this long.
+ABORT_GRACE = 2.0
+#: Slot states whose time the watchdog bounds: the worker's own code (not its client) runs.
+WATCHED = frozenset({SlotState.IDLE, SlotState.WRITING})
 
 
 def pool_size(config: Config) -> int:
@@ -59,6 +65,7 @@ class WorkerInfo:
     started: float
     ready: bool = False
     retiring: bool = False
+    aborted_at: float | None = None
 
 
 @dataclass
@@ -99,6 +106,7 @@ class PreforkModel:
             return
         self._retire_replaced()
         now = self.sup.kernel.monotonic()
+        self._watchdog(now)
         while self._current_count() < self.pool.target:
             slot = self._free_slot(now)
             if slot is None:
@@ -106,19 +114,66 @@ class PreforkModel:
             self._spawn(slot, now)
 
     def next_deadline(self) -> float | None:
-        if self.sup.stopping or self._current_count() >= self.pool.target:
+        if self.sup.stopping:
             return None
-        used = {w.slot for w in self.workers.values()}
-        waits = [t for s, t in self.pool.slot_free_at.items() if s not in used]
-        return min(waits) if waits else None
+        deadlines = self._watchdog_deadlines()
+        if self._current_count() < self.pool.target:
+            used = {w.slot for w in self.workers.values()}
+            deadlines += [self.pool.slot_free_at.get(s, 0.0) for s in self._slots()
+                          if s not in used]
+        return min(deadlines) if deadlines else None
+
+    # ------------------------------------------------------------------ watchdog
+
+    def _watchdog_deadlines(self) -> list[float]:
+        timeout = self.sup.config.timeout
+        out = []
+        for worker in self.workers.values():
+            if worker.aborted_at is not None:
+                out.append(worker.aborted_at + ABORT_GRACE)
+            elif worker.ready:
+                slot = self.scoreboard.read(worker.slot)
+                if slot.pid == worker.pid and slot.state in WATCHED:
+                    out.append(slot.heartbeat + timeout)
+        return out
+
+    def _watchdog(self, now: float) -> None:
+        """SIGABRT a worker whose own code made no progress for ``timeout``; then SIGKILL."""
+        timeout = self.sup.config.timeout
+        for worker in list(self.workers.values()):
+            if worker.aborted_at is not None:
+                if now - worker.aborted_at >= ABORT_GRACE:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.sup.kernel.kill(worker.pid, signal.SIGKILL)
+                continue
+            if not worker.ready:
+                continue
+            slot = self.scoreboard.read(worker.slot)
+            if slot.pid != worker.pid or slot.state not in WATCHED:
+                continue
+            stalled = now - slot.heartbeat
+            if stalled < timeout:
+                continue
+            doing = (f"serving {slot.peer} (connected {now - slot.conn_start:.1f} s ago)"
+                     if slot.peer else "idle")
+            log.error("worker %d (pid %d) made no progress for %.1f s while %s: sending "
+                      "SIGABRT (its Python stack follows), then SIGKILL", worker.slot,
+                      worker.pid, stalled, doing)
+            worker.aborted_at = now
+            with contextlib.suppress(ProcessLookupError):
+                self.sup.kernel.kill(worker.pid, signal.SIGABRT)
 
     def _current_count(self) -> int:
         return sum(1 for w in self.workers.values()
                    if w.generation == self.pool.generation and not w.retiring)
 
+    def _slots(self) -> range:
+        base = (self.pool.generation % 2) * self.sup.config.max_workers
+        return range(base, base + self.pool.target)
+
     def _free_slot(self, now: float) -> int | None:
         used = {w.slot for w in self.workers.values()}
-        for slot in range(self.scoreboard.size):
+        for slot in self._slots():
             if slot not in used and self.pool.slot_free_at.get(slot, 0.0) <= now:
                 return slot
         return None
