@@ -11,12 +11,14 @@ from collections.abc import Sequence
 
 from . import config as config_mod
 from . import control
+from . import status as status_mod
 from ._version import __version__
 from .client import ClientFailed
 from .client import run as run_client
 from .control import VERBS
 from .errors import ConfigError, ExitCode, ForkserveError, HaltServer
 from .server import run_server
+from .status import StatusFailed
 from .supervisor import signal_table
 
 
@@ -66,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--pid-file", metavar="FILE", help="the server's --pid-file")
     who.add_argument("--pid", type=_positive_int, metavar="PID", help="the master's pid")
 
+    status = sub.add_parser("status", help="show a running server's workers and figures",
+                            description="Show what the master's control socket reports: "
+                            "uptime, connections, busy and idle counts, one row per process.")
+    status.add_argument("--control", required=True, metavar="unix:PATH",
+                        help="the server's --control socket")
+    status.add_argument("--once", action="store_true", help="print once instead of live")
+    status.add_argument("--json", action="store_true", help="print the raw snapshot as JSON")
+    status.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+                        help="refresh period of the live view (default 1)")
+
     settings = sub.add_parser("settings", help="print the settings table (Markdown)",
                               description="Print every setting with its flag, default and "
                                           "meaning, or the table of signals.")
@@ -86,12 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             pid = control.send(args.verb, pid_file=args.pid_file, pid=args.pid)
             print(f"forkserve: sent {VERBS[args.verb].name} to {pid}", file=sys.stderr)
             return 0
+        if args.command == "status":
+            try:
+                address = config_mod.UnixAddress(optional=False).convert(args.control)
+            except ValueError as exc:
+                raise StatusFailed(f"--control: {exc}") from None
+            assert address is not None
+            return status_mod.run(address.path, as_json=args.json, once=args.once,
+                                  interval=args.interval)
         if args.command == "client":
             return run_client(args.address, message=args.message, count=args.count,
                               timeout=args.timeout)
         sys.stdout.write(signal_table() if args.signals else config_mod.markdown_table())
         return 0
-    except (ClientFailed, control.SignalFailed) as exc:
+    except (ClientFailed, control.SignalFailed, StatusFailed) as exc:
         print(f"forkserve: {exc}", file=sys.stderr)
         return 1
     except HaltServer as exc:

@@ -188,6 +188,34 @@ class Path(Text):
 
 
 @dataclass(frozen=True)
+class UnixAddress(Kind):
+    optional: bool = True
+    metavar: ClassVar[str] = "unix:PATH"
+
+    def convert(self, value: object) -> Address | None:
+        if value is None and self.optional:
+            return None
+        if isinstance(value, str):
+            value = Address.parse(value)
+        if not isinstance(value, Address) or value.kind != "unix":
+            raise ValueError(f"must be a unix socket address such as unix:/run/fs.ctl, "
+                             f"got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class OneAddress(Kind):
+    metavar: ClassVar[str] = "ADDR"
+
+    def convert(self, value: object) -> Address | None:
+        if value is None or isinstance(value, Address):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"must be an address such as 127.0.0.1:9100, got {value!r}")
+        return Address.parse(value)
+
+
+@dataclass(frozen=True)
 class Addresses(Kind):
     metavar: ClassVar[str] = "ADDR"
     repeat: ClassVar[bool] = True
@@ -308,6 +336,15 @@ class Config:
     graceful_timeout: float = setting(
         30.0, Seconds(minimum=0.0),
         "On a graceful stop, how long connections in flight may take before they are killed.",
+    )
+    control: Address | None = setting(
+        None, UnixAddress(),
+        "Serve the status (`forkserve status`) on this unix socket, from the master's loop.",
+    )
+    metrics_bind: Address | None = setting(
+        None, OneAddress(),
+        "Serve Prometheus metrics on this address (HOST:PORT or unix:/path), from the "
+        "master's loop; needs the `metrics` extra.",
     )
     pid_file: str | None = setting(
         None, Path(optional=True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from .apps import App, load_app
@@ -9,7 +10,11 @@ from .config import Config
 from .errors import ConfigError
 from .listeners import bind_all
 from .logs import AccessLog, configure
+from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
+
+#: The control socket serves a few operators' status readers, not clients.
+CONTROL_BACKLOG = 16
 
 
 def run_server(config: Config, app: App | None = None,
@@ -18,29 +23,34 @@ def run_server(config: Config, app: App | None = None,
 
     Everything an operator can get wrong is checked before any socket is bound: the app
     (``ConfigError``), the access log file (``ConfigError``), then the addresses
-    (``ListenError``).
+    (``ListenError``). Whatever was opened is closed again if a later step fails.
     """
     configure(config.log_level)
     if app is None:
         app = load_app(config.app)
-    access_log = None
-    if config.access_log is not None:
-        try:
-            access_log = AccessLog(config.access_log, config.access_log_format)
-        except OSError as exc:
-            raise ConfigError("access_log", f"cannot open {config.access_log}: "
-                              f"{exc.strerror}") from None
-    try:
+    if config.metrics_bind is not None:
+        require_metrics_client()
+    with contextlib.ExitStack() as undo:
+        access_log = None
+        if config.access_log is not None:
+            try:
+                access_log = AccessLog(config.access_log, config.access_log_format)
+            except OSError as exc:
+                raise ConfigError("access_log", f"cannot open {config.access_log}: "
+                                  f"{exc.strerror}") from None
+            undo.callback(access_log.close)
         listeners = bind_all(config.bind, config.backlog)
-    except BaseException:
-        if access_log is not None:
-            access_log.close()
-        raise
-    try:
-        supervisor = Supervisor(config, app, listeners, access_log=access_log,
-                                reload_config=reload_config)
-    except BaseException:
         for listener in listeners:
-            listener.close()
-        raise
+            undo.callback(listener.close)
+        control = metrics = None
+        if config.control is not None:
+            control = bind_all((config.control,), CONTROL_BACKLOG)[0]
+            undo.callback(control.close)
+        if config.metrics_bind is not None:
+            metrics = bind_all((config.metrics_bind,), CONTROL_BACKLOG)[0]
+            undo.callback(metrics.close)
+        supervisor = Supervisor(config, app, listeners, access_log=access_log,
+                                reload_config=reload_config, control=control,
+                                metrics=metrics)
+        undo.pop_all()  # from here on, the supervisor closes what it was given
     return supervisor.run()

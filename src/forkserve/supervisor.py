@@ -34,17 +34,20 @@ import contextlib
 import enum
 import errno
 import gc
+import json
 import logging
 import os
 import selectors
 import signal
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from . import models
+from ._version import __version__
 from .apps import App, load_app
 from .child import set_title
 from .config import Config
@@ -52,6 +55,8 @@ from .errors import ConfigError, ExitCode, ForkserveError
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
+from .metrics import MetricsServer
+from .status import process_row
 
 log = logging.getLogger("forkserve")
 
@@ -77,7 +82,8 @@ class SignalRoute:
 
 
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
-RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file")
+RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
+                "control", "metrics_bind")
 
 SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGTERM, Intent.GRACEFUL_STOP, "stop",
@@ -127,6 +133,8 @@ ACCEPT_PAUSE_SECONDS = 0.1
 FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
+#: Status readers answered per wake-up before the loop looks at signals again.
+STATUS_BATCH = 16
 
 
 @dataclass
@@ -141,13 +149,20 @@ class Supervisor:
 
     def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
                  access_log: AccessLog | None = None, kernel: Kernel | None = None,
-                 reload_config: Callable[[], Config] | None = None) -> None:
+                 reload_config: Callable[[], Config] | None = None,
+                 control: Listener | None = None, metrics: Listener | None = None) -> None:
         self.config = config
         self.app = app
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
         self.access_log = access_log
         self._reload_config = reload_config
+        self._control = control
+        self._metrics = None if metrics is None else MetricsServer(metrics, self,
+                                                                   self.kernel.monotonic)
+        #: Events as (kind, label): accept pauses by errno, fork failures by errno, refused
+        #: connections by reason, worker exits by reason. Status and metrics show them.
+        self.counters: Counter[tuple[str, str]] = Counter()
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -162,6 +177,7 @@ class Supervisor:
         self._stop: Stop | None = None
         self._killed = False
         self._reports = RateLimiter(REPORT_INTERVAL)
+        self._started = self.kernel.monotonic()
         self.model = models.create(config.model, self)
 
     # ------------------------------------------------------------------ the loop
@@ -176,6 +192,7 @@ class Supervisor:
                     self._act_on_signals()
                     self._reap()
                     self._advance_stop()
+                    self._expire_scrapers()
                     self.model.manage()
                     self.update_accepting()
         except BaseException:
@@ -213,6 +230,10 @@ class Supervisor:
         gc.collect()
         gc.freeze()
         self._write_pid_file()
+        if self._control is not None:
+            self.watch(self._control.fileno(), self._serve_status)
+        if self._metrics is not None:
+            self._metrics.start()
         self.model.start()
         names = " ".join(listener.name for listener in self.listeners)
         set_title(f"forkserve: master [{self.model.name}] {names}")
@@ -235,6 +256,52 @@ class Supervisor:
             elif self._stop is None and self._accepting:
                 self.model.on_readable(key.data)
 
+    # ------------------------------------------------------------------ status
+
+    def count(self, kind: str, label: str) -> None:
+        self.counters[kind, label] += 1
+
+    def counter_table(self) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        for (kind, label), n in sorted(self.counters.items()):
+            table.setdefault(kind, {})[label] = n
+        return table
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status of this server now, as the control socket serves it (see ``status``)."""
+        now = self.kernel.monotonic()
+        model = self.model.status()
+        return {
+            "pid": self.pid, "model": self.model.name, "version": __version__,
+            "uptime_s": round(now - self._started, 3), "generation": model.generation,
+            "listeners": [lst.name for lst in self.listeners if lst.sock.fileno() >= 0],
+            "connections_total": model.connections_total, "busy": model.busy,
+            "idle": model.idle, "capacity": model.capacity, "counters": self.counter_table(),
+            "processes": [process_row(slot, now) for slot in model.processes],
+        }
+
+    def _expire_scrapers(self) -> None:
+        if self._metrics is not None:
+            self._metrics.tick(self.kernel.monotonic())
+
+    def _serve_status(self) -> None:
+        """The control socket is readable: answer each waiting client with a snapshot."""
+        assert self._control is not None
+        for _ in range(STATUS_BATCH):
+            try:
+                sock, _ = self._control.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.accept_failed(exc)
+                return
+            with sock:
+                sock.setblocking(False)  # the master never waits on a status reader
+                data = json.dumps(self.snapshot()).encode()
+                with contextlib.suppress(OSError):
+                    if sock.send(data) < len(data):
+                        log.warning("status: a reader took only part of the snapshot")
+
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` from the loop whenever ``fd`` is readable (for models)."""
         self.selector.register(fd, selectors.EVENT_READ, callback)
@@ -253,9 +320,10 @@ class Supervisor:
             deadlines.append(self._paused_until)
         if self._stop is not None and not self._stop.killed:
             deadlines.append(self._stop.deadline)
-        model_deadline = self.model.next_deadline()
-        if model_deadline is not None:
-            deadlines.append(model_deadline)
+        for deadline in (self.model.next_deadline(),
+                         self._metrics.next_deadline() if self._metrics else None):
+            if deadline is not None:
+                deadlines.append(deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.kernel.monotonic())
@@ -415,6 +483,7 @@ class Supervisor:
         if code in ACCEPT_TRANSIENT_ERRNOS:
             return False
         name = errno.errorcode.get(code, str(code))
+        self.count("accept_pauses", name)
         self._pause(ACCEPT_PAUSE_SECONDS)
         level = logging.WARNING if code in ACCEPT_CAPACITY_ERRNOS else logging.ERROR
         self._report(f"accept:{name}", level,
@@ -425,6 +494,8 @@ class Supervisor:
     def fork_failed(self, exc: OSError) -> None:
         """fork() failed: that client was closed; pause accepting and report (rate-limited)."""
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.count("fork_failures", name)
+        self.count("refused", "fork_failed")
         self._pause(FORK_PAUSE_SECONDS)
         self._report(f"fork:{name}", logging.ERROR,
                      "fork failed: %s (%s); closed that connection, pausing accepts for %.1f s",
@@ -445,9 +516,9 @@ class Supervisor:
             listener.close()
         pending = len(self.model.pids())
         if fast:
-            log.info("fast stop: killing %d connection(s)", pending)
+            log.info("fast stop: killing %d process(es)", pending)
         else:
-            log.info("graceful stop: waiting up to %g s for %d connection(s)",
+            log.info("graceful stop: waiting up to %g s for %d process(es)",
                      self.config.graceful_timeout, pending)
         self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)
 
@@ -483,6 +554,10 @@ class Supervisor:
                 listener.sock.close()
             if self.access_log is not None:
                 self.access_log.close()
+        if self._control is not None:
+            self._control.sock.close()
+        if self._metrics is not None:
+            self._metrics.close_in_child()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -497,6 +572,11 @@ class Supervisor:
 
     def _close(self) -> None:
         self._remove_pid_file()
+        if self._control is not None:
+            self.unwatch(self._control.fileno())
+            self._control.close()
+        if self._metrics is not None:
+            self._metrics.close()
         for listener in self.listeners:
             listener.close()
         self.selector.close()

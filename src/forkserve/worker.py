@@ -88,6 +88,8 @@ class Worker:
         jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         self.max_requests = config.max_requests + jitter if config.max_requests else 0
         self.served = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
         self.stopping = False
         self.serving: Connection | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -202,6 +204,8 @@ class Worker:
         finally:
             self.serving = None
         self.served += 1
+        self.bytes_in += conn.bytes_in
+        self.bytes_out += conn.bytes_out
         self._state(SlotState.IDLE)
         if self.ctx.access_log is not None:
             self.ctx.access_log.write(AccessRecord(
@@ -210,7 +214,8 @@ class Worker:
 
     def _state(self, state: SlotState, *, peer: str = "", conn_start: float = 0.0) -> None:
         self.ctx.scoreboard.write(self.slot, pid=self.pid, generation=self.generation,
-                                  state=state, connections=self.served, conn_start=conn_start,
+                                  state=state, connections=self.served, bytes_in=self.bytes_in,
+                                  bytes_out=self.bytes_out, conn_start=conn_start,
                                   heartbeat=time.monotonic(), peer=peer)
 
 

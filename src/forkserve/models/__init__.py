@@ -9,12 +9,29 @@ child has been reaped (``on_exit``), and asks it which processes to signal on a 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from ..scoreboard import Slot
 
 if TYPE_CHECKING:
     from ..kernel import Exited
     from ..listeners import Listener
     from ..supervisor import Supervisor
+
+
+@dataclass
+class ModelStatus:
+    """What a model says about itself for the status view and the metrics."""
+
+    capacity: int
+    busy: int
+    #: Processes waiting for a connection (prefork); ``None`` where the idea does not apply.
+    idle: int | None
+    #: Connections served or being served since start.
+    connections_total: int
+    generation: int = 0
+    processes: list[Slot] = field(default_factory=list)
 
 
 class Model(Protocol):
@@ -53,6 +70,9 @@ class Model(Protocol):
 
     def pids(self) -> Collection[int]:
         """Processes that a stop must wait for (and may have to kill)."""
+
+    def status(self) -> ModelStatus:
+        """The model's figures now (read from the scoreboard; no system call)."""
 
     def close(self) -> None:
         """Release what the model holds; called once, after the last child is reaped."""

@@ -24,6 +24,7 @@ from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
 from ..scoreboard import Scoreboard
+from . import ModelStatus
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -55,6 +56,7 @@ class ForkModel:
         self.children: dict[int, Child] = {}
         self._free_slots = list(range(size - 1, -1, -1))
         self._context = self._make_context()
+        self.accepted = 0
 
     def _make_context(self) -> ChildContext:
         sup = self.sup
@@ -105,6 +107,7 @@ class ForkModel:
             self.sup.fork_failed(exc)
             return False
         sock.close()  # the child has its copy; the master must not keep one
+        self.accepted += 1
         self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
                                    kernel.monotonic())
         return True
@@ -142,6 +145,13 @@ class ForkModel:
 
     def pids(self) -> Collection[int]:
         return self.children.keys()
+
+    def status(self) -> ModelStatus:
+        return ModelStatus(
+            capacity=self.sup.config.max_children, busy=len(self.children), idle=None,
+            connections_total=self.accepted,
+            processes=[self.scoreboard.read(c.slot) for c in self.children.values()],
+        )
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):

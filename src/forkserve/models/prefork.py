@@ -36,6 +36,7 @@ from ..kernel import Exited
 from ..listeners import Listener
 from ..scoreboard import Scoreboard, SlotState
 from ..worker import READY, WorkerContext, run_worker
+from . import ModelStatus
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -90,6 +91,8 @@ class PreforkModel:
         self.scoreboard = Scoreboard(2 * config.max_workers)
         self.workers: dict[int, WorkerInfo] = {}
         self.pool = Pool(target=pool_size(config))
+        #: Connections served by workers that have exited (the live ones are in their slots).
+        self.served_by_gone = 0
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
         self._buffer = b""
@@ -236,7 +239,11 @@ class PreforkModel:
         worker = self.workers.pop(exited.pid, None)
         if worker is None:
             return False
+        slot = self.scoreboard.read(worker.slot)
+        if slot.pid == worker.pid:
+            self.served_by_gone += slot.connections
         self.scoreboard.clear(worker.slot)
+        self.sup.count("worker_exits", self._exit_reason(worker, exited))
         if self.sup.stopping or worker.retiring:
             return True
         if not worker.ready:
@@ -246,6 +253,16 @@ class PreforkModel:
         else:
             self.sup.report_abnormal_exit(exited, f"worker {worker.slot}")
         return True
+
+    @staticmethod
+    def _exit_reason(worker: WorkerInfo, exited: Exited) -> str:
+        if worker.aborted_at is not None:
+            return "watchdog"
+        if worker.retiring:
+            return "retired"
+        if not worker.ready:
+            return "boot_error"
+        return "recycled" if exited.code == WorkerExit.OK else "crashed"
 
     def _boot_failed(self, worker: WorkerInfo, exited: Exited) -> None:
         self.pool.boot_failures += 1
@@ -285,6 +302,17 @@ class PreforkModel:
 
     def pids(self) -> Collection[int]:
         return self.workers.keys()
+
+    def status(self) -> ModelStatus:
+        slots = [s for w in self.workers.values()
+                 if (s := self.scoreboard.read(w.slot)).pid == w.pid]
+        idle = sum(1 for s in slots if s.state is SlotState.IDLE)
+        busy = sum(1 for s in slots if s.state in (SlotState.READING, SlotState.WRITING))
+        return ModelStatus(
+            capacity=self.pool.target, busy=busy, idle=idle,
+            connections_total=self.served_by_gone + sum(s.connections for s in slots) + busy,
+            generation=self.pool.generation, processes=sorted(slots, key=lambda s: s.index),
+        )
 
     def close(self) -> None:
         self.sup.unwatch(self._ready_r)

@@ -32,6 +32,7 @@ from ..errors import ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
+from . import ModelStatus
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -57,6 +58,7 @@ class SingleModel:
     def __init__(self, supervisor: Supervisor) -> None:
         self.sup = supervisor
         self._serving: Connection | None = None
+        self._served = 0
         self._fast_stop = False
         self._deadline_hit = False
         self._previous_alarm: signal._HANDLER = None
@@ -97,6 +99,7 @@ class SingleModel:
             log.debug("%s: closed before it was served: %s", peer, exc)
             sock.close()
             return
+        self._served += 1
         try:
             status = self._run_handler(conn)
         except StopDeadline:  # raised after the handler returned, before the timer was off
@@ -163,6 +166,10 @@ class SingleModel:
 
     def pids(self) -> Collection[int]:
         return ()
+
+    def status(self) -> ModelStatus:
+        # (the master is busy serving whenever it could answer this, so busy is 0 here)
+        return ModelStatus(capacity=1, busy=0, idle=None, connections_total=self._served)
 
     def close(self) -> None:
         signal.signal(signal.SIGALRM, self._previous_alarm)

@@ -1,0 +1,135 @@
+"""`forkserve status`: the control socket reports what the test set up."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.integration.harness import Server, recv_all, recv_exactly, run_cli, wait_until
+
+HELLO = b"Hello from server!\n"
+Factory = Callable[..., Server]
+
+
+def status(control: Path) -> dict:  # type: ignore[type-arg]
+    result = run_cli(["status", "--control", f"unix:{control}", "--json"])
+    assert result.returncode == 0, result.stderr
+    snapshot: dict = json.loads(result.stdout)  # type: ignore[type-arg]
+    return snapshot
+
+
+def test_prefork_status_counts_busy_and_idle_workers(server_factory: Factory,
+                                                     tmp_path: Path) -> None:
+    control = tmp_path / "fs.ctl"
+    server = server_factory("--model", "prefork", "--workers", "3", "--control",
+                            f"unix:{control}")
+    assert wait_until(lambda: status(control)["idle"] == 3, 10)
+    with server.connect() as a, server.connect() as b:
+        for s in (a, b):
+            s.sendall(b"hi\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO
+        snap = status(control)
+        assert (snap["busy"], snap["idle"], snap["capacity"]) == (2, 1, 3)
+        assert snap["model"] == "prefork"
+        assert snap["pid"] == server.pid
+        peers = {p["peer"] for p in snap["processes"] if p["peer"]}
+        assert peers == {f"127.0.0.1:{s.getsockname()[1]}" for s in (a, b)}
+        busy = [p for p in snap["processes"] if p["peer"]]
+        assert all(p["letter"] == "R" and p["in_request_s"] >= 0 for p in busy)
+        text = run_cli(["status", "--control", f"unix:{control}", "--once"])
+        assert text.returncode == 0
+        out = text.stdout.decode()
+        assert "busy 2, idle 1, capacity 3" in out
+        for p in busy:
+            assert str(p["pid"]) in out
+            assert p["peer"] in out
+    assert wait_until(lambda: status(control)["idle"] == 3, 10)
+    snap = status(control)
+    assert snap["connections_total"] == 2
+    assert sum(p["bytes_out"] for p in snap["processes"]) == 2 * len(HELLO)
+
+
+def test_fork_status_and_counters(server_factory: Factory, tmp_path: Path) -> None:
+    control = tmp_path / "fs.ctl"
+    server = server_factory("--control", f"unix:{control}", "--max-children", "10")
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        snap = status(control)
+        assert (snap["busy"], snap["idle"], snap["capacity"]) == (1, None, 10)
+        assert snap["processes"][0]["peer"] == f"127.0.0.1:{s.getsockname()[1]}"
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert not control.exists(), "the control socket is removed on stop"
+
+
+def test_status_errors_are_one_line(tmp_path: Path) -> None:
+    result = run_cli(["status", "--control", f"unix:{tmp_path}/none.ctl", "--once"])
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == (
+        f"forkserve: cannot read the status from unix:{tmp_path}/none.ctl: "
+        "no such file or directory")
+    bad = run_cli(["status", "--control", "127.0.0.1:80"])
+    assert bad.returncode == 1
+    assert "must be a unix socket address" in bad.stderr.decode()
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[str, dict[str, float]]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        raw = recv_all(s).decode()
+    head, _, body = raw.partition("\r\n\r\n")
+    values: dict[str, float] = {}
+    if " 200 " not in head.splitlines()[0]:
+        return head.splitlines()[0], values
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return head.splitlines()[0], values
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_metrics_report_what_the_test_set_up(server_factory: Factory) -> None:
+    port = free_port()
+    server = server_factory("--model", "prefork", "--workers", "2", "--metrics-bind",
+                            f"127.0.0.1:{port}")
+    assert wait_until(lambda: scrape(port)[1].get("forkserve_idle") == 2.0, 10)
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)  # never asks
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        status_line, values = scrape(port)  # answered although a scraper sits silent
+        assert status_line == "HTTP/1.0 200 OK"
+        assert values["forkserve_busy"] == 1.0
+        assert values["forkserve_idle"] == 1.0
+        assert values["forkserve_capacity"] == 2.0
+        assert values['forkserve_info{model="prefork",version="0.1.0"}'] == 1.0
+    silent.close()
+    server.signal(signal.SIGTTOU)
+    assert wait_until(lambda: scrape(port)[1].get(
+        'forkserve_worker_exits_total{reason="retired"}') == 1.0, 10)
+    assert wait_until(lambda: scrape(port)[1]["forkserve_connections_total"] == 1.0, 10)
+    assert scrape(port, "/other")[0] == "HTTP/1.0 404 Not Found"
+
+
+def test_metrics_for_the_fork_model(server_factory: Factory) -> None:
+    port = free_port()
+    server = server_factory("--metrics-bind", f"127.0.0.1:{port}")
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        values = scrape(port)[1]
+        assert values["forkserve_busy"] == 1.0
+        assert "forkserve_idle" not in values
+        assert values["forkserve_connections_total"] == 1.0
+        assert server.children(), "the scrape was answered by the master, not a child"
