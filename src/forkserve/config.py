@@ -297,6 +297,15 @@ class Config:
     max_workers: int = setting(
         64, Int(minimum=1), "prefork: the pool never grows beyond this (TTIN stops there)."
     )
+    min_spare: int = setting(
+        0, Int(minimum=0),
+        "prefork: grow the pool when fewer workers than this are idle (1, 2, 4 ... up to 32 "
+        "a second, up to max_workers); 0 with max_spare 0 keeps the pool fixed.",
+    )
+    max_spare: int = setting(
+        0, Int(minimum=0),
+        "prefork: retire one idle worker a second while more than this are idle (0: never).",
+    )
     timeout: float = setting(
         30.0, Seconds(),
         "prefork: a worker whose own code makes no progress for this long (waiting on a "

@@ -259,3 +259,29 @@ def test_a_worker_over_max_worker_memory_is_replaced_after_its_connection(
     server.wait_for_log(r"resident memory \d+ MB is over max_worker_memory 60 MB, recycling")
     assert wait_until(lambda: len(worker_pids(server)) == 1 and first not in worker_pids(server),
                       5)
+
+
+def test_adaptive_pool_grows_under_a_burst_of_slow_clients_and_shrinks_back(
+        server_factory: Factory) -> None:
+    server = server_factory("--model", "prefork", "--workers", "2", "--min-spare", "1",
+                            "--max-spare", "2", "--max-workers", "12")
+    wait_for_workers(server, 2)
+    slow = []
+    try:
+        for _ in range(6):  # each holds a worker: idle drops below min_spare
+            s = server.connect()
+            slow.append(s)
+            s.sendall(b"hi\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO
+        assert wait_until(lambda: len(worker_pids(server)) >= 7, 15), server.log_tail()
+        server.wait_for_log(r"growing the pool to \d+")
+        with server.connect() as s:  # and there is a worker for the next client at once
+            s.sendall(b"next\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO
+    finally:
+        for s in slow:
+            s.close()
+    assert wait_until(lambda: len(worker_pids(server)) <= 2, 20), server.log_tail()
+    server.wait_for_log(r"shrinking the pool to \d+")
+    time.sleep(1.5)
+    assert len(worker_pids(server)) == 2, "max_spare idle workers stay"

@@ -134,3 +134,20 @@ def test_scaling_stays_between_one_and_max_workers(sup: Supervisor,
         sup.model.scale(-1)
     assert pool(sup).pool.target == 1
     assert len(kernel.killed) == 3
+
+
+def test_adaptive_pool_grows_1_2_4_a_second_up_to_max_workers(kernel: FakeKernel) -> None:
+    sup = Supervisor(Config(model="prefork", workers=1, min_spare=5, max_workers=20), app, [],
+                     kernel=kernel)
+    try:
+        sup.model.start()
+        targets = []
+        for _ in range(7):  # no worker ever shows up idle: the pool keeps growing
+            ready(sup, *pool(sup).workers)
+            kernel.now += 1.0
+            sup.model.manage()
+            targets.append(pool(sup).pool.target)
+        assert targets == [2, 4, 8, 16, 20, 20, 20]
+        assert len(pool(sup).workers) == 20
+    finally:
+        sup._close()

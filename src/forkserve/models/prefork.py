@@ -18,6 +18,10 @@ it keeps the pool at its target size and rolls it on reload.
   (SIGTERM: it finishes its connection and exits) only once a new one has said it is ready, so
   the pool never shrinks and the shared accept queue never loses a connection.
 - Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``.
+- Adaptive pool (``min_spare``/``max_spare``, Apache prefork's rule): once a second, if fewer
+  than ``min_spare`` workers are idle, the target grows by 1, then 2, 4 ... up to
+  ``MAX_SPAWN_RATE`` in consecutive seconds; if more than ``max_spare`` are idle, one idle
+  worker is retired. Only then does the master wake up every second.
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ RESPAWN_INTERVAL = 1.0
 BOOT_FAILURES_TO_HALT = 3
 #: After the watchdog's SIGABRT (which prints the stack), SIGKILL if still alive this long.
 ABORT_GRACE = 2.0
+#: The adaptive pool looks at the idle count this often ...
+ADAPT_INTERVAL = 1.0
+#: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE).
+MAX_SPAWN_RATE = 32
 #: Slot states whose time the watchdog bounds: the worker's own code (not its client) runs.
 WATCHED = frozenset({SlotState.IDLE, SlotState.WRITING})
 
@@ -76,6 +84,9 @@ class Pool:
     boot_failures: int = 0
     #: slot -> monotonic time before which it may not be forked again
     slot_free_at: dict[int, float] = field(default_factory=dict)
+    #: adaptive pool: when to look next, and how many to add if still short then
+    next_adapt: float = 0.0
+    spawn_rate: int = 1
 
 
 class PreforkModel:
@@ -110,6 +121,7 @@ class PreforkModel:
         self._retire_replaced()
         now = self.sup.kernel.monotonic()
         self._watchdog(now)
+        self._adapt(now)
         while self._current_count() < self.pool.target:
             slot = self._free_slot(now)
             if slot is None:
@@ -120,11 +132,49 @@ class PreforkModel:
         if self.sup.stopping:
             return None
         deadlines = self._watchdog_deadlines()
+        if self._adaptive:
+            deadlines.append(self.pool.next_adapt)
         if self._current_count() < self.pool.target:
             used = {w.slot for w in self.workers.values()}
             deadlines += [self.pool.slot_free_at.get(s, 0.0) for s in self._slots()
                           if s not in used]
         return min(deadlines) if deadlines else None
+
+    # ------------------------------------------------------------------ adaptive pool
+
+    @property
+    def _adaptive(self) -> bool:
+        config = self.sup.config
+        return bool(config.min_spare or config.max_spare)
+
+    def _adapt(self, now: float) -> None:
+        """Once a second: grow while too few workers are idle, shrink while too many are."""
+        if not self._adaptive or now < self.pool.next_adapt:
+            return
+        self.pool.next_adapt = now + ADAPT_INTERVAL
+        config = self.sup.config
+        current = [w for w in self.workers.values()
+                   if w.generation == self.pool.generation and not w.retiring]
+        if len(current) < self.pool.target:
+            return  # still forking what was asked for: judge the pool once it is there
+        idle = [w for w in current if self._is_idle(w)]
+        if len(idle) < config.min_spare and self.pool.target < config.max_workers:
+            grow = min(self.pool.spawn_rate, config.max_workers - self.pool.target)
+            self.pool.target += grow
+            self.pool.spawn_rate = min(self.pool.spawn_rate * 2, MAX_SPAWN_RATE)
+            log.info("workers: %d idle (min_spare %d): growing the pool to %d", len(idle),
+                     config.min_spare, self.pool.target)
+            return
+        self.pool.spawn_rate = 1
+        if config.max_spare and len(idle) > config.max_spare and self.pool.target > 1:
+            self.pool.target -= 1
+            self._retire(max(idle, key=lambda w: w.started))
+            log.info("workers: %d idle (max_spare %d): shrinking the pool to %d", len(idle),
+                     config.max_spare, self.pool.target)
+
+    def _is_idle(self, worker: WorkerInfo) -> bool:
+        slot = self.scoreboard.read(worker.slot)
+        return worker.ready and slot.pid == worker.pid and slot.state is SlotState.IDLE
 
     # ------------------------------------------------------------------ watchdog
 
