@@ -24,6 +24,7 @@ SERVERS=(
     "forkserve_fork|19203||$FS serve --bind 127.0.0.1:PORT --model fork"
     "forkserve_fork_mc1024|19204||$FS serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
     "forkserve_single|19205||$FS serve --bind 127.0.0.1:PORT --model single"
+    "forkserve_prefork|19206||$FS serve --bind 127.0.0.1:PORT --model prefork"
 )
 for r in $(seq 1 "$ROUNDS"); do
     for s in "${SERVERS[@]}"; do

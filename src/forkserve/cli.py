@@ -16,7 +16,7 @@ from ._version import __version__
 from .client import ClientFailed
 from .client import run as run_client
 from .control import VERBS
-from .errors import ConfigError, ExitCode, ForkserveError, HaltServer
+from .errors import ConfigError, ExitCode, ForkserveError
 from .server import run_server
 from .status import StatusFailed
 from .supervisor import signal_table
@@ -114,9 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClientFailed, control.SignalFailed, StatusFailed) as exc:
         print(f"forkserve: {exc}", file=sys.stderr)
         return 1
-    except HaltServer as exc:
-        print(f"forkserve: {exc}", file=sys.stderr)
-        return exc.status
     except (ConfigError, ForkserveError) as exc:
         print(f"forkserve: {exc}", file=sys.stderr)
         return ExitCode.USAGE

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from .apps import App, load_app
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, HaltServer
 from .listeners import bind_all
-from .logs import AccessLog, configure
+from .logs import AccessLog, configure, log
 from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
 
@@ -53,4 +53,8 @@ def run_server(config: Config, app: App | None = None,
                                 reload_config=reload_config, control=control,
                                 metrics=metrics)
         undo.pop_all()  # from here on, the supervisor closes what it was given
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    except HaltServer as exc:  # already cleaned up: say why, as the exit status does
+        log.critical("stopping: %s", exc.reason)
+        return exc.status

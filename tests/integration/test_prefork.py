@@ -117,8 +117,8 @@ def test_hup_under_load_loses_nothing_and_replaces_every_worker(server_factory: 
     with Load(server, 50, lines=3) as load:
         for _ in range(5):
             time.sleep(0.3)
+            before = worker_pids(server)  # (taken before the signal: the new ones come fast)
             server.signal(signal.SIGHUP)
-            before = worker_pids(server)
             assert wait_until(lambda b=before: not (worker_pids(server) & b)
                               and len(worker_pids(server)) == 3, 15), server.log_tail()
             seen |= worker_pids(server)
@@ -285,3 +285,28 @@ def test_adaptive_pool_grows_under_a_burst_of_slow_clients_and_shrinks_back(
     server.wait_for_log(r"shrinking the pool to \d+")
     time.sleep(1.5)
     assert len(worker_pids(server)) == 2, "max_spare idle workers stay"
+
+
+BOOT_FAILURE_APP = """
+import os, resource, sys
+import forkserve
+
+# A worker needs a few fds of its own (a pipe, an epoll set) that the master does not: with
+# the limit at the master's own needs, every worker fails while booting.
+open_now = len(os.listdir("/proc/self/fd")) - 1
+limit = open_now + 6  # listener, selector, wakeup pipe (2), ready pipe (2)
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+sys.exit(forkserve.serve("hello", bind=["127.0.0.1:0"], model="prefork", workers=2))
+"""
+
+
+def test_workers_that_fail_while_booting_stop_the_master_with_status_3(
+        server_factory: Factory) -> None:
+    server = server_factory(script=BOOT_FAILURE_APP)
+    server.traceback_expected = True  # each failed worker logs why, with its traceback
+    assert server.wait(20) == 3
+    server.wait_for_log(r"\[CRITICAL\] stopping: workers keep failing while booting "
+                        r"\(3 in a row\)")
+    forks = {line.split("(pid ")[1].split(")")[0] for line in server.lines
+             if "failed while booting" in line}
+    assert 3 <= len(forks) < 10, "the master gave up instead of forking forever"
