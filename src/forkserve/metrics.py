@@ -37,6 +37,7 @@ COUNTERS = {
     "accept_pauses": ("errno", "Times accepting paused after an accept() error, by errno."),
     "fork_failures": ("errno", "fork() failures, by errno."),
     "refused": ("reason", "Connections closed without being served, by reason."),
+    "errors": ("kind", "Connections that ended in an error, by kind (handler: it raised)."),
     "worker_exits": ("reason", "prefork: worker exits, by reason (recycled, crashed, "
                                "watchdog, boot_error, retired)."),
 }

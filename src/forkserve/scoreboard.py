@@ -36,7 +36,7 @@ class SlotState(enum.Enum):
     FINISHING = "G"
 
 
-_FORMAT = struct.Struct("<iIc3xQQQdd64p")
+_FORMAT = struct.Struct("<iIc3xQQQdd64pI")
 SLOT_SIZE = 128
 PEER_BYTES = 63
 assert _FORMAT.size <= SLOT_SIZE
@@ -63,6 +63,8 @@ class Slot:
     conn_start: float
     heartbeat: float
     peer: str
+    #: Connections whose handler raised (its traceback is in the log).
+    errors: int = 0
 
 
 class Scoreboard:
@@ -76,19 +78,24 @@ class Scoreboard:
 
     def write(self, index: int, *, pid: int, state: SlotState, generation: int = 0,
               connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
-              conn_start: float = 0.0, heartbeat: float = 0.0, peer: str = "") -> None:
+              conn_start: float = 0.0, heartbeat: float = 0.0, peer: str = "",
+              errors: int = 0) -> None:
         """Overwrite slot ``index``. Only the slot's owner calls this."""
         _FORMAT.pack_into(
             self._map, index * SLOT_SIZE, pid, generation, state.value.encode(), connections,
-            bytes_in, bytes_out, conn_start, heartbeat, peer.encode()[:PEER_BYTES],
+            bytes_in, bytes_out, conn_start, heartbeat, peer.encode()[:PEER_BYTES], errors,
         )
 
     def read(self, index: int) -> Slot:
-        pid, gen, letter, conns, b_in, b_out, start, beat, peer = _FORMAT.unpack_from(
+        pid, gen, letter, conns, b_in, b_out, start, beat, peer, errors = _FORMAT.unpack_from(
             self._map, index * SLOT_SIZE
         )
         return Slot(index, pid, gen, _BY_LETTER.get(letter, SlotState.FREE), conns, b_in, b_out,
-                    start, beat, peer.decode(errors="replace"))
+                    start, beat, peer.decode(errors="replace"), errors)
+
+    def mark(self, index: int, state: SlotState) -> None:
+        """Change only the state letter (safe from a signal handler: one ``pack_into``)."""
+        _STATE.pack_into(self._map, index * SLOT_SIZE + _STATE_AT, state.value.encode())
 
     def clear(self, index: int) -> None:
         self.write(index, pid=0, state=SlotState.FREE)

@@ -11,7 +11,8 @@ Snapshot fields: ``pid``, ``model``, ``version``, ``uptime_s``, ``generation``, 
 count: ``accept_pauses`` and ``fork_failures`` by errno, ``refused`` and ``worker_exits`` by
 reason), and ``processes``: one row per worker or child with its
 ``slot``, ``pid``, ``generation``, ``state`` (name) and ``letter`` (Apache's), ``connections``,
-``bytes_in``, ``bytes_out``, ``peer``, ``in_request_s`` and ``heartbeat_age_s``.
+``bytes_in``, ``bytes_out``, ``errors`` (handler exceptions), ``peer``, ``in_request_s`` and
+``heartbeat_age_s``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def process_row(slot: Slot, now: float) -> dict[str, Any]:
         "slot": slot.index, "pid": slot.pid, "generation": slot.generation,
         "state": slot.state.name.lower(), "letter": slot.state.value,
         "connections": slot.connections, "bytes_in": slot.bytes_in,
-        "bytes_out": slot.bytes_out, "peer": slot.peer if busy else "",
+        "bytes_out": slot.bytes_out, "errors": slot.errors, "peer": slot.peer if busy else "",
         "in_request_s": round(now - slot.conn_start, 3) if busy and slot.conn_start else None,
         "heartbeat_age_s": round(now - slot.heartbeat, 3) if slot.heartbeat else None,
     }

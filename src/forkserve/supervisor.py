@@ -276,7 +276,9 @@ class Supervisor:
             "uptime_s": round(now - self._started, 3), "generation": model.generation,
             "listeners": [lst.name for lst in self.listeners if lst.sock.fileno() >= 0],
             "connections_total": model.connections_total, "busy": model.busy,
-            "idle": model.idle, "capacity": model.capacity, "counters": self.counter_table(),
+            "idle": model.idle, "capacity": model.capacity,
+            "counters": {**self.counter_table(),
+                         "errors": {"handler": model.handler_errors}},
             "processes": [process_row(slot, now) for slot in model.processes],
         }
 

@@ -42,7 +42,7 @@ from .apps import App
 from .child import CHILD_GRACE_MARGIN, serve_one, set_parent_death_signal, set_title
 from .config import Config
 from .connection import Connection, format_address
-from .errors import WorkerExit
+from .errors import ChildExit, WorkerExit
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord
 from .scoreboard import Scoreboard, SlotState
@@ -90,6 +90,7 @@ class Worker:
         self.served = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.errors = 0
         self.stopping = False
         self.serving: Connection | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -135,6 +136,7 @@ class Worker:
         conn = self.serving
         if conn is not None:
             conn.interrupt()
+            self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
         for listener in self.ctx.listeners:
             listener.sock.close()  # one close(2) each; also leaves this worker's epoll set
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
@@ -204,6 +206,7 @@ class Worker:
         finally:
             self.serving = None
         self.served += 1
+        self.errors += status == ChildExit.HANDLER_ERROR
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         self._state(SlotState.IDLE)
@@ -216,7 +219,7 @@ class Worker:
         self.ctx.scoreboard.write(self.slot, pid=self.pid, generation=self.generation,
                                   state=state, connections=self.served, bytes_in=self.bytes_in,
                                   bytes_out=self.bytes_out, conn_start=conn_start,
-                                  heartbeat=time.monotonic(), peer=peer)
+                                  heartbeat=time.monotonic(), peer=peer, errors=self.errors)
 
 
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 1048576

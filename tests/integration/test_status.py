@@ -133,3 +133,32 @@ def test_metrics_for_the_fork_model(server_factory: Factory) -> None:
         assert "forkserve_idle" not in values
         assert values["forkserve_connections_total"] == 1.0
         assert server.children(), "the scrape was answered by the master, not a child"
+
+
+CRASHING_PREFORK = """
+import sys
+import forkserve
+
+def handle(conn):
+    for line in conn.lines():
+        if line.startswith(b"crash"):
+            raise RuntimeError("on purpose")
+        conn.write(b"ok\\n")
+
+sys.exit(forkserve.serve(handle, bind=["127.0.0.1:0"], model="prefork", workers=2,
+                         control=sys.argv[1]))
+"""
+
+
+def test_handler_errors_are_counted_per_worker(server_factory: Factory, tmp_path: Path) -> None:
+    control = tmp_path / "fs.ctl"
+    server = server_factory(f"unix:{control}", script=CRASHING_PREFORK)
+    server.traceback_expected = True
+    for _ in range(3):
+        with server.connect() as s:
+            s.sendall(b"crash\n")
+            assert recv_all(s) == b""
+    assert wait_until(lambda: status(control)["counters"]["errors"]["handler"] == 3, 10)
+    snap = status(control)
+    assert sum(p["errors"] for p in snap["processes"]) == 3
+    assert snap["idle"] == 2, "a handler error costs its connection, not its worker"

@@ -32,6 +32,8 @@ class ModelStatus:
     connections_total: int
     generation: int = 0
     processes: list[Slot] = field(default_factory=list)
+    #: Connections whose handler raised, since start.
+    handler_errors: int = 0
 
 
 class Model(Protocol):

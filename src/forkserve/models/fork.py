@@ -57,6 +57,7 @@ class ForkModel:
         self._free_slots = list(range(size - 1, -1, -1))
         self._context = self._make_context()
         self.accepted = 0
+        self.handler_errors = 0
 
     def _make_context(self) -> ChildContext:
         sup = self.sup
@@ -128,6 +129,7 @@ class ForkModel:
         slot = self.scoreboard.read(child.slot)
         self.scoreboard.clear(child.slot)
         self._free_slots.append(child.slot)
+        self.handler_errors += exited.code == ChildExit.HANDLER_ERROR
         if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR, ChildExit.QUIT):
             self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
         ours = slot.pid == exited.pid
@@ -149,7 +151,7 @@ class ForkModel:
     def status(self) -> ModelStatus:
         return ModelStatus(
             capacity=self.sup.config.max_children, busy=len(self.children), idle=None,
-            connections_total=self.accepted,
+            connections_total=self.accepted, handler_errors=self.handler_errors,
             processes=[self.scoreboard.read(c.slot) for c in self.children.values()],
         )
 

@@ -57,6 +57,9 @@ ABORT_GRACE = 2.0
 ADAPT_INTERVAL = 1.0
 #: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE).
 MAX_SPAWN_RATE = 32
+#: Slot states of a worker that has a connection.
+BUSY = frozenset({SlotState.READING, SlotState.WRITING, SlotState.CLOSING,
+                  SlotState.FINISHING})
 #: Slot states whose time the watchdog bounds: the worker's own code (not its client) runs.
 WATCHED = frozenset({SlotState.IDLE, SlotState.WRITING})
 
@@ -104,6 +107,7 @@ class PreforkModel:
         self.pool = Pool(target=pool_size(config))
         #: Connections served by workers that have exited (the live ones are in their slots).
         self.served_by_gone = 0
+        self.errors_by_gone = 0
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
         self._buffer = b""
@@ -249,6 +253,8 @@ class PreforkModel:
             sup.fork_failed(exc)
             return
         self.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, now)
+        self.scoreboard.write(slot, pid=pid, generation=self.pool.generation,
+                              state=SlotState.STARTING, heartbeat=now)
 
     def _close_in_worker(self) -> None:
         self.sup.close_in_child(worker=True)
@@ -292,6 +298,7 @@ class PreforkModel:
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
             self.served_by_gone += slot.connections
+            self.errors_by_gone += slot.errors
         self.scoreboard.clear(worker.slot)
         self.sup.count("worker_exits", self._exit_reason(worker, exited))
         if self.sup.stopping or worker.retiring:
@@ -357,11 +364,12 @@ class PreforkModel:
         slots = [s for w in self.workers.values()
                  if (s := self.scoreboard.read(w.slot)).pid == w.pid]
         idle = sum(1 for s in slots if s.state is SlotState.IDLE)
-        busy = sum(1 for s in slots if s.state in (SlotState.READING, SlotState.WRITING))
+        busy = sum(1 for s in slots if s.state in BUSY)
         return ModelStatus(
             capacity=self.pool.target, busy=busy, idle=idle,
             connections_total=self.served_by_gone + sum(s.connections for s in slots) + busy,
             generation=self.pool.generation, processes=sorted(slots, key=lambda s: s.index),
+            handler_errors=self.errors_by_gone + sum(s.errors for s in slots),
         )
 
     def close(self) -> None:

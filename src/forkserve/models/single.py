@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..child import serve_one
 from ..connection import Connection, format_address
-from ..errors import ExitCode
+from ..errors import ChildExit, ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
@@ -59,6 +59,7 @@ class SingleModel:
         self.sup = supervisor
         self._serving: Connection | None = None
         self._served = 0
+        self._errors = 0
         self._fast_stop = False
         self._deadline_hit = False
         self._previous_alarm: signal._HANDLER = None
@@ -104,6 +105,7 @@ class SingleModel:
             status = self._run_handler(conn)
         except StopDeadline:  # raised after the handler returned, before the timer was off
             status = self._killed(conn)
+        self._errors += status == str(int(ChildExit.HANDLER_ERROR))
         self.sup.write_access(AccessRecord(
             peer=peer, pid=self.sup.pid, duration_s=round(kernel.monotonic() - started, 6),
             bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=status,
@@ -169,7 +171,8 @@ class SingleModel:
 
     def status(self) -> ModelStatus:
         # (the master is busy serving whenever it could answer this, so busy is 0 here)
-        return ModelStatus(capacity=1, busy=0, idle=None, connections_total=self._served)
+        return ModelStatus(capacity=1, busy=0, idle=None, connections_total=self._served,
+                           handler_errors=self._errors)
 
     def close(self) -> None:
         signal.signal(signal.SIGALRM, self._previous_alarm)
