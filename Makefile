@@ -18,12 +18,12 @@ run: $(STAMP)
 
 # Every check: lint, types, then the tests (unit and real-process integration).
 test: $(STAMP)
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts examples
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -6,27 +6,28 @@ else is implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ._version import __version__
 from .config import Config, from_mapping
 from .connection import Connection
 from .errors import ConfigError, ForkserveError, ListenError
+from .handlers import Handler, adapt
 from .server import run_server
 
 
-def serve(app: str | Callable[[Connection], None] = "hello", **settings: object) -> int:
+def serve(app: str | object = "hello", **settings: object) -> int:
     """Serve ``app`` with ``settings`` (the same names as the TOML keys) until stopped.
 
-    ``app`` is a built-in app's name or a handler: a function that takes a ``Connection``.
+    ``app`` is a built-in app's name, ``"module:attr"``, or the handler itself: a function
+    ``handle(conn)``, a class with ``handle(conn)`` (optional ``setup``/``finish``), or a
+    ``socketserver.BaseRequestHandler`` subclass.
 
     Blocks in the calling process, which becomes the master, and returns the exit status
     (0, or 1 if a graceful stop had to kill connections). Raises ``ConfigError`` for a setting
     that cannot work and ``ListenError`` for an address that cannot be bound.
     """
-    if callable(app):
+    if not isinstance(app, str):
         name = f"{getattr(app, '__module__', '?')}:{getattr(app, '__qualname__', '?')}"
-        return run_server(from_mapping({"app": name, **settings}), app)
+        return run_server(from_mapping({"app": name, **settings}), adapt(app, name))
     return run_server(from_mapping({"app": app, **settings}))
 
 
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "Connection",
     "ForkserveError",
+    "Handler",
     "ListenError",
     "__version__",
     "serve",

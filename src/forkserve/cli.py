@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve an app (the seed's hello app by default)",
                            description="Serve an app until stopped by a signal.")
+    serve.add_argument("app_spec", nargs="?", metavar="APP",
+                       help="the app: hello, echo or MODULE:ATTR (same as --app)")
     serve.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
                        "(command-line flags win over it)")
     config_mod.add_arguments(serve)
@@ -91,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            config = config_mod.from_cli(args, args.config)
-            reload = (lambda: config_mod.from_cli(args, args.config)) if args.config else None
+            given = {"app": args.app_spec} if args.app_spec else {}
+            config = config_mod.from_cli(args, args.config, given)
+            reload = ((lambda: config_mod.from_cli(args, args.config, given))
+                      if args.config else None)
             return run_server(config, reload_config=reload)
         if args.command == "signal":
             pid = control.send(args.verb, pid_file=args.pid_file, pid=args.pid)

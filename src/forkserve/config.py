@@ -287,7 +287,15 @@ class Config:
         "workers forked ahead, each serving one connection at a time) or single (the master "
         "serves one connection at a time).",
     )
-    app: str = setting("hello", Text(), "The application: a built-in name (hello, echo).")
+    app: str = setting(
+        "hello", Text(),
+        "The application: a built-in name (hello, echo) or MODULE:ATTR (a function "
+        "handle(conn), a handler class, or a socketserver handler class). Also the first "
+        "argument of `forkserve serve`.",
+    )
+    chdir: str | None = setting(
+        None, Path(optional=True), "Change to this directory before loading the app."
+    )
     backlog: int = setting(1024, Int(minimum=1), "Length of the kernel's accept queue.")
     workers: int = setting(
         0, Int(minimum=0),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 
-from .apps import App, load_app
+from .apps import App
 from .config import Config
 from .errors import ConfigError, HaltServer
+from .handlers import adapt
+from .handlers import load as load_handler
 from .listeners import bind_all
 from .logs import AccessLog, configure, log
 from .metrics import require_client as require_metrics_client
@@ -26,8 +29,13 @@ def run_server(config: Config, app: App | None = None,
     (``ListenError``). Whatever was opened is closed again if a later step fails.
     """
     configure(config.log_level)
-    if app is None:
-        app = load_app(config.app)
+    if config.chdir is not None:
+        try:
+            os.chdir(config.chdir)
+        except OSError as exc:
+            raise ConfigError("chdir", f"cannot change to {config.chdir}: "
+                              f"{exc.strerror}") from None
+    app = load_handler(config.app) if app is None else adapt(app, config.app)
     if config.metrics_bind is not None:
         require_metrics_client()
     with contextlib.ExitStack() as undo:

@@ -48,10 +48,11 @@ from typing import Any
 
 from . import models
 from ._version import __version__
-from .apps import App, load_app
+from .apps import App
 from .child import set_title
 from .config import Config
 from .errors import ConfigError, ExitCode, ForkserveError
+from .handlers import load as load_handler
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
@@ -83,7 +84,7 @@ class SignalRoute:
 
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
 RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
-                "control", "metrics_bind")
+                "control", "metrics_bind", "chdir")
 
 SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGTERM, Intent.GRACEFUL_STOP, "stop",
@@ -239,8 +240,10 @@ class Supervisor:
         set_title(f"forkserve: master [{self.model.name}] {names}")
         self.update_accepting()
         for listener in self.listeners:
-            print(f"forkserve: listening on {listener.name} "
-                  f"(model={self.model.name}, pid={self.pid})", file=sys.stderr, flush=True)
+            # one write(2) per line, so that a child's log line can never land inside it
+            sys.stderr.write(f"forkserve: listening on {listener.name} "
+                             f"(model={self.model.name}, pid={self.pid})\n")
+            sys.stderr.flush()
 
     def _finished(self) -> bool:
         return self._stop is not None and not self.model.pids()
@@ -404,7 +407,7 @@ class Supervisor:
             kept = [name for name in RESTART_ONLY
                     if getattr(new, name) != getattr(self.config, name)]
             new = new.replace(**{name: getattr(self.config, name) for name in kept})
-            app = self.app if new.app == self.config.app else load_app(new.app)
+            app = self.app if new.app == self.config.app else load_handler(new.app)
             access_log = self._reopen_access_log(new)
         except ForkserveError as exc:
             log.error("reload failed, still serving with the running config: %s", exc)

@@ -55,7 +55,7 @@ def test_nothing_is_left_bound_when_a_later_listener_fails(tmp_path: Path) -> No
     (["--bind", "[nothex]:80"], "is not an IPv6 address"),
     (["--bind", "unix:"], "needs a path"),
     (["--bind", "no.such.host.invalid:0"], "unknown host"),
-    (["--app", "nope"], "unknown app 'nope' (built-in apps: echo, hello)"),
+    (["--app", "nope"], "invalid app: 'nope' is neither a built-in app (echo, hello) nor"),
     (["--model", "threads"], "invalid --model: must be one of fork, single"),
     (["--max-children", "-3"], "invalid --max-children: must be at least 1, got -3"),
     (["--max-line", "lots"], "invalid --max-line: must be a whole number, got 'lots'"),

@@ -1,0 +1,159 @@
+"""Load an application by name and adapt it to the one handler contract.
+
+Theory of operation
+-------------------
+Every model calls the same thing: ``app(conn)``, one call per connection, in the process that
+serves it (STYLE rule 2). This module turns what a user names into that callable, in the
+master, before any socket is bound, so a typo costs one line and exit status 2, not a crash
+loop:
+
+- a built-in name (``hello``, ``echo``);
+- ``module:attr`` (``attr`` may be dotted), imported with the working directory (or
+  ``--chdir``) on the import path, like gunicorn and uvicorn;
+
+and the object may be:
+
+- a function ``handle(conn)``;
+- a class whose instances have ``handle(conn)`` and optionally ``setup(conn)`` and
+  ``finish(conn)`` (one instance per connection; ``finish`` runs even if ``handle`` raised);
+- a ``socketserver.BaseRequestHandler`` subclass, run unchanged: it gets ``request`` (the
+  socket), ``client_address`` and a ``server`` with ``server_address``, so code written for
+  ``socketserver.ForkingTCPServer`` moves by changing one line. Such a handler reads the socket
+  itself, so ``max_line`` does not apply to it and the access log cannot count its bytes; the
+  idle and write timeouts still do, and a client that times out or vanishes ends quietly.
+
+Anything else is refused with a message that says what a handler is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import socket
+import socketserver
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from .apps import BUILTIN, App
+from .connection import Connection
+from .errors import ConfigError, IdleTimeout, PeerGone
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """A class-based handler: one instance per connection."""
+
+    def handle(self, conn: Connection) -> None: ...
+
+
+def load(spec: str, *, chdir: str | None = None) -> App:
+    """Resolve ``spec`` to a handler callable; raise ``ConfigError`` naming what is wrong."""
+    target = BUILTIN.get(spec, spec)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        known = ", ".join(sorted(BUILTIN))
+        raise ConfigError("app", f"{spec!r} is neither a built-in app ({known}) nor "
+                                 "MODULE:ATTRIBUTE, as in myapp:handle")
+    obj = _import(module_name, attr, spec, chdir)
+    return adapt(obj, spec)
+
+
+def _import(module_name: str, attr: str, spec: str, chdir: str | None) -> object:
+    path = os.path.abspath(chdir) if chdir else os.getcwd()
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if getattr(exc, "name", None) == module_name:
+            raise ConfigError("app", f"cannot import {module_name!r} (looked in {path} and "
+                                     "the Python path)") from None
+        raise ConfigError("app", f"importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # the module itself raised while importing
+        raise ConfigError("app", f"importing {module_name!r} failed: "
+                                 f"{type(exc).__name__}: {exc}") from None
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError("app", f"{module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def adapt(obj: object, name: str = "the app") -> App:
+    """Turn a function, a handler class or a socketserver handler into ``app(conn)``."""
+    if inspect.isclass(obj):
+        if issubclass(obj, socketserver.BaseRequestHandler):
+            if issubclass(obj, socketserver.DatagramRequestHandler):
+                raise ConfigError("app", f"{name}: datagram handlers are not supported")
+            return _socketserver_app(obj)
+        if callable(getattr(obj, "handle", None)):
+            return _class_app(obj)
+        raise ConfigError("app", f"{name} is a class without a handle(conn) method")
+    if inspect.iscoroutinefunction(obj):
+        raise ConfigError("app", f"{name} is an async function; the blocking models call "
+                                 "handle(conn) (async handlers are for the hybrid model)")
+    if callable(obj):
+        _check_arity(obj, name)
+        app: App = obj
+        return app
+    raise ConfigError("app", f"{name} is not a handler: give a function handle(conn), a "
+                             "class with handle(conn), or a socketserver handler class")
+
+
+def _check_arity(func: Callable[..., object], name: str) -> None:
+    try:
+        inspect.signature(func).bind(None)
+    except TypeError:
+        raise ConfigError("app", f"{name} must take one argument, the connection") from None
+    except ValueError:
+        pass  # no signature (a builtin): let the call decide
+
+
+def _class_app(cls: type[Any]) -> App:
+    def run(conn: Connection) -> None:
+        handler = cls()
+        setup = getattr(handler, "setup", None)
+        if setup is not None:
+            setup(conn)
+        try:
+            handler.handle(conn)
+        finally:
+            finish = getattr(handler, "finish", None)
+            if finish is not None:
+                finish(conn)
+
+    run.__qualname__ = f"{cls.__qualname__}()"
+    return run
+
+
+class _ServerShim:
+    """What a socketserver handler sees as ``self.server``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.socket = conn.sock
+        self.address_family = conn.sock.family
+        self.socket_type = socket.SOCK_STREAM
+        self.server_address = _address(conn.sock.getsockname(), conn.sock.family)
+
+
+def _address(addr: Any, family: int) -> Any:
+    return addr if family != socket.AF_UNIX else (addr or "")
+
+
+def _socketserver_app(cls: type[socketserver.BaseRequestHandler]) -> App:
+    def run(conn: Connection) -> None:
+        sock = conn.sock
+        try:
+            client = _address(sock.getpeername(), sock.family)
+            cls(sock, client, _ServerShim(conn))  # type: ignore[arg-type]
+        except BlockingIOError:  # SO_RCVTIMEO or SO_SNDTIMEO expired inside the handler
+            raise IdleTimeout("client idle or not reading (timeout)") from None
+        except (ConnectionError, TimeoutError) as exc:
+            raise PeerGone(f"client went away: {exc}") from None
+
+    run.__qualname__ = f"{cls.__qualname__}(socketserver)"
+    return run
