@@ -153,7 +153,7 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     ctx.close_master_fds()
     conn = Connection(sock, max_line=ctx.config.max_line, idle_timeout=ctx.config.idle_timeout,
                       write_timeout=ctx.config.write_timeout,
-                      peer=format_address(addr, sock.family))
+                      peer=format_address(addr, sock.family), settings=ctx.config)
     _reset_signals(ctx, conn)
     set_title(f"forkserve: conn {conn.peer}")
     with contextlib.suppress(OSError):

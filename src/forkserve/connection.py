@@ -33,10 +33,14 @@ import struct
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .errors import IdleTimeout, LineTooLong, PeerGone
 from .framing import LineFramer
 from .scoreboard import SlotMonitor
+
+if TYPE_CHECKING:
+    from .config import Config
 
 #: Bytes asked of the kernel per read: large enough for many pipelined lines at once.
 RECV_SIZE = 65536
@@ -75,15 +79,18 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_framer", "_monitor", "_pending", "_stopping",
-        "bytes_in", "bytes_out", "local", "peer", "sock",
+        "_closed", "_eof", "_error", "_framer", "_monitor", "_pending", "_rest", "_stopping",
+        "bytes_in", "bytes_out", "local", "peer", "settings", "sock",
     )
 
     def __init__(self, sock: socket.socket, *, max_line: int, idle_timeout: float | None,
                  write_timeout: float | None = None, peer: str | None = None,
-                 local: str | None = None, monitor: SlotMonitor | None = None) -> None:
+                 local: str | None = None, monitor: SlotMonitor | None = None,
+                 settings: Config | None = None) -> None:
         self.sock = sock
         self._monitor = monitor
+        #: The server's settings, read-only (``None`` outside a server).
+        self.settings = settings
         sock.settimeout(None)
         if idle_timeout is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_timeout))
@@ -96,6 +103,9 @@ class Connection:
         self.bytes_out = 0
         self._framer = LineFramer(max_line)
         self._pending: deque[bytes] = deque()
+        #: Bytes read past what ``read(n)`` returned: not framed yet (raw data need not be
+        #: lines, so ``max_line`` applies to them only once ``readline`` looks at them).
+        self._rest = b""
         self._error: LineTooLong | None = None
         self._eof = False
         self._stopping = False
@@ -119,11 +129,56 @@ class Connection:
                 return b""
         return pending.popleft()
 
+    def read(self, n: int = RECV_SIZE) -> bytes:
+        """Up to ``n`` bytes (at least one), what is buffered first; ``b""`` at the end.
+
+        Raises ``IdleTimeout`` or ``PeerGone``. ``max_line`` does not limit raw reads, except
+        for bytes that arrived together with lines that ``readline`` has already framed.
+        """
+        if n < 1:
+            raise ValueError("read(n) needs n >= 1")
+        if self._pending:
+            line = self._pending.popleft()
+            if len(line) > n:
+                self._pending.appendleft(line[n:])
+                return line[:n]
+            return line
+        if partial := self._framer.take(n):
+            return partial
+        if not self._rest:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            data = self._recv()
+            if not data:
+                self._eof = data is not None
+                return b""
+            self._rest = data
+        out, self._rest = self._rest[:n], self._rest[n:]
+        return out
+
+    def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; raises ``PeerGone`` if the client ends before that."""
+        chunks: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = self.read(n - got)
+            if not chunk:
+                raise PeerGone(f"client ended after {got} of {n} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
     def _fill(self) -> bool | None:
         """Read once into the line queue; ``None`` when the input ended (stop or EOF)."""
         if self._error is not None:
             raise self._error
-        data = self._recv()
+        if self._rest:
+            data: bytes | None
+            data, self._rest = self._rest, b""
+        else:
+            data = self._recv()
         if data is None:
             return None
         if not data:

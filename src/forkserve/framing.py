@@ -70,6 +70,11 @@ class LineFramer:
         self._buf = rest
         return lines
 
+    def take(self, n: int) -> bytes:
+        """Remove and return up to ``n`` bytes of the incomplete line (for raw reads)."""
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
     def end(self) -> bytes | None:
         """The stream ended: return the unterminated last line, or ``None``."""
         rest, self._buf = self._buf, b""

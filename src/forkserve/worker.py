@@ -190,7 +190,7 @@ class Worker:
         try:
             conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
                               write_timeout=config.write_timeout, peer=peer,
-                              monitor=self.ctx.scoreboard.monitor(self.slot))
+                              monitor=self.ctx.scoreboard.monitor(self.slot), settings=config)
         except OSError:
             sock.close()
             return

@@ -9,27 +9,18 @@ from collections.abc import Iterator
 import pytest
 
 from forkserve.config import Config
-from forkserve.connection import Connection
 from forkserve.errors import ExitCode, HaltServer, WorkerExit
 from forkserve.models.prefork import BOOT_FAILURES_TO_HALT, RESPAWN_INTERVAL, PreforkModel
 from forkserve.supervisor import Supervisor
 from forkserve.worker import READY
+from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
-
-
-def app(conn: Connection) -> None:
-    raise AssertionError("no handler runs in these tests")
-
-
-@pytest.fixture
-def kernel() -> FakeKernel:
-    return FakeKernel()
 
 
 @pytest.fixture
 def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
-    supervisor = Supervisor(Config(model="prefork", workers=3, max_workers=4), app, [],
-                            kernel=kernel)
+    config = Config(model="prefork", workers=3, max_workers=4)
+    supervisor = Supervisor(config, never_called, [], kernel=kernel)
     supervisor.model.start()
     yield supervisor
     supervisor._close()
@@ -137,8 +128,8 @@ def test_scaling_stays_between_one_and_max_workers(sup: Supervisor,
 
 
 def test_adaptive_pool_grows_1_2_4_a_second_up_to_max_workers(kernel: FakeKernel) -> None:
-    sup = Supervisor(Config(model="prefork", workers=1, min_spare=5, max_workers=20), app, [],
-                     kernel=kernel)
+    config = Config(model="prefork", workers=1, min_spare=5, max_workers=20)
+    sup = Supervisor(config, never_called, [], kernel=kernel)
     try:
         sup.model.start()
         targets = []

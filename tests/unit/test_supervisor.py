@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import pytest
 
 from forkserve.config import Config
-from forkserve.connection import Connection
 from forkserve.kernel import Exited, reap
 from forkserve.models.fork import ForkModel
 from forkserve.supervisor import (
@@ -21,22 +20,14 @@ from forkserve.supervisor import (
     Intent,
     Supervisor,
 )
+from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
-
-
-def app(conn: Connection) -> None:
-    raise AssertionError("no handler runs in these tests")
-
-
-@pytest.fixture
-def kernel() -> FakeKernel:
-    return FakeKernel()
 
 
 @pytest.fixture
 def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
-    supervisor = Supervisor(Config(model="fork", max_children=3, graceful_timeout=10), app, [],
-                            kernel=kernel)
+    config = Config(model="fork", max_children=3, graceful_timeout=10)
+    supervisor = Supervisor(config, never_called, [], kernel=kernel)
     yield supervisor
     supervisor._close()
 

@@ -8,11 +8,14 @@ child has been reaped (``on_exit``), and asks it which processes to signal on a 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ..scoreboard import Slot
+
+log = logging.getLogger("forkserve")
 
 if TYPE_CHECKING:
     from ..kernel import Exited
@@ -34,6 +37,19 @@ class ModelStatus:
     processes: list[Slot] = field(default_factory=list)
     #: Connections whose handler raised, since start.
     handler_errors: int = 0
+
+
+class WithoutPool:
+    """The pool operations of ``Model`` for models that keep no pool (fork, single)."""
+
+    def manage(self) -> None:
+        pass  # nothing to keep up between events
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def scale(self, delta: int) -> None:
+        log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
 
 class Model(Protocol):

@@ -24,7 +24,7 @@ from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
 from ..scoreboard import Scoreboard
-from . import ModelStatus
+from . import ModelStatus, WithoutPool
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -45,7 +45,7 @@ class Child:
     started: float
 
 
-class ForkModel:
+class ForkModel(WithoutPool):
     name = "fork"
     accepts = True
 
@@ -112,15 +112,6 @@ class ForkModel:
         self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
                                    kernel.monotonic())
         return True
-
-    def manage(self) -> None:
-        pass  # nothing to keep up between events
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def scale(self, delta: int) -> None:
-        log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
     def on_exit(self, exited: Exited) -> bool:
         child = self.children.pop(exited.pid, None)

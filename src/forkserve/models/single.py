@@ -32,7 +32,7 @@ from ..errors import ChildExit, ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
-from . import ModelStatus
+from . import ModelStatus, WithoutPool
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -49,7 +49,7 @@ class StopDeadline(BaseException):
     """A handler outlived the stop deadline (raised by SIGALRM, single model only)."""
 
 
-class SingleModel:
+class SingleModel(WithoutPool):
     name = "single"
     accepts = True
     #: Never full: while it serves, it does not look at the listeners at all.
@@ -95,7 +95,7 @@ class SingleModel:
         peer = format_address(addr, sock.family)
         try:
             conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
-                              write_timeout=config.write_timeout, peer=peer)
+                              write_timeout=config.write_timeout, peer=peer, settings=config)
         except OSError as exc:  # the client reset before we looked at it
             log.debug("%s: closed before it was served: %s", peer, exc)
             sock.close()
@@ -136,15 +136,6 @@ class SingleModel:
 
     def reconfigure(self) -> None:
         pass  # each connection reads the supervisor's config when it starts
-
-    def manage(self) -> None:
-        pass  # nothing to keep up between events
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def scale(self, delta: int) -> None:
-        log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
     def on_exit(self, exited: Exited) -> bool:
         return False  # this model forks nothing
