@@ -102,12 +102,15 @@ class Worker:
     def boot(self) -> None:
         """Hygiene, signals, the epoll set; then tell the master this worker is ready."""
         self.ctx.close_master_fds()
-        self._install_signals()
-        faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints the stack
-        set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
+        # the epoll set first, while signals are still blocked (as fork left them): a SIGTERM
+        # already pending closes the listeners the moment the mask clears, and they must be
+        # registered by then, not after
         for fd in self._listeners:
             self.poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
         self.poller.register(self._wake_r, select.EPOLLIN)
+        self._install_signals()
+        faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints the stack
+        set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
         self._state(SlotState.IDLE)
         os.write(self.ctx.ready_fd, READY.pack(self.slot))
         os.close(self.ctx.ready_fd)
