@@ -16,10 +16,14 @@ master itself (single model). Rules:
    the receive timeout to ``STOP_POLL`` (one ``setsockopt``, safe in a signal handler; a read
    blocked at that moment is retried by PEP 475 with the new timeout). From then on a read
    returns what the client has already sent, and the first read that would wait ends the
-   input (``readline`` returns ``b""``). Nothing received is dropped, no answer is cut, and
-   the connection then closes with lingering, as below. (``shutdown(SHUT_RD)`` was rejected:
-   it fakes an end-of-stream, so the close could no longer tell when the client was done and
-   would reset a client still sending, destroying answers in flight.)
+   input (``readline`` returns ``b""``). A connection that has received nothing yet is the
+   exception: it was accepted, so its client is owed an answer to its first request, which
+   may still be in flight; its first read waits as usual (bounded by the idle timeout and
+   the stop's deadline), and the stop applies from the read after it. Nothing received is
+   dropped, no answer is cut, and the connection then closes with lingering, as below.
+   (``shutdown(SHUT_RD)`` was rejected: it fakes an end-of-stream, so the close could no
+   longer tell when the client was done and would reset a client still sending, destroying
+   answers in flight.)
 4. ``close()`` lingers when the server closes first: shut down the write side, drain what the
    client still sends for a moment, then close, so a final answer is not destroyed by the RST
    that closing with unread input would send (RFC 1122 4.2.2.13).
@@ -79,7 +83,8 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_framer", "_monitor", "_pending", "_rest", "_stopping",
+        "_closed", "_eof", "_error", "_framer", "_monitor", "_pending", "_rest", "_stop_applied",
+        "_stopping",
         "bytes_in", "bytes_out", "local", "peer", "settings", "sock",
     )
 
@@ -109,6 +114,7 @@ class Connection:
         self._error: LineTooLong | None = None
         self._eof = False
         self._stopping = False
+        self._stop_applied = False
         self._closed = False
 
     # ------------------------------------------------------------------ reading
@@ -200,10 +206,12 @@ class Connection:
         monitor = self._monitor
         if monitor is not None:
             monitor.waiting()
+        if self._stopping and self.bytes_in and not self._stop_applied:
+            self._apply_stop()  # interrupted before the first request came: it has now
         try:
             data = self.sock.recv(RECV_SIZE)
         except BlockingIOError:  # SO_RCVTIMEO expired
-            if self._stopping:
+            if self._stop_applied:
                 return None
             raise IdleTimeout("client sent nothing within the idle timeout") from None
         except OSError as exc:
@@ -233,10 +241,26 @@ class Connection:
     # ------------------------------------------------------------------ ending
 
     def interrupt(self) -> None:
-        """Finish: answer what was received, then end the input. Safe in a signal handler."""
+        """Finish: answer what was received, then end the input. Safe in a signal handler.
+
+        Before anything was received, the first request is still waited for (rule 3)."""
         self._stopping = True
+        if self.bytes_in:
+            self._apply_stop()
+
+    def _apply_stop(self) -> None:
+        self._stop_applied = True
         with contextlib.suppress(OSError):  # already closed: nothing to interrupt
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_POLL))
+
+    def _mark_waiting(self) -> None:
+        """Tell the watchdog that this connection's code waits on its client from now on.
+
+        For handlers that use the socket directly (socketserver ones): their reads and writes
+        do not pass through this object, so the watchdog cannot tell waiting from working;
+        their waits stay bounded by the idle and write timeouts."""
+        if self._monitor is not None:
+            self._monitor.waiting()
 
     def close(self) -> None:
         """Close, lingering briefly if the client has not closed its side. Idempotent."""
@@ -251,6 +275,8 @@ class Connection:
 
     def _linger(self) -> None:
         sock = self.sock
+        if self._monitor is not None:
+            self._monitor.waiting()  # the client's time now, not the server's
         try:
             sock.shutdown(socket.SHUT_WR)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(LINGER_SECONDS))

@@ -71,7 +71,7 @@ def _import(module_name: str, attr: str, spec: str, chdir: str | None) -> object
             raise ConfigError("app", f"cannot import {module_name!r} (looked in {path} and "
                                      "the Python path)") from None
         raise ConfigError("app", f"importing {module_name!r} failed: {exc}") from None
-    except Exception as exc:  # the module itself raised while importing
+    except (Exception, SystemExit) as exc:  # the module itself raised (or exit()ed) importing
         raise ConfigError("app", f"importing {module_name!r} failed: "
                                  f"{type(exc).__name__}: {exc}") from None
     obj: object = module
@@ -147,6 +147,8 @@ def _address(addr: Any, family: int) -> Any:
 def _socketserver_app(cls: type[socketserver.BaseRequestHandler]) -> App:
     def run(conn: Connection) -> None:
         sock = conn.sock
+        # it reads and writes the socket itself, past the connection's watchdog marks
+        conn._mark_waiting()
         try:
             client = _address(sock.getpeername(), sock.family)
             cls(sock, client, _ServerShim(conn))  # type: ignore[arg-type]
