@@ -385,6 +385,11 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(f.name, str(exc)) from None
             object.__setattr__(self, f.name, value)
+        if self.max_spare and self.max_spare <= self.min_spare:
+            # Apache prefork's rule: with max <= min, a pool at the edge would grow and
+            # shrink by turns every second
+            raise ConfigError("max_spare", f"must be above min_spare ({self.min_spare}), or "
+                                           "0 to never shrink")
 
     def replace(self, **changes: object) -> Config:
         """A copy with ``changes`` applied and checked."""

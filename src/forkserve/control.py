@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from . import pidfile
 from .errors import ForkserveError
 from .supervisor import SIGNALS
 
@@ -17,13 +18,11 @@ class SignalFailed(ForkserveError):
 
 def read_pid(pid_file: str) -> int:
     try:
-        with open(pid_file, encoding="ascii") as fh:
-            text = fh.read().strip()
+        return pidfile.read(pid_file)
     except OSError as exc:
         raise SignalFailed(f"cannot read the pid file {pid_file}: {exc.strerror}") from None
-    if not text.isdigit() or int(text) <= 1:
-        raise SignalFailed(f"the pid file {pid_file} does not hold a pid: {text[:40]!r}")
-    return int(text)
+    except ValueError as exc:
+        raise SignalFailed(f"the pid file {pid_file} does not hold a pid: {exc}") from None
 
 
 def send(verb: str, *, pid_file: str | None = None, pid: int | None = None) -> int:

@@ -7,7 +7,9 @@ Errors are keyed by who must act on them (STYLE rule 15):
 - ``ListenError``: a listener could not be set up (port in use, permission, bad host).
 - ``ClientError`` and its subclasses: the peer misbehaved or went away. They end one
   connection and nothing else; they are never the server's fault.
-- ``HaltServer``: the master must stop with a given exit status (a fatal condition).
+
+A condition that stops the master itself (workers that cannot boot) is not an exception: the
+model asks the supervisor to ``halt``, which stops gracefully and exits with the given status.
 """
 
 from __future__ import annotations
@@ -68,15 +70,6 @@ class ConfigError(ForkserveError, ValueError):
 
 class ListenError(ForkserveError, OSError):
     """A listening socket could not be set up; the message names the address."""
-
-
-class HaltServer(ForkserveError):
-    """The master must stop now with ``status``."""
-
-    def __init__(self, reason: str, status: ExitCode) -> None:
-        self.reason = reason
-        self.status = status
-        super().__init__(reason)
 
 
 class ClientError(ForkserveError):

@@ -97,6 +97,10 @@ class Scoreboard:
         """Change only the state letter (safe from a signal handler: one ``pack_into``)."""
         _STATE.pack_into(self._map, index * SLOT_SIZE + _STATE_AT, state.value.encode())
 
+    def beat(self, index: int) -> None:
+        """Stamp the heartbeat only: "alive and not stuck" (one ``pack_into``)."""
+        _BEAT.pack_into(self._map, index * SLOT_SIZE + _HEARTBEAT_AT, time.monotonic())
+
     def clear(self, index: int) -> None:
         self.write(index, pid=0, state=SlotState.FREE)
 

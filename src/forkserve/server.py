@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 from .apps import App
 from .config import Config
-from .errors import ConfigError, HaltServer
+from .errors import ConfigError
 from .handlers import adapt
 from .handlers import load as load_handler
 from .listeners import bind_all
-from .logs import AccessLog, configure, log
+from .logs import AccessLog, configure
 from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
 
@@ -61,8 +61,4 @@ def run_server(config: Config, app: App | None = None,
                                 reload_config=reload_config, control=control,
                                 metrics=metrics)
         undo.pop_all()  # from here on, the supervisor closes what it was given
-    try:
-        return supervisor.run()
-    except HaltServer as exc:  # already cleaned up: say why, as the exit status does
-        log.critical("stopping: %s", exc.reason)
-        return exc.status
+    return supervisor.run()

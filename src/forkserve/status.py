@@ -21,10 +21,13 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import loopserver
 from .errors import ForkserveError
+from .listeners import Listener
+from .loopserver import LoopServer
 from .scoreboard import Slot, SlotState
 
 #: Bytes of snapshot the client accepts at most (a few thousand workers' rows).
@@ -48,6 +51,22 @@ def process_row(slot: Slot, now: float) -> dict[str, Any]:
         "in_request_s": round(now - slot.conn_start, 3) if busy and slot.conn_start else None,
         "heartbeat_age_s": round(now - slot.heartbeat, 3) if slot.heartbeat else None,
     }
+
+
+class StatusServer(LoopServer):
+    """Serves the snapshot on the control socket, from the master's loop (``loopserver``):
+    one JSON document per connection, written as fast as the reader takes it."""
+
+    wants_request = False
+    what = "control socket"
+
+    def __init__(self, listener: Listener, snapshot: Callable[[], dict[str, Any]],
+                 host: loopserver.Host, clock: Callable[[], float]) -> None:
+        super().__init__(listener, host, clock)
+        self._snapshot = snapshot
+
+    def answer(self, request: bytes) -> bytes:
+        return json.dumps(self._snapshot()).encode()
 
 
 def fetch(path: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import contextlib
 import enum
 import errno
 import gc
-import json
 import logging
 import os
 import selectors
@@ -46,18 +45,19 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import models
+from . import models, pidfile, reload
 from ._version import __version__
 from .apps import App
 from .child import set_title
 from .config import Config
 from .errors import ConfigError, ExitCode, ForkserveError
-from .handlers import load as load_handler
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
+from .loopserver import LoopServer
 from .metrics import MetricsServer
-from .status import process_row
+from .reload import RESTART_ONLY
+from .status import StatusServer, process_row
 
 log = logging.getLogger("forkserve")
 
@@ -81,10 +81,6 @@ class SignalRoute:
     verb: str | None
     doc: str
 
-
-#: Settings that a reload cannot change: they shape sockets and shared memory made at start.
-RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
-                "control", "metrics_bind", "chdir")
 
 SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGTERM, Intent.GRACEFUL_STOP, "stop",
@@ -134,8 +130,6 @@ ACCEPT_PAUSE_SECONDS = 0.1
 FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
-#: Status readers answered per wake-up before the loop looks at signals again.
-STATUS_BATCH = 16
 
 
 @dataclass
@@ -158,9 +152,13 @@ class Supervisor:
         self.kernel: Kernel = kernel or OsKernel()
         self.access_log = access_log
         self._reload_config = reload_config
-        self._control = control
-        self._metrics = None if metrics is None else MetricsServer(metrics, self,
-                                                                   self.kernel.monotonic)
+        #: The operators' servers in this loop: the status socket and the metrics endpoint.
+        self._loop_servers: list[LoopServer] = []
+        if control is not None:
+            self._loop_servers.append(StatusServer(control, self.snapshot, self,
+                                                   self.kernel.monotonic))
+        if metrics is not None:
+            self._loop_servers.append(MetricsServer(metrics, self, self.kernel.monotonic))
         #: Events as (kind, label): accept pauses by errno, fork failures by errno, refused
         #: connections by reason, worker exits by reason. Status and metrics show them.
         self.counters: Counter[tuple[str, str]] = Counter()
@@ -177,6 +175,8 @@ class Supervisor:
         self._paused_until = 0.0
         self._stop: Stop | None = None
         self._killed = False
+        #: Set by ``halt``: the reason and exit status of a stop the server itself decided.
+        self._halt: tuple[str, ExitCode] | None = None
         self._reports = RateLimiter(REPORT_INTERVAL)
         self._started = self.kernel.monotonic()
         self.model = models.create(config.model, self)
@@ -193,7 +193,7 @@ class Supervisor:
                     self._act_on_signals()
                     self._reap()
                     self._advance_stop()
-                    self._expire_scrapers()
+                    self._tick_loop_servers()
                     self.model.manage()
                     self.update_accepting()
         except BaseException:
@@ -201,29 +201,25 @@ class Supervisor:
             raise
         finally:
             self._close()
+        if self._halt is not None:
+            log.critical("stopped: %s", self._halt[0])
+            return self._halt[1]
         return ExitCode.KILLED if self._killed else ExitCode.OK
+
+    def halt(self, reason: str, status: ExitCode) -> None:
+        """The server cannot go on (workers cannot boot): stop gracefully, exit ``status``."""
+        if self._halt is None:
+            self._halt = (reason, status)
+            log.critical("%s", reason)
+        self._begin_stop(fast=False)
 
     def _write_pid_file(self) -> None:
         path = self.config.pid_file
-        if path is None:
-            return
-        try:
-            tmp = f"{path}.{self.pid}.tmp"
-            with open(tmp, "w", encoding="ascii") as fh:
-                fh.write(f"{self.pid}\n")
-            os.replace(tmp, path)  # atomic: a reader never sees a half-written pid
-        except OSError as exc:
-            raise ConfigError("pid_file", f"cannot write {path}: {exc.strerror}") from None
-
-    def _remove_pid_file(self) -> None:
-        path = self.config.pid_file
-        if path is None:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            with open(path, encoding="ascii") as fh:
-                if int(fh.read().strip()) != self.pid:
-                    return  # a newer master owns it now
-            os.unlink(path)
+        if path is not None:
+            try:
+                pidfile.write(path, self.pid)
+            except OSError as exc:
+                raise ConfigError("pid_file", f"cannot write {path}: {exc.strerror}") from None
 
     def _start(self) -> None:
         # Everything imported and built so far is shared with every child: freeze it so that a
@@ -231,10 +227,8 @@ class Supervisor:
         gc.collect()
         gc.freeze()
         self._write_pid_file()
-        if self._control is not None:
-            self.watch(self._control.fileno(), self._serve_status)
-        if self._metrics is not None:
-            self._metrics.start()
+        for server in self._loop_servers:
+            server.start()
         self.model.start()
         names = " ".join(listener.name for listener in self.listeners)
         set_title(f"forkserve: master [{self.model.name}] {names}")
@@ -285,31 +279,15 @@ class Supervisor:
             "processes": [process_row(slot, now) for slot in model.processes],
         }
 
-    def _expire_scrapers(self) -> None:
-        if self._metrics is not None:
-            self._metrics.tick(self.kernel.monotonic())
+    def _tick_loop_servers(self) -> None:
+        now = self.kernel.monotonic()
+        for server in self._loop_servers:
+            server.tick(now)
 
-    def _serve_status(self) -> None:
-        """The control socket is readable: answer each waiting client with a snapshot."""
-        assert self._control is not None
-        for _ in range(STATUS_BATCH):
-            try:
-                sock, _ = self._control.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.accept_failed(exc)
-                return
-            with sock:
-                sock.setblocking(False)  # the master never waits on a status reader
-                data = json.dumps(self.snapshot()).encode()
-                with contextlib.suppress(OSError):
-                    if sock.send(data) < len(data):
-                        log.warning("status: a reader took only part of the snapshot")
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` from the loop whenever ``fd`` is readable (for models)."""
-        self.selector.register(fd, selectors.EVENT_READ, callback)
+    def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None:
+        """Call ``callback`` from the loop whenever ``fd`` is readable (or writable)."""
+        self.selector.register(fd, selectors.EVENT_WRITE if write else selectors.EVENT_READ,
+                               callback)
 
     def unwatch(self, fd: int) -> None:
         with contextlib.suppress(KeyError, ValueError, OSError):
@@ -326,7 +304,7 @@ class Supervisor:
         if self._stop is not None and not self._stop.killed:
             deadlines.append(self._stop.deadline)
         for deadline in (self.model.next_deadline(),
-                         self._metrics.next_deadline() if self._metrics else None):
+                         *(server.next_deadline() for server in self._loop_servers)):
             if deadline is not None:
                 deadlines.append(deadline)
         if not deadlines:
@@ -403,36 +381,19 @@ class Supervisor:
             log.info("reload: there is no config file to re-read; nothing changed")
             return
         try:
-            new = self._reload_config()
-            kept = [name for name in RESTART_ONLY
-                    if getattr(new, name) != getattr(self.config, name)]
-            new = new.replace(**{name: getattr(self.config, name) for name in kept})
-            app = self.app if new.app == self.config.app else load_handler(new.app)
-            access_log = self._reopen_access_log(new)
+            new = reload.prepare(self.config, self.app, self.access_log, self._reload_config)
         except ForkserveError as exc:
             log.error("reload failed, still serving with the running config: %s", exc)
             return
-        if kept:
+        if new.kept:
             log.warning("reload: %s can only change with a restart; kept the running value",
-                        ", ".join(kept))
-        if access_log is not self.access_log and self.access_log is not None:
+                        ", ".join(new.kept))
+        if new.access_log is not self.access_log and self.access_log is not None:
             self.access_log.close()
-        self.config, self.app, self.access_log = new, app, access_log
-        configure(new.log_level)
+        self.config, self.app, self.access_log = new.config, new.app, new.access_log
+        configure(new.config.log_level)
         self.model.reconfigure()
         log.info("reloaded the config: new connections use it")
-
-    def _reopen_access_log(self, new: Config) -> AccessLog | None:
-        old = self.config
-        if (new.access_log, new.access_log_format) == (old.access_log, old.access_log_format):
-            return self.access_log
-        if new.access_log is None:
-            return None
-        try:
-            return AccessLog(new.access_log, new.access_log_format)
-        except OSError as exc:
-            raise ConfigError("access_log", f"cannot open {new.access_log}: "
-                              f"{exc.strerror}") from None
 
     # ------------------------------------------------------------------ children
 
@@ -496,10 +457,15 @@ class Supervisor:
                      exc.strerror, name, ACCEPT_PAUSE_SECONDS)
         return True
 
-    def fork_failed(self, exc: OSError) -> None:
-        """fork() failed: that client was closed; pause accepting and report (rate-limited)."""
+    def fork_failed(self, exc: OSError, *, refused: bool = True) -> None:
+        """fork() failed; report it (rate-limited). ``refused``: a client was closed for it,
+        and accepting pauses; otherwise (a pool's worker) the model retries later itself."""
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         self.count("fork_failures", name)
+        if not refused:
+            self._report(f"fork:{name}", logging.ERROR, "fork failed: %s (%s); retrying",
+                         exc.strerror, name)
+            return
         self.count("refused", "fork_failed")
         self._pause(FORK_PAUSE_SECONDS)
         self._report(f"fork:{name}", logging.ERROR,
@@ -559,10 +525,8 @@ class Supervisor:
                 listener.sock.close()
             if self.access_log is not None:
                 self.access_log.close()
-        if self._control is not None:
-            self._control.sock.close()
-        if self._metrics is not None:
-            self._metrics.close_in_child()
+        for server in self._loop_servers:
+            server.close_in_child()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -576,12 +540,10 @@ class Supervisor:
                 self.kernel.waitpid(pid, 0)
 
     def _close(self) -> None:
-        self._remove_pid_file()
-        if self._control is not None:
-            self.unwatch(self._control.fileno())
-            self._control.close()
-        if self._metrics is not None:
-            self._metrics.close()
+        if self.config.pid_file is not None:
+            pidfile.remove(self.config.pid_file, self.pid)
+        for server in self._loop_servers:
+            server.close()
         for listener in self.listeners:
             listener.close()
         self.selector.close()

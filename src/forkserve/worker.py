@@ -12,9 +12,13 @@ Theory of operation
 4. Signal handlers only record (SIGTERM/SIGINT: finish; SIGQUIT: exit now), except that a stop
    while a connection is in service tells it to finish (``Connection.interrupt``, one
    ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on.
-5. When it is ready to accept it writes its slot number to the ready pipe: the master rolls a
-   reload forward only on workers that have said so, and tells a crash at boot from one later.
-6. It exits 0 after ``max_requests`` connections (plus its jitter) and the master replaces it.
+5. When it is ready to accept it writes its slot number and pid to the ready pipe: the master
+   rolls a reload forward only on workers that have said so, and tells a crash at boot from
+   one later (by pid: a slot may have a new worker by the time the message is read).
+6. Heartbeat: every turn of its loop (a connection served, a wake-up for a connection another
+   worker took, an accept error's pause) and every ``timeout / 2`` while idle, the worker
+   stamps its slot, so the master's watchdog only ever fires on a worker that is stuck.
+7. It exits 0 after ``max_requests`` connections (plus its jitter) and the master replaces it.
 
 Exit statuses: 0 (stopped or recycled), ``WorkerExit.BOOT_ERROR`` (failed before ready).
 """
@@ -54,8 +58,8 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 #: After an accept() error that is not one connection's (EMFILE, ENOBUFS ...), this worker
 #: waits this long before it accepts again: never spin.
 ACCEPT_PAUSE_SECONDS = 0.1
-#: The ready message: the worker's slot number.
-READY = struct.Struct("<I")
+#: The ready message: the worker's slot number and pid.
+READY = struct.Struct("<Ii")
 #: Signals meant for the master that a worker ignores when the whole group gets them.
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -112,7 +116,7 @@ class Worker:
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints the stack
         set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
         self._state(SlotState.IDLE)
-        os.write(self.ctx.ready_fd, READY.pack(self.slot))
+        os.write(self.ctx.ready_fd, READY.pack(self.slot, self.pid))
         os.close(self.ctx.ready_fd)
 
     def _install_signals(self) -> None:
@@ -158,6 +162,7 @@ class Worker:
                     _drain(self._wake_r)
                 elif not self.stopping:
                     self._accept(self._listeners[fd])
+            self.ctx.scoreboard.beat(self.slot)
             if self._should_recycle():
                 break
         return WorkerExit.OK

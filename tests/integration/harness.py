@@ -44,6 +44,13 @@ def proc_info(pid: int) -> Proc | None:
     return Proc(pid, int(fields[1]), fields[0], int(fields[3]))
 
 
+def started_at(pid: int) -> float:
+    """When ``pid`` started, in seconds of ``CLOCK_BOOTTIME`` (/proc's clock), to 10 ms."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    ticks = int(raw[raw.rindex(")") + 2 :].split()[19])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def all_procs() -> Iterator[Proc]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():

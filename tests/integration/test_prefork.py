@@ -13,10 +13,11 @@ from pathlib import Path
 
 from tests.integration.harness import (
     Server,
-    children_of,
     proc_info,
     recv_all,
     recv_exactly,
+    session_procs,
+    started_at,
     wait_until,
 )
 
@@ -93,11 +94,14 @@ def test_a_killed_worker_is_replaced_within_a_second(server_factory: Factory) ->
     pids = wait_for_workers(server, 3)
     victim = min(pids)
     with Load(server, 4) as load:
-        time.sleep(0.3)
+        time.sleep(1.2)  # past the respawn pacing of a slot forked less than a second ago
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
+        killed_boottime = time.clock_gettime(time.CLOCK_BOOTTIME)
         assert wait_until(lambda: len(worker_pids(server) - {victim}) == 3, 5)
-        assert time.monotonic() - killed_at < 1.5, "replaced within a second (plus slack)"
+        (replacement,) = worker_pids(server) - pids
+        # the master's reaction, from /proc (not how fast this test happened to look)
+        assert started_at(replacement) - killed_boottime < 1.0, "replaced within a second"
         ok_after_kill = load.ok
         time.sleep(0.5)
     assert load.ok > ok_after_kill
@@ -194,7 +198,7 @@ def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:
         return all((p := proc_info(pid)) is None or p.state == "Z" for pid in pids)
 
     assert wait_until(gone, 1.5), "idle workers outlived their master"
-    assert children_of(server.pid) == []
+    assert [p for p in session_procs(server.pid) if p.state != "Z"] == []
 
 
 WATCHDOG_APP = """
@@ -218,7 +222,7 @@ sys.exit(forkserve.serve(handle, bind=["127.0.0.1:0"], model="prefork", workers=
 
 def test_watchdog_aborts_a_stuck_worker_with_its_stack_and_replaces_it(
         server_factory: Factory) -> None:
-    server = server_factory("1", "0", script=WATCHDOG_APP)
+    server = server_factory("3", "0", script=WATCHDOG_APP)
     server.traceback_expected = True  # faulthandler's stack dump of the stuck worker
     (stuck_pid,) = wait_for_workers(server, 1)
     with server.connect() as s:
@@ -227,7 +231,9 @@ def test_watchdog_aborts_a_stuck_worker_with_its_stack_and_replaces_it(
         assert recv_all(s) == b"", "the stuck connection is closed when its worker dies"
     server.wait_for_log(rf"made no progress for \d+\.\d s while serving {peer} \(connected")
     server.wait_for_log(r'line \d+ in handle')  # the Python stack of the stuck handler
-    server.wait_for_log(rf"pid {stuck_pid} \(worker 0\) was killed by SIGABRT")
+    server.wait_for_log(rf"worker 0 \(pid {stuck_pid}\), stopped by the watchdog, ended "
+                        r"\((SIGABRT|SIGKILL)\)")
+    assert "out of memory" not in "\n".join(server.lines)
     assert wait_until(lambda: len(worker_pids(server) - {stuck_pid}) == 1, 5)
     with server.connect() as s:
         s.sendall(b"hi\n")
@@ -235,15 +241,17 @@ def test_watchdog_aborts_a_stuck_worker_with_its_stack_and_replaces_it(
 
 
 def test_watchdog_spares_a_worker_that_waits_on_its_client(server_factory: Factory) -> None:
-    server = server_factory("1", "0", script=WATCHDOG_APP)
+    server = server_factory("2", "0", script=WATCHDOG_APP)
     (pid,) = wait_for_workers(server, 1)
     with server.connect() as s:
+        time.sleep(3)  # connected, silent: the client's time, not the worker's
         s.sendall(b"a\n")
         assert recv_exactly(s, 3) == b"ok\n"
-        time.sleep(2.5)  # the client thinks: that is the client's time, not the worker's
+        time.sleep(3)  # the client thinks
         s.sendall(b"b\n")
         assert recv_exactly(s, 3) == b"ok\n"
-    time.sleep(1.5)  # idle beyond the timeout too
+    time.sleep(3)  # idle beyond the timeout too
+    assert "made no progress" not in "\n".join(server.lines)
     assert worker_pids(server) == {pid}
 
 
@@ -305,8 +313,7 @@ def test_workers_that_fail_while_booting_stop_the_master_with_status_3(
     server = server_factory(script=BOOT_FAILURE_APP)
     server.traceback_expected = True  # each failed worker logs why, with its traceback
     assert server.wait(20) == 3
-    server.wait_for_log(r"\[CRITICAL\] stopping: workers keep failing while booting "
-                        r"\(3 in a row\)")
+    server.wait_for_log(r"\[CRITICAL\] workers keep failing while booting \(3 in a row\)")
     forks = {line.split("(pid ")[1].split(")")[0] for line in server.lines
              if "failed while booting" in line}
     assert 3 <= len(forks) < 10, "the master gave up instead of forking forever"

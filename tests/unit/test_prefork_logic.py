@@ -1,4 +1,5 @@
-"""Pre-fork pool logic on the fake kernel: boot failures halt, crashes are paced, reloads roll."""
+"""Pre-fork pool logic on the fake kernel: boot failures halt, crashes are paced, reloads roll,
+the watchdog and the adaptive pool judge only what they should."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from forkserve.config import Config
-from forkserve.errors import ExitCode, HaltServer, WorkerExit
-from forkserve.models.prefork import BOOT_FAILURES_TO_HALT, RESPAWN_INTERVAL, PreforkModel
+from forkserve.errors import ConfigError, ExitCode, WorkerExit
+from forkserve.models.prefork import (
+    ABORT_GRACE,
+    BOOT_FAILURES_TO_HALT,
+    KILL_RETRY,
+    RESPAWN_INTERVAL,
+    PreforkModel,
+)
+from forkserve.scoreboard import SlotState
 from forkserve.supervisor import Supervisor
 from forkserve.worker import READY
 from tests.unit.conftest import never_called
@@ -34,8 +42,16 @@ def pool(sup: Supervisor) -> PreforkModel:
 def ready(sup: Supervisor, *pids: int) -> None:
     model = pool(sup)
     for pid in pids:
-        os.write(model._ready_w, READY.pack(model.workers[pid].slot))
+        os.write(model._ready_w, READY.pack(model.workers[pid].slot, pid))
     model._on_ready()
+
+
+def show(sup: Supervisor, pid: int, state: SlotState, *, beat: float | None = None) -> None:
+    """Write worker ``pid``'s slot as the worker itself would."""
+    model = pool(sup)
+    worker = model.workers[pid]
+    model.scoreboard.write(worker.slot, pid=pid, generation=worker.generation, state=state,
+                           heartbeat=sup.kernel.monotonic() if beat is None else beat)
 
 
 def test_start_forks_the_pool(sup: Supervisor, kernel: FakeKernel) -> None:
@@ -45,30 +61,148 @@ def test_start_forks_the_pool(sup: Supervisor, kernel: FakeKernel) -> None:
 
 def test_workers_failing_at_boot_stop_the_master_with_status_3(sup: Supervisor,
                                                                kernel: FakeKernel) -> None:
-    def fail_at_boot_again_and_again() -> None:
-        for _ in range(10):
-            kernel.exit(next(iter(pool(sup).workers)), WorkerExit.BOOT_ERROR)
-            sup._reap()
-            kernel.now += RESPAWN_INTERVAL
-            sup.model.manage()
-
-    with pytest.raises(HaltServer) as halt:
-        fail_at_boot_again_and_again()
-    assert halt.value.status == ExitCode.BOOT_ERROR
+    for _ in range(10):
+        if sup.stopping:
+            break
+        kernel.exit(next(iter(pool(sup).workers)), WorkerExit.BOOT_ERROR)
+        sup._reap()
+        kernel.now += RESPAWN_INTERVAL
+        sup.model.manage()
+    assert sup._halt is not None
+    assert sup._halt[1] == ExitCode.BOOT_ERROR
+    assert sup.stopping, "a graceful stop, not an abandon"
+    assert {sig for _, sig in kernel.killed} == {signal.SIGTERM}
     assert kernel.next_pid - 100 < 10, "gives up instead of forking forever"
     assert BOOT_FAILURES_TO_HALT <= 3
+
+
+def test_boot_failures_do_not_halt_while_ready_workers_serve(sup: Supervisor,
+                                                             kernel: FakeKernel) -> None:
+    ready(sup, *pool(sup).workers)
+    sup.model.reconfigure()  # a new generation whose workers cannot boot
+    sup.model.manage()
+    delays = []
+    for _ in range(8):
+        failing = [pid for pid, w in pool(sup).workers.items()
+                   if w.generation == pool(sup).pool.generation]
+        if not failing:
+            kernel.now = sup.model.next_deadline() or kernel.now + 1
+            sup.model.manage()
+            continue
+        kernel.exit(failing[0], WorkerExit.BOOT_ERROR)
+        sup._reap()
+        slot = pool(sup).pool.slot_free_at
+        delays.append(max(slot.values()) - kernel.now)
+        sup.model.manage()
+    assert not sup.stopping, "the old generation keeps serving"
+    assert kernel.killed == [], "no old worker retired for a new one that never came up"
+    assert max(delays) > RESPAWN_INTERVAL, "the failing slots back off"
 
 
 def test_a_ready_worker_resets_the_boot_failure_count(sup: Supervisor,
                                                       kernel: FakeKernel) -> None:
     for _ in range(5):
-        pids = list(pool(sup).workers)
-        ready(sup, pids[1])
+        pids = [pid for pid, w in pool(sup).workers.items() if not w.ready]
         kernel.exit(pids[0], WorkerExit.BOOT_ERROR)
         sup._reap()
+        assert pool(sup).pool.boot_failures == 1
+        ready(sup, pids[1])
+        kernel.exit(pids[1], WorkerExit.OK)  # recycled: leaves room for the next round
+        sup._reap()
+        assert pool(sup).pool.boot_failures == 0
         kernel.now += RESPAWN_INTERVAL
         sup.model.manage()
     assert len(pool(sup).workers) == 3
+
+
+def test_a_ready_message_read_after_the_exit_is_not_a_boot_failure(sup: Supervisor,
+                                                                   kernel: FakeKernel) -> None:
+    pid = next(iter(pool(sup).workers))
+    model = pool(sup)
+    os.write(model._ready_w, READY.pack(model.workers[pid].slot, pid))  # not read yet
+    kernel.exit(pid, WorkerExit.OK)  # recycled at once
+    sup._reap()
+    assert model.pool.boot_failures == 0
+    assert sup.counters["worker_exits", "recycled"] == 1
+
+
+def test_the_watchdog_kills_once_a_second_until_the_worker_is_reaped(
+        sup: Supervisor, kernel: FakeKernel) -> None:
+    pids = list(pool(sup).workers)
+    ready(sup, *pids)
+    for pid in pids:
+        show(sup, pid, SlotState.IDLE)
+    stuck = pids[0]
+    kernel.now += sup.config.timeout + 0.1
+    for pid in pids[1:]:
+        show(sup, pid, SlotState.IDLE)  # the others beat
+    sup.model.manage()
+    assert kernel.killed == [(stuck, signal.SIGABRT)]
+    kernel.now += ABORT_GRACE
+    sup.model.manage()
+    assert kernel.killed[-1] == (stuck, signal.SIGKILL)
+    for _ in range(5):  # in D state: it does not die yet; the master must not spin
+        sup.model.manage()
+        assert len(kernel.killed) == 2
+        deadline = sup.model.next_deadline()
+        assert deadline is not None
+        assert deadline > kernel.now, "no deadline in the past"
+    kernel.now += KILL_RETRY
+    sup.model.manage()
+    assert kernel.killed[-1] == (stuck, signal.SIGKILL)
+    assert len(kernel.killed) == 3
+    kernel.die(stuck, signal.SIGKILL)
+    sup._reap()
+    assert sup.counters["worker_exits", "watchdog"] == 1
+
+
+def test_the_watchdog_uses_the_timeout_each_worker_was_forked_with(
+        sup: Supervisor, kernel: FakeKernel) -> None:
+    old = list(pool(sup).workers)
+    ready(sup, *old)
+    sup.config = sup.config.replace(timeout=1.0)  # a reload lowers the timeout
+    for pid in old:
+        show(sup, pid, SlotState.WRITING)
+    kernel.now += 2.0
+    sup.model.manage()
+    assert kernel.killed == [], "old workers keep the timeout they were started with"
+
+
+def test_fewer_retires_an_idle_worker_before_a_busy_one(sup: Supervisor,
+                                                        kernel: FakeKernel) -> None:
+    pids = sorted(pool(sup).workers)
+    ready(sup, *pids)
+    show(sup, pids[0], SlotState.IDLE)  # the oldest is the only idle one
+    for pid in pids[1:]:
+        show(sup, pid, SlotState.READING)
+    sup.model.scale(-1)
+    assert kernel.killed == [(pids[0], signal.SIGTERM)]
+
+
+def test_a_worker_not_yet_started_shows_as_starting(sup: Supervisor) -> None:
+    status = sup.model.status()
+    assert [s.state for s in status.processes] == [SlotState.STARTING] * 3
+    assert sorted(s.pid for s in status.processes) == sorted(pool(sup).workers)
+
+
+def test_the_connections_total_never_goes_backwards(sup: Supervisor,
+                                                    kernel: FakeKernel) -> None:
+    pids = list(pool(sup).workers)
+    ready(sup, *pids)
+    show(sup, pids[0], SlotState.WRITING)  # one connection in flight
+    before = sup.model.status().connections_total
+    assert before == 1
+    kernel.die(pids[0], signal.SIGSEGV)  # it dies with it: served nothing to completion
+    sup._reap()
+    assert sup.model.status().connections_total == before
+
+
+def test_a_failed_worker_fork_refuses_no_client(sup: Supervisor, kernel: FakeKernel) -> None:
+    kernel.fork_error = OSError(11, "Resource temporarily unavailable")
+    sup.model.scale(+1)
+    sup.model.manage()
+    assert sup.counters["fork_failures", "EAGAIN"] == 1
+    assert sup.counters["refused", "fork_failed"] == 0
 
 
 def test_a_crashing_slot_is_replaced_at_most_once_per_interval(sup: Supervisor,
@@ -135,6 +269,8 @@ def test_adaptive_pool_grows_1_2_4_a_second_up_to_max_workers(kernel: FakeKernel
         targets = []
         for _ in range(7):  # no worker ever shows up idle: the pool keeps growing
             ready(sup, *pool(sup).workers)
+            for pid in pool(sup).workers:
+                show(sup, pid, SlotState.READING)
             kernel.now += 1.0
             sup.model.manage()
             targets.append(pool(sup).pool.target)
@@ -142,3 +278,27 @@ def test_adaptive_pool_grows_1_2_4_a_second_up_to_max_workers(kernel: FakeKernel
         assert len(pool(sup).workers) == 20
     finally:
         sup._close()
+
+
+def test_adaptive_pool_waits_for_new_workers_to_be_ready(kernel: FakeKernel) -> None:
+    config = Config(model="prefork", workers=2, min_spare=1, max_spare=3, max_workers=8)
+    sup = Supervisor(config, never_called, [], kernel=kernel)
+    try:
+        sup.model.start()
+        for _ in range(5):  # forked but not ready: not idle, but not a reason to grow either
+            kernel.now += 1.0
+            sup.model.manage()
+        assert pool(sup).pool.target == 2
+        ready(sup, *pool(sup).workers)
+        for pid in pool(sup).workers:
+            show(sup, pid, SlotState.IDLE)
+        kernel.now += 1.0
+        sup.model.manage()
+        assert pool(sup).pool.target == 2, "2 idle is between min_spare and max_spare"
+    finally:
+        sup._close()
+
+
+def test_max_spare_must_be_above_min_spare() -> None:
+    with pytest.raises(ConfigError, match="max_spare"):
+        Config(model="prefork", min_spare=3, max_spare=3)

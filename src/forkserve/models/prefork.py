@@ -11,17 +11,29 @@ it keeps the pool at its target size and rolls it on reload.
 - Replacing: a worker that exits is replaced at once, unless its slot was forked less than
   ``RESPAWN_INTERVAL`` ago (a crash loop at run time), in which case the new one waits for the
   rest of the interval: at most ``target`` forks per interval, however fast workers crash.
-- Boot failures: a worker that exits before it wrote its ready message failed while booting.
-  ``BOOT_FAILURES_TO_HALT`` of those in a row, with no worker ready in between, stop the master
-  with exit status 3 instead of forking forever (gunicorn's WORKER_BOOT_ERROR).
+- Boot failures: a worker that exits before it wrote its ready message failed while booting
+  (the ready pipe is drained before an exit is judged, so a worker that was ready and left at
+  once is not mistaken for one). ``BOOT_FAILURES_TO_HALT`` of those in a row, with no worker
+  ready in between and none left serving, stop the master gracefully with exit status 3
+  instead of forking forever (gunicorn's WORKER_BOOT_ERROR). While ready workers still serve
+  (a reload whose workers cannot boot), they keep serving and the failing slots back off,
+  doubling up to ``BOOT_BACKOFF_MAX``.
 - Reload (SIGHUP): a new generation is forked with the new config; each old worker is retired
   (SIGTERM: it finishes its connection and exits) only once a new one has said it is ready, so
   the pool never shrinks and the shared accept queue never loses a connection.
-- Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``.
+- Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``;
+  a worker retired to shrink the pool is an idle one if any is (a busy one finishes its
+  connection first, but an idle one costs nobody anything).
+- Watchdog: a ready worker whose slot is idle or working (not waiting on its client) and whose
+  heartbeat is older than the ``timeout`` it was forked with gets SIGABRT, then SIGKILL after
+  ``ABORT_GRACE``, repeated at most once a second until it is reaped (a process in
+  uninterruptible sleep dies late; the master must not spin meanwhile).
 - Adaptive pool (``min_spare``/``max_spare``, Apache prefork's rule): once a second, if fewer
   than ``min_spare`` workers are idle, the target grows by 1, then 2, 4 ... up to
   ``MAX_SPAWN_RATE`` in consecutive seconds; if more than ``max_spare`` are idle, one idle
-  worker is retired. Only then does the master wake up every second.
+  worker is retired. Only ready workers of the current generation count, and the pool is judged
+  only once all of them are ready, so that a pool being forked is not mistaken for a busy
+  one. Only then does the master wake up every second.
 """
 
 from __future__ import annotations
@@ -35,10 +47,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..errors import ExitCode, HaltServer, WorkerExit
+from ..errors import ExitCode, WorkerExit
 from ..kernel import Exited
 from ..listeners import Listener
-from ..scoreboard import Scoreboard, SlotState
+from ..scoreboard import Scoreboard, Slot, SlotState
 from ..worker import READY, WorkerContext, run_worker
 from . import ModelStatus
 
@@ -53,6 +65,10 @@ RESPAWN_INTERVAL = 1.0
 BOOT_FAILURES_TO_HALT = 3
 #: After the watchdog's SIGABRT (which prints the stack), SIGKILL if still alive this long.
 ABORT_GRACE = 2.0
+#: After that, SIGKILL again this often until the worker is reaped.
+KILL_RETRY = 1.0
+#: While ready workers serve, a slot whose workers fail to boot waits at most this long.
+BOOT_BACKOFF_MAX = 30.0
 #: The adaptive pool looks at the idle count this often ...
 ADAPT_INTERVAL = 1.0
 #: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE).
@@ -75,9 +91,12 @@ class WorkerInfo:
     slot: int
     generation: int
     started: float
+    #: The watchdog's ``timeout`` of the config this worker was forked with.
+    timeout: float
     ready: bool = False
     retiring: bool = False
     aborted_at: float | None = None
+    killed_at: float | None = None
 
 
 @dataclass
@@ -108,6 +127,9 @@ class PreforkModel:
         #: Connections served by workers that have exited (the live ones are in their slots).
         self.served_by_gone = 0
         self.errors_by_gone = 0
+        #: The highest connections total reported: it never goes backwards (a busy worker
+        #: that dies takes its in-flight connection out of the live count).
+        self._total_reported = 0
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
         self._buffer = b""
@@ -161,6 +183,8 @@ class PreforkModel:
                    if w.generation == self.pool.generation and not w.retiring]
         if len(current) < self.pool.target:
             return  # still forking what was asked for: judge the pool once it is there
+        if not all(w.ready for w in current):
+            return
         idle = [w for w in current if self._is_idle(w)]
         if len(idle) < config.min_spare and self.pool.target < config.max_workers:
             grow = min(self.pool.spawn_rate, config.max_workers - self.pool.target)
@@ -183,23 +207,26 @@ class PreforkModel:
     # ------------------------------------------------------------------ watchdog
 
     def _watchdog_deadlines(self) -> list[float]:
-        timeout = self.sup.config.timeout
         out = []
         for worker in self.workers.values():
-            if worker.aborted_at is not None:
+            if worker.killed_at is not None:
+                out.append(worker.killed_at + KILL_RETRY)
+            elif worker.aborted_at is not None:
                 out.append(worker.aborted_at + ABORT_GRACE)
             elif worker.ready:
                 slot = self.scoreboard.read(worker.slot)
                 if slot.pid == worker.pid and slot.state in WATCHED:
-                    out.append(slot.heartbeat + timeout)
+                    out.append(slot.heartbeat + worker.timeout)
         return out
 
     def _watchdog(self, now: float) -> None:
         """SIGABRT a worker whose own code made no progress for ``timeout``; then SIGKILL."""
-        timeout = self.sup.config.timeout
         for worker in list(self.workers.values()):
             if worker.aborted_at is not None:
-                if now - worker.aborted_at >= ABORT_GRACE:
+                due = (worker.aborted_at + ABORT_GRACE if worker.killed_at is None
+                       else worker.killed_at + KILL_RETRY)
+                if now >= due:
+                    worker.killed_at = now
                     with contextlib.suppress(ProcessLookupError):
                         self.sup.kernel.kill(worker.pid, signal.SIGKILL)
                 continue
@@ -209,7 +236,7 @@ class PreforkModel:
             if slot.pid != worker.pid or slot.state not in WATCHED:
                 continue
             stalled = now - slot.heartbeat
-            if stalled < timeout:
+            if stalled < worker.timeout:
                 continue
             doing = (f"serving {slot.peer} (connected {now - slot.conn_start:.1f} s ago)"
                      if slot.peer else "idle")
@@ -244,17 +271,20 @@ class PreforkModel:
             ready_fd=self._ready_w, close_master_fds=self._close_in_worker,
             master_signals=sup.handled_signals(),
         )
+        # before the fork: once forked, the slot is the worker's alone (it writes IDLE there)
+        self.scoreboard.write(slot, pid=0, generation=self.pool.generation,
+                              state=SlotState.STARTING, heartbeat=now)
         try:
             with sup.signals_blocked():
                 pid = sup.kernel.fork()
                 if pid == 0:
                     run_worker(ctx, slot, self.pool.generation)  # never returns
         except OSError as exc:
-            sup.fork_failed(exc)
+            self.scoreboard.clear(slot)
+            sup.fork_failed(exc, refused=False)
             return
-        self.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, now)
-        self.scoreboard.write(slot, pid=pid, generation=self.pool.generation,
-                              state=SlotState.STARTING, heartbeat=now)
+        self.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, now,
+                                       timeout=sup.config.timeout)
 
     def _close_in_worker(self) -> None:
         self.sup.close_in_child(worker=True)
@@ -267,9 +297,8 @@ class PreforkModel:
             self._buffer += os.read(self._ready_r, 4096)
         whole = len(self._buffer) - len(self._buffer) % READY.size
         chunk, self._buffer = self._buffer[:whole], self._buffer[whole:]
-        by_slot = {w.slot: w for w in self.workers.values()}
-        for (slot,) in READY.iter_unpack(chunk):
-            worker = by_slot.get(slot)
+        for _slot, pid in READY.iter_unpack(chunk):
+            worker = self.workers.get(pid)
             if worker is not None:
                 worker.ready = True
                 self.pool.boot_failures = 0
@@ -292,9 +321,10 @@ class PreforkModel:
             self.sup.kernel.kill(worker.pid, signal.SIGTERM)
 
     def on_exit(self, exited: Exited) -> bool:
-        worker = self.workers.pop(exited.pid, None)
-        if worker is None:
+        if exited.pid not in self.workers:
             return False
+        self._on_ready()  # a ready message still in the pipe was written before this exit
+        worker = self.workers.pop(exited.pid)
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
             self.served_by_gone += slot.connections
@@ -303,7 +333,10 @@ class PreforkModel:
         self.sup.count("worker_exits", self._exit_reason(worker, exited))
         if self.sup.stopping or worker.retiring:
             return True
-        if not worker.ready:
+        if worker.aborted_at is not None:
+            log.warning("worker %d (pid %d), stopped by the watchdog, ended (%s)", worker.slot,
+                        worker.pid, exited.describe())
+        elif not worker.ready:
             self._boot_failed(worker, exited)
         elif exited.code == WorkerExit.OK:
             self.pool.slot_free_at[worker.slot] = 0.0  # recycled: replace it at once
@@ -325,10 +358,19 @@ class PreforkModel:
         self.pool.boot_failures += 1
         log.error("worker %d (pid %d) failed while booting (exit %s)", worker.slot,
                   exited.pid, exited.describe())
-        if self.pool.boot_failures >= BOOT_FAILURES_TO_HALT:
-            raise HaltServer(f"workers keep failing while booting ({self.pool.boot_failures} "
-                             "in a row): stopping; the log above says why",
-                             ExitCode.BOOT_ERROR)
+        if self.pool.boot_failures < BOOT_FAILURES_TO_HALT:
+            return
+        serving = sum(1 for w in self.workers.values() if w.ready and not w.retiring)
+        if not serving:
+            self.sup.halt(f"workers keep failing while booting ({self.pool.boot_failures} in "
+                          "a row): stopping; the log above says why", ExitCode.BOOT_ERROR)
+            return
+        extra = self.pool.boot_failures - BOOT_FAILURES_TO_HALT
+        backoff = min(RESPAWN_INTERVAL * 2 ** (extra + 1), BOOT_BACKOFF_MAX)
+        self.pool.slot_free_at[worker.slot] = self.sup.kernel.monotonic() + backoff
+        log.error("workers keep failing while booting (%d in a row); %d ready worker(s) "
+                  "still serve; retrying this slot in %.0f s", self.pool.boot_failures,
+                  serving, backoff)
 
     # ------------------------------------------------------------------ operator intents
 
@@ -340,9 +382,11 @@ class PreforkModel:
             return
         self.pool.target = target
         log.info("workers: target is now %d", target)
-        surplus = [w for w in self.workers.values()
+        current = [w for w in self.workers.values()
                    if w.generation == self.pool.generation and not w.retiring]
-        for worker in sorted(surplus, key=lambda w: -w.started)[: max(0, len(surplus) - target)]:
+        # idle ones first (retiring a busy worker costs its client a wait), youngest first
+        current.sort(key=lambda w: (not self._is_idle(w), -w.started))
+        for worker in current[: max(0, len(current) - target)]:
             self._retire(worker)
 
     def reconfigure(self) -> None:
@@ -361,16 +405,25 @@ class PreforkModel:
         return self.workers.keys()
 
     def status(self) -> ModelStatus:
-        slots = [s for w in self.workers.values()
-                 if (s := self.scoreboard.read(w.slot)).pid == w.pid]
+        slots = [self._slot_of(w) for w in self.workers.values()]
         idle = sum(1 for s in slots if s.state is SlotState.IDLE)
         busy = sum(1 for s in slots if s.state in BUSY)
+        total = self.served_by_gone + sum(s.connections for s in slots) + busy
+        self._total_reported = max(self._total_reported, total)
         return ModelStatus(
             capacity=self.pool.target, busy=busy, idle=idle,
-            connections_total=self.served_by_gone + sum(s.connections for s in slots) + busy,
-            generation=self.pool.generation, processes=sorted(slots, key=lambda s: s.index),
+            connections_total=self._total_reported, generation=self.pool.generation,
+            processes=sorted(slots, key=lambda s: s.index),
             handler_errors=self.errors_by_gone + sum(s.errors for s in slots),
         )
+
+    def _slot_of(self, worker: WorkerInfo) -> Slot:
+        """The worker's slot; "starting" until the worker has written its own there."""
+        slot = self.scoreboard.read(worker.slot)
+        if slot.pid == worker.pid:
+            return slot
+        return Slot(worker.slot, worker.pid, worker.generation, SlotState.STARTING, 0, 0, 0,
+                    0.0, worker.started, "")
 
     def close(self) -> None:
         self.sup.unwatch(self._ready_r)

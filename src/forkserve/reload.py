@@ -1,0 +1,58 @@
+"""Reloading the configuration (SIGHUP): build the new state, or say why the old one stays.
+
+Theory of operation
+-------------------
+A reload happens in the master's loop, so it must never raise out of it: everything that can
+fail (reading and checking the file, importing a changed app, opening a changed access log) is
+done here, before anything running is touched. Only when all of it worked does the supervisor
+swap the new state in and tell the model (the fork model forks new children with it, prefork
+starts a new generation). Settings in ``RESTART_ONLY`` shape sockets and shared memory made at
+start: a change to them is reported and the running value kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .apps import App
+from .config import Config
+from .errors import ConfigError
+from .handlers import load as load_handler
+from .logs import AccessLog
+
+#: Settings that a reload cannot change: they shape sockets and shared memory made at start.
+RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
+                "control", "metrics_bind", "chdir")
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    config: Config
+    app: App
+    access_log: AccessLog | None
+    #: Settings whose change was ignored because it needs a restart.
+    kept: tuple[str, ...]
+
+
+def prepare(running: Config, app: App, access_log: AccessLog | None,
+            read: Callable[[], Config]) -> Reloaded:
+    """The state a reload would switch to. Raises ``ForkserveError`` saying what is wrong."""
+    new = read()
+    kept = tuple(name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name))
+    new = new.replace(**{name: getattr(running, name) for name in kept})
+    if new.app != running.app:
+        app = load_handler(new.app, chdir=running.chdir)
+    return Reloaded(new, app, _access_log(running, new, access_log), kept)
+
+
+def _access_log(old: Config, new: Config, current: AccessLog | None) -> AccessLog | None:
+    if (new.access_log, new.access_log_format) == (old.access_log, old.access_log_format):
+        return current
+    if new.access_log is None:
+        return None
+    try:
+        return AccessLog(new.access_log, new.access_log_format)
+    except OSError as exc:
+        raise ConfigError("access_log", f"cannot open {new.access_log}: "
+                          f"{exc.strerror}") from None
