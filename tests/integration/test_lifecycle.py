@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.harness import (
     Server,
+    fd_count,
     proc_info,
     recv_all,
     recv_exactly,
@@ -174,3 +175,23 @@ def test_group_signals_meant_for_the_master_do_not_kill_children(server_factory:
         s.sendall(b"still served\n")
         assert recv_exactly(s, len(HELLO)) == HELLO
     assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork"])
+def test_a_stop_still_answers_a_connection_whose_request_is_on_its_way(
+        server_factory: Factory, model: str) -> None:
+    server = server_factory("--model", model, "--workers", "1")
+    if model == "prefork":
+        assert wait_until(lambda: len(server.children()) == 1, 10)
+        (worker,) = (p.pid for p in server.children())
+        fds = fd_count(worker)
+    with server.connect() as s:  # accepted, but its request has not been sent yet
+        if model == "prefork":
+            assert wait_until(lambda: fd_count(worker) == fds + 1, 10), "the worker took it"
+        else:
+            assert wait_until(lambda: len(server.children()) == 1, 10)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        s.sendall(b"late\n")
+        assert recv_all(s) == HELLO, "an accepted client gets its first request answered"
+    assert server.wait() == 0

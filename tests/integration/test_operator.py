@@ -188,7 +188,7 @@ def test_hup_reloads_the_config_file_and_a_broken_one_changes_nothing(
         server_factory: Factory, tmp_path: Path) -> None:
     path = tmp_path / "forkserve.toml"
     path.write_text('app = "hello"\n')
-    server = server_factory("--config", str(path))
+    server = server_factory("--config", str(path), "--chdir", str(tmp_path))
     with server.connect() as before:  # in flight across the reload: keeps the old app
         before.sendall(b"x\n")
         assert recv_exactly(before, len(HELLO)) == HELLO
@@ -205,6 +205,11 @@ def test_hup_reloads_the_config_file_and_a_broken_one_changes_nothing(
     server.signal(signal.SIGHUP)
     server.wait_for_log(r"reload failed, still serving with the running config: "
                         r"invalid max_line in .*: must be at least 1")
+    (tmp_path / "quitter.py").write_text("import sys\nsys.exit('no config here')\n")
+    path.write_text('app = "quitter:handle"\n')
+    server.signal(signal.SIGHUP)  # an app that exits while importing: not the master's exit
+    server.wait_for_log(r"reload failed, still serving with the running config: .*"
+                        r"importing 'quitter' failed: SystemExit: no config here")
     with server.connect() as s:
         s.sendall(b"echo\n")
         assert recv_exactly(s, 5) == b"echo\n"
@@ -240,10 +245,12 @@ def test_signal_command_errors_are_one_line(tmp_path: Path) -> None:
     assert result.stderr.decode().strip() == (
         f"forkserve: no process 999999999 (stale pid file {stale}?)")
     garbage = tmp_path / "garbage.pid"
-    garbage.write_text("hello\n")
-    result = run_cli(["signal", "reload", "--pid-file", str(garbage)])
-    assert result.returncode == 1
-    assert "does not hold a pid" in result.stderr.decode()
+    for text in ("hello\n", "\u00b2\n", "\u0663\n", "1\n", "\n"):  # ² and Arabic 3: isdigit()
+        garbage.write_text(text, encoding="utf-8")
+        result = run_cli(["signal", "reload", "--pid-file", str(garbage)])
+        assert result.returncode == 1, text
+        assert "does not hold a pid" in result.stderr.decode()
+        assert "Traceback" not in result.stderr.decode()
     bad_verb = run_cli(["signal", "explode", "--pid", "1"])
     assert bad_verb.returncode == 2
     assert "Traceback" not in bad_verb.stderr.decode()

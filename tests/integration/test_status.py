@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.harness import Server, recv_all, recv_exactly, run_cli, wait_until
+from tests.integration.harness import (
+    Server,
+    cpu_seconds,
+    recv_all,
+    recv_exactly,
+    run_cli,
+    wait_until,
+)
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -168,3 +178,38 @@ def test_handler_errors_are_counted_per_worker(server_factory: Factory, tmp_path
     snap = status(control)
     assert sum(p["errors"] for p in snap["processes"]) == 3
     assert snap["idle"] == 2, "a handler error costs its connection, not its worker"
+
+
+def test_fd_exhaustion_on_the_operators_sockets_does_not_spin_the_master(
+        server_factory: Factory, tmp_path: Path) -> None:
+    port = free_port()
+    control = tmp_path / "control.sock"
+    server = server_factory("--model", "single", "--metrics-bind", f"127.0.0.1:{port}",
+                            "--control", f"unix:{control}")
+    assert scrape(port)[0] == "HTTP/1.0 200 OK"  # (imports what rendering needs, fds free)
+    # Allow the master no fd number beyond those it has: its next accept() gets EMFILE.
+    limit = max(int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")) + 1
+    old = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+    try:
+        scraper = socket.create_connection(("127.0.0.1", port), timeout=10)
+        scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader.settimeout(10)
+        reader.connect(str(control))
+        server.wait_for_log(r"metrics: accept failed: Too many open files")
+        server.wait_for_log(r"control socket: accept failed: Too many open files")
+        cpu0 = cpu_seconds(server.pid)
+        time.sleep(1.5)
+        assert cpu_seconds(server.pid) - cpu0 < 0.5, "the master spins on EMFILE"
+        reports = [line for line in server.lines if "accept failed" in line]
+        assert len(reports) <= 2 * 4, "reported once per pause, not once per wake-up"
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, old)
+    with scraper, reader:  # both are served once fds are free again
+        assert recv_all(scraper).startswith(b"HTTP/1.0 200 OK")
+        assert json.loads(recv_all(reader))["model"] == "single"
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+
