@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from forkserve.config import Address, OneAddress
-from forkserve.listeners import Address, bind_all
+from forkserve.listeners import bind_all
 from forkserve.loopserver import DEADLINE, LoopServer
 
 
