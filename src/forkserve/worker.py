@@ -42,11 +42,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import NoReturn
 
+from . import hooks
 from .apps import App
 from .child import CHILD_GRACE_MARGIN, serve_one, set_parent_death_signal, set_title
 from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, WorkerExit
+from .hooks import Process
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord
 from .scoreboard import Scoreboard, SlotState
@@ -78,6 +80,10 @@ class WorkerContext:
     #: Closes the master's private fds (not the listeners, not the ready pipe's write end).
     close_master_fds: Callable[[], None]
     master_signals: Iterable[int]
+
+
+class BootAborted(Exception):
+    """The worker cannot become ready (the reason is already in the log)."""
 
 
 class Worker:
@@ -115,8 +121,14 @@ class Worker:
         self._install_signals()
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints the stack
         set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
+        if not hooks.call(self.ctx.config, "post_fork",
+                          Process(self.pid, "worker", self.slot, self.generation)):
+            raise BootAborted  # logged by the hook's caller; not ready: a boot failure
         self._state(SlotState.IDLE)
-        os.write(self.ctx.ready_fd, READY.pack(self.slot, self.pid))
+        try:
+            os.write(self.ctx.ready_fd, READY.pack(self.slot, self.pid))
+        except BrokenPipeError:
+            raise BootAborted from None  # the master died while this worker booted
         os.close(self.ctx.ready_fd)
 
     def _install_signals(self) -> None:
@@ -257,6 +269,8 @@ def run_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
         worker.boot()
         status = WorkerExit.ERROR
         status = worker.run()
+    except BootAborted:
+        pass
     except BaseException:
         with contextlib.suppress(BaseException):
             log.exception("worker %d failed", os.getpid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,10 +14,10 @@ import pytest
 
 from tests.integration.harness import (
     Server,
-    fd_count,
     proc_info,
     recv_all,
     recv_exactly,
+    run_cli,
     session_procs,
     wait_until,
 )
@@ -179,17 +180,18 @@ def test_group_signals_meant_for_the_master_do_not_kill_children(server_factory:
 
 @pytest.mark.parametrize("model", ["fork", "prefork"])
 def test_a_stop_still_answers_a_connection_whose_request_is_on_its_way(
-        server_factory: Factory, model: str) -> None:
-    server = server_factory("--model", model, "--workers", "1")
+        server_factory: Factory, tmp_path: Path, model: str) -> None:
+    control = tmp_path / "control.sock"
+    server = server_factory("--model", model, "--workers", "1", "--control", f"unix:{control}")
+
+    def states() -> list[str]:
+        result = run_cli(["status", "--control", f"unix:{control}", "--json"])
+        return [p["state"] for p in json.loads(result.stdout)["processes"]]
+
     if model == "prefork":
-        assert wait_until(lambda: len(server.children()) == 1, 10)
-        (worker,) = (p.pid for p in server.children())
-        fds = fd_count(worker)
+        assert wait_until(lambda: states() == ["idle"], 10)
     with server.connect() as s:  # accepted, but its request has not been sent yet
-        if model == "prefork":
-            assert wait_until(lambda: fd_count(worker) == fds + 1, 10), "the worker took it"
-        else:
-            assert wait_until(lambda: len(server.children()) == 1, 10)
+        assert wait_until(lambda: states() == ["reading"], 10), "a process has taken it"
         server.signal(signal.SIGTERM)
         time.sleep(0.3)
         s.sendall(b"late\n")
