@@ -41,10 +41,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from . import hooks
 from .apps import App
 from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, LineTooLong
+from .hooks import Process
 from .scoreboard import Scoreboard, SlotState
 
 log = logging.getLogger("forkserve")
@@ -156,6 +158,9 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
                       peer=format_address(addr, sock.family), settings=ctx.config)
     _reset_signals(ctx, conn)
     set_title(f"forkserve: conn {conn.peer}")
+    if not hooks.call(ctx.config, "post_fork", Process(os.getpid(), "child", slot)):
+        conn.close()
+        return ChildExit.HANDLER_ERROR
     with contextlib.suppress(OSError):
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -188,6 +188,22 @@ class Path(Text):
 
 
 @dataclass(frozen=True)
+class Hook(Kind):
+    """A callable, or its name ``MODULE:ATTR`` (imported later, by ``hooks.resolve``)."""
+
+    metavar: ClassVar[str] = "MODULE:ATTR"
+
+    def convert(self, value: object) -> Callable[..., object] | str | None:
+        if value is None or callable(value):
+            return value
+        if isinstance(value, str):
+            module, sep, attr = value.strip().partition(":")
+            if sep and module and attr:
+                return value.strip()
+        raise ValueError(f"must be MODULE:ATTR naming a function, got {value!r}")
+
+
+@dataclass(frozen=True)
 class UnixAddress(Kind):
     optional: bool = True
     metavar: ClassVar[str] = "unix:PATH"
@@ -375,6 +391,26 @@ class Config:
     )
     access_log_format: str = setting(
         "text", Choice(options=("text", "json")), "Format of the access log: text or json."
+    )
+    on_starting: Callable[..., object] | str | None = setting(
+        None, Hook(), "Hook: called in the master with the Config before anything is bound; "
+        "if it raises, nothing starts (exit 2).",
+    )
+    post_fork: Callable[..., object] | str | None = setting(
+        None, Hook(), "Hook: called in each new child or worker with a forkserve.hooks.Process "
+        "(pid, role, slot, generation) before it serves; if it raises, a child closes its "
+        "connection and a worker counts as failed while booting.",
+    )
+    child_exit: Callable[..., object] | str | None = setting(
+        None, Hook(), "Hook: called in the master with a forkserve.hooks.ChildExited (pid, "
+        "status, code) for each child or worker it reaps.",
+    )
+    on_reload: Callable[..., object] | str | None = setting(
+        None, Hook(), "Hook: called in the master with the new Config after a reload.",
+    )
+    on_exit: Callable[..., object] | str | None = setting(
+        None, Hook(), "Hook: called in the master with the exit status, after the last child "
+        "is gone.",
     )
 
     def __post_init__(self) -> None:

@@ -56,11 +56,19 @@ def load(spec: str, *, chdir: str | None = None) -> App:
         known = ", ".join(sorted(BUILTIN))
         raise ConfigError("app", f"{spec!r} is neither a built-in app ({known}) nor "
                                  "MODULE:ATTRIBUTE, as in myapp:handle")
-    obj = _import(module_name, attr, spec, chdir)
+    obj = _import(module_name, attr, chdir)
     return adapt(obj, spec)
 
 
-def _import(module_name: str, attr: str, spec: str, chdir: str | None) -> object:
+def import_object(spec: str, *, chdir: str | None = None) -> object:
+    """The object ``MODULE:ATTR`` names; raise ``ConfigError("app", ...)`` saying what failed."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError("app", f"{spec!r} is not MODULE:ATTRIBUTE, as in myhooks:post_fork")
+    return _import(module_name, attr, chdir)
+
+
+def _import(module_name: str, attr: str, chdir: str | None) -> object:
     path = os.path.abspath(chdir) if chdir else os.getcwd()
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import hooks
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -38,7 +39,7 @@ class Reloaded:
 def prepare(running: Config, app: App, access_log: AccessLog | None,
             read: Callable[[], Config]) -> Reloaded:
     """The state a reload would switch to. Raises ``ForkserveError`` saying what is wrong."""
-    new = read()
+    new = hooks.resolve(read())
     kept = tuple(name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name))
     new = new.replace(**{name: getattr(running, name) for name in kept})
     if new.app != running.app:

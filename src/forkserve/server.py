@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
+from . import hooks
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -35,7 +36,10 @@ def run_server(config: Config, app: App | None = None,
         except OSError as exc:
             raise ConfigError("chdir", f"cannot change to {config.chdir}: "
                               f"{exc.strerror}") from None
+    config = hooks.resolve(config)
     app = load_handler(config.app) if app is None else adapt(app, config.app)
+    if not hooks.call(config, "on_starting", config):
+        raise ConfigError("on_starting", "the hook raised (its traceback is in the log above)")
     if config.metrics_bind is not None:
         require_metrics_client()
     with contextlib.ExitStack() as undo:
@@ -61,4 +65,6 @@ def run_server(config: Config, app: App | None = None,
                                 reload_config=reload_config, control=control,
                                 metrics=metrics)
         undo.pop_all()  # from here on, the supervisor closes what it was given
-    return supervisor.run()
+    status = supervisor.run()
+    hooks.call(supervisor.config, "on_exit", status)
+    return status

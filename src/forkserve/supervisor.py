@@ -45,12 +45,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import models, pidfile, reload
+from . import hooks, models, pidfile, reload
 from ._version import __version__
 from .apps import App
 from .child import set_title
 from .config import Config
 from .errors import ConfigError, ExitCode, ForkserveError
+from .hooks import ChildExited
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
@@ -394,12 +395,16 @@ class Supervisor:
         configure(new.config.log_level)
         self.model.reconfigure()
         log.info("reloaded the config: new connections use it")
+        hooks.call(self.config, "on_reload", self.config)
 
     # ------------------------------------------------------------------ children
 
     def _reap(self) -> None:
         for exited in reap(self.kernel):
-            if not self.model.on_exit(exited):
+            if self.model.on_exit(exited):
+                hooks.call(self.config, "child_exit",
+                           ChildExited(exited.pid, exited.describe(), exited.code))
+            else:
                 log.info("reaped pid %d, which is not one of ours (exit %d)",
                          exited.pid, exited.code)
 

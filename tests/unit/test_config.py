@@ -103,3 +103,14 @@ def test_readme_signal_table_is_generated_from_the_signal_table() -> None:
     assert readme[start:end].split("\n", 1)[1].strip() == signal_table().strip(), (
         "README's signal table is stale: regenerate it with `forkserve settings --signals`"
     )
+
+
+def test_hooks_are_callables_or_module_attr_names() -> None:
+    def hook(config: Config) -> None:
+        pass
+
+    assert Config(on_starting=hook).on_starting is hook
+    assert Config(post_fork=" mod:func ").post_fork == "mod:func"
+    for bad in ("mod", ":func", "mod:", 3):
+        with pytest.raises(ConfigError, match="post_fork: must be MODULE:ATTR"):
+            Config(post_fork=bad)  # type: ignore[arg-type]
