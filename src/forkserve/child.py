@@ -47,6 +47,7 @@ from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, LineTooLong
 from .hooks import Process
+from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 
 log = logging.getLogger("forkserve")
@@ -153,6 +154,7 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
 
 def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> ChildExit:
     ctx.close_master_fds()
+    apply_limits(ctx.config)
     conn = Connection(sock, max_line=ctx.config.max_line, idle_timeout=ctx.config.idle_timeout,
                       write_timeout=ctx.config.write_timeout,
                       peer=format_address(addr, sock.family), settings=ctx.config)

@@ -188,6 +188,30 @@ class Path(Text):
 
 
 @dataclass(frozen=True)
+class Umask(Kind):
+    """A file mode creation mask, written in octal (``022``) or given as a number."""
+
+    metavar: ClassVar[str] = "OCTAL"
+
+    def convert(self, value: object) -> int | None:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            mask = value
+        elif isinstance(value, str):
+            try:
+                mask = int(value.strip(), 8)
+            except ValueError:
+                raise ValueError(f"must be an octal mask such as 022, got {value!r}") from None
+        else:
+            raise ValueError(f"must be an octal mask such as 022, got {value!r}")
+        if mask is not None and not 0 <= mask <= 0o777:
+            raise ValueError(f"must be between 000 and 777, got {mask:o}")
+        return mask
+
+    def show(self, value: object) -> str:
+        return "" if value is None else f"{value:03o}"
+
+
+@dataclass(frozen=True)
 class Hook(Kind):
     """A callable, or its name ``MODULE:ATTR`` (imported later, by ``hooks.resolve``)."""
 
@@ -382,6 +406,33 @@ class Config:
     pid_file: str | None = setting(
         None, Path(optional=True),
         "Write the master's pid to this file (removed on exit); `forkserve signal` reads it.",
+    )
+    user: str | None = setting(
+        None, Text(optional=True),
+        "Run as this user (name or uid) once the sockets are bound: supplementary groups are "
+        "dropped, then the group and user set, before any fork. Needs root.",
+    )
+    group: str | None = setting(
+        None, Text(optional=True),
+        "Run as this group (name or gid); default: the user's primary group.",
+    )
+    umask: int | None = setting(
+        None, Umask(), "File mode creation mask of the master and everything it forks (octal)."
+    )
+    limit_as: int = setting(
+        0, Int(minimum=0),
+        "Per child or worker: address space limit in MB (RLIMIT_AS; 0: unchanged).",
+    )
+    limit_cpu: int = setting(
+        0, Int(minimum=0),
+        "Per child or worker: CPU seconds before the kernel ends it (RLIMIT_CPU; 0: unchanged).",
+    )
+    limit_nofile: int = setting(
+        0, Int(minimum=0), "Per child or worker: open files (RLIMIT_NOFILE; 0: unchanged)."
+    )
+    limit_nproc: int = setting(
+        0, Int(minimum=0),
+        "Per child or worker: processes of its user (RLIMIT_NPROC; 0: unchanged).",
     )
     log_level: str = setting("info", Choice(options=LOG_LEVELS), "Least severe log level shown.")
     access_log: str | None = setting(

@@ -21,10 +21,11 @@ from .config import Config
 from .errors import ConfigError
 from .handlers import load as load_handler
 from .logs import AccessLog
+from .privileges import check_limits
 
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
 RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
-                "control", "metrics_bind", "chdir")
+                "control", "metrics_bind", "chdir", "user", "group", "umask")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def prepare(running: Config, app: App, access_log: AccessLog | None,
     new = hooks.resolve(read())
     kept = tuple(name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name))
     new = new.replace(**{name: getattr(running, name) for name in kept})
+    check_limits(new)
     if new.app != running.app:
         app = load_handler(new.app, chdir=running.chdir)
     return Reloaded(new, app, _access_log(running, new, access_log), kept)

@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from . import hooks
+from . import hooks, privileges
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -37,6 +37,10 @@ def run_server(config: Config, app: App | None = None,
             raise ConfigError("chdir", f"cannot change to {config.chdir}: "
                               f"{exc.strerror}") from None
     config = hooks.resolve(config)
+    identity = privileges.resolve_identity(config)
+    privileges.check_limits(config)
+    if config.umask is not None:
+        os.umask(config.umask)
     app = load_handler(config.app) if app is None else adapt(app, config.app)
     if not hooks.call(config, "on_starting", config):
         raise ConfigError("on_starting", "the hook raised (its traceback is in the log above)")
@@ -61,6 +65,12 @@ def run_server(config: Config, app: App | None = None,
         if config.metrics_bind is not None:
             metrics = bind_all((config.metrics_bind,), CONTROL_BACKLOG)[0]
             undo.callback(metrics.close)
+        if identity is not None:
+            try:
+                privileges.drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
+            except OSError as exc:
+                raise ConfigError("user", f"cannot become {identity.name}: "
+                                          f"{exc.strerror}") from None
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 reload_config=reload_config, control=control,
                                 metrics=metrics)

@@ -51,6 +51,7 @@ from .errors import ChildExit, WorkerExit
 from .hooks import Process
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord
+from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 
 log = logging.getLogger("forkserve")
@@ -112,6 +113,7 @@ class Worker:
     def boot(self) -> None:
         """Hygiene, signals, the epoll set; then tell the master this worker is ready."""
         self.ctx.close_master_fds()
+        apply_limits(self.ctx.config)
         # the epoll set first, while signals are still blocked (as fork left them): a SIGTERM
         # already pending closes the listeners the moment the mask clears, and they must be
         # registered by then, not after
