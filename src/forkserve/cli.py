@@ -1,4 +1,4 @@
-"""The ``forkserve`` command: ``serve``, ``client`` and ``settings``.
+"""The ``forkserve`` command: ``serve``, ``exec``, ``client``, ``signal``, ``status``, ``settings``.
 
 Every operator error ends as one line on standard error and exit status 2, never a traceback.
 """
@@ -13,6 +13,7 @@ from . import config as config_mod
 from . import control
 from . import status as status_mod
 from ._version import __version__
+from .apps import exec as exec_app
 from .client import ClientFailed
 from .client import run as run_client
 from .control import VERBS
@@ -20,6 +21,9 @@ from .errors import ConfigError, ExitCode, ForkserveError
 from .server import run_server
 from .status import StatusFailed
 from .supervisor import signal_table
+
+#: The ``app`` setting of an exec server (what status and a reload see).
+EXEC_APP = "exec"
 
 
 def _positive_int(text: str) -> int:
@@ -36,6 +40,28 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_exec_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ex = sub.add_parser(
+        "exec", help="run a program per connection, the socket as its stdin and stdout",
+        usage="forkserve exec [OPTIONS] -- PROGRAM [ARGS...]",
+        description="Run PROGRAM for each connection (like tcpserver or inetd): the socket is "
+                    "its stdin and stdout, its stderr goes to the log as [PID] lines, and it "
+                    "gets PATH, the --pass-env and --env variables and the connection's PROTO, "
+                    "TCPLOCALIP, TCPLOCALPORT, TCPREMOTEIP, TCPREMOTEPORT (PROTO=UNIX and "
+                    "UNIX* on unix listeners), nothing else. Every setting of serve applies; "
+                    "the model is fork.")
+    ex.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
+                    "(command-line flags win over it)")
+    config_mod.add_arguments(ex)
+    ex.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set NAME to VALUE in the program's environment (repeatable)")
+    ex.add_argument("--pass-env", action="append", default=[], metavar="NAME",
+                    help="pass the master's NAME, if set, to the program (repeatable)")
+    ex.add_argument("program", metavar="PROGRAM", help="the program, on PATH or a path")
+    ex.add_argument("args", nargs="*", default=[], metavar="ARGS",
+                    help="its arguments (after --)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forkserve", description="A multi-process TCP server (fork, single).")
@@ -49,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
                        "(command-line flags win over it)")
     config_mod.add_arguments(serve)
+
+    add_exec_parser(sub)
 
     client = sub.add_parser("client", help="the tutorial's client: send lines, print answers",
                             description="Connect, send lines, print what the server answers.")
@@ -98,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reload = ((lambda: config_mod.from_cli(args, args.config, given))
                       if args.config else None)
             return run_server(config, reload_config=reload)
+        if args.command == "exec":
+            return _run_exec(args)
         if args.command == "signal":
             pid = control.send(args.verb, pid_file=args.pid_file, pid=args.pid)
             print(f"forkserve: sent {VERBS[args.verb].name} to {pid}", file=sys.stderr)
@@ -123,6 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _run_exec(args: argparse.Namespace) -> int:
+    """``forkserve exec``: everything is checked before anything is bound (exit 2 otherwise)."""
+    given = {"app": EXEC_APP}
+    config = config_mod.from_cli(args, args.config, given)
+    exec_app.check_model(config.model)
+    program = exec_app.prepare([args.program, *args.args], env_items=args.env,
+                               pass_env=args.pass_env, chdir=config.chdir)
+    reload = (lambda: config_mod.from_cli(args, args.config, given)) if args.config else None
+    return run_server(config, program, reload_config=reload)
 
 
 def entry() -> None:

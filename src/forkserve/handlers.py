@@ -50,6 +50,9 @@ class Handler(Protocol):
 
 def load(spec: str, *, chdir: str | None = None) -> App:
     """Resolve ``spec`` to a handler callable; raise ``ConfigError`` naming what is wrong."""
+    if spec == "exec":
+        raise ConfigError("app", "exec runs a program per connection: use "
+                                 "forkserve exec [OPTIONS] -- PROGRAM [ARGS...]")
     target = BUILTIN.get(spec, spec)
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:

@@ -97,11 +97,20 @@ class Model(Protocol):
 
 
 def create(name: str, supervisor: Supervisor) -> Model:
-    """The model called ``name`` (a checked ``Config.model``)."""
+    """The model called ``name`` (a checked ``Config.model``).
+
+    An exec ``Program`` in place of the app runs under the fork model only (``forkserve
+    exec``); raises ``ConfigError`` for another model.
+    """
+    if isinstance(supervisor.app, Program):
+        check_model(name)
+        return ExecModel(supervisor)
     return _MODELS[name](supervisor)
 
 
+from ..apps.exec import Program, check_model  # noqa: E402
 from .fork import ForkModel  # noqa: E402  (the models need the protocol above)
+from .fork_exec import ExecModel  # noqa: E402
 from .prefork import PreforkModel  # noqa: E402
 from .single import SingleModel  # noqa: E402
 

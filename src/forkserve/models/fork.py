@@ -15,7 +15,7 @@ import logging
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..child import ChildContext, run_child
 from ..connection import format_address
@@ -90,28 +90,32 @@ class ForkModel(WithoutPool):
                 if self.sup.accept_failed(exc):
                     return
                 continue
-            if not self._spawn(sock, addr):
+            if self._spawn(sock, addr) is None:
                 return
 
-    def _spawn(self, sock: socket.socket, addr: object) -> bool:
-        """Fork a child for ``sock``; False if forking failed (accepting is then paused)."""
+    def _spawn(self, sock: socket.socket, addr: object) -> Child | None:
+        """Fork a child for ``sock``; None if forking failed (accepting is then paused)."""
         slot = self._free_slots.pop()
         kernel = self.sup.kernel
         try:
             with self.sup.signals_blocked():
                 pid = kernel.fork()
                 if pid == 0:
-                    run_child(self._context, sock, addr, slot)  # never returns
+                    self._run_child(sock, addr, slot)  # never returns
         except OSError as exc:
             self._free_slots.append(slot)
             sock.close()  # this client is refused: better than a master that dies
             self.sup.fork_failed(exc)
-            return False
+            return None
         sock.close()  # the child has its copy; the master must not keep one
         self.accepted += 1
-        self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
-                                   kernel.monotonic())
-        return True
+        child = self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
+                                           kernel.monotonic())
+        return child
+
+    def _run_child(self, sock: socket.socket, addr: object, slot: int) -> NoReturn:
+        """In the new child: serve ``sock`` and exit (the exec model runs a program instead)."""
+        run_child(self._context, sock, addr, slot)
 
     def on_exit(self, exited: Exited) -> bool:
         child = self.children.pop(exited.pid, None)
@@ -120,9 +124,7 @@ class ForkModel(WithoutPool):
         slot = self.scoreboard.read(child.slot)
         self.scoreboard.clear(child.slot)
         self._free_slots.append(child.slot)
-        self.handler_errors += exited.code == ChildExit.HANDLER_ERROR
-        if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR, ChildExit.QUIT):
-            self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
+        self._report_exit(child, exited)
         ours = slot.pid == exited.pid
         self.sup.write_access(AccessRecord(
             peer=child.peer, pid=exited.pid,
@@ -132,6 +134,12 @@ class ForkModel(WithoutPool):
         ))
         self.sup.update_accepting()
         return True
+
+    def _report_exit(self, child: Child, exited: Exited) -> None:
+        """Count and log how a child ended (the access record is written after this)."""
+        self.handler_errors += exited.code == ChildExit.HANDLER_ERROR
+        if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR, ChildExit.QUIT):
+            self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
 
     def interrupt(self, fast: bool) -> None:
         pass  # children are signalled by the supervisor's stop checklist
