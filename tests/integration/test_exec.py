@@ -204,3 +204,10 @@ def test_graceful_stop_ends_a_running_program(server_factory: Factory) -> None:
         assert time.monotonic() - started < 5.0
         assert recv_all(s) == b""
     assert not [p for p in session_procs(server.pid) if p.state != "Z"]
+
+
+
+def test_limits_apply_to_the_program(server_factory: Factory) -> None:
+    server = exec_server(server_factory, *BIND, "--limit-nofile", "32", "--",
+                         "sh", "-c", "ulimit -n; ulimit -Hn")
+    assert ask(server)[0] == b"32\n32\n"

@@ -59,9 +59,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
+from .. import hooks
 from ..child import ChildContext, set_parent_death_signal
 from ..connection import format_address
 from ..errors import ConfigError
+from ..hooks import Process
+from ..privileges import apply_limits
 from ..scoreboard import SlotState
 
 if TYPE_CHECKING:
@@ -230,6 +233,9 @@ def run_program(ctx: ChildContext, program: Program, sock: socket.socket, addr: 
     """In a freshly forked child: become ``program`` on ``sock``. Never returns."""
     try:
         ctx.close_master_fds()
+        apply_limits(ctx.config)
+        if not hooks.call(ctx.config, "post_fork", Process(os.getpid(), "child", slot)):
+            os._exit(EXEC_FAILED)
         _default_signals()
         set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != ctx.master_pid:  # the master died before prctl: nobody to serve
