@@ -127,9 +127,6 @@ class PreforkModel:
         #: Connections served by workers that have exited (the live ones are in their slots).
         self.served_by_gone = 0
         self.errors_by_gone = 0
-        #: The highest connections total reported: it never goes backwards (a busy worker
-        #: that dies takes its in-flight connection out of the live count).
-        self._total_reported = 0
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
         self._buffer = b""
@@ -327,7 +324,9 @@ class PreforkModel:
         worker = self.workers.pop(exited.pid)
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
-            self.served_by_gone += slot.connections
+            # a connection in service when the worker died was taken all the same: the
+            # total counts connections served or being served, and must not go backwards
+            self.served_by_gone += slot.connections + (slot.state in BUSY)
             self.errors_by_gone += slot.errors
         self.scoreboard.clear(worker.slot)
         self.sup.count("worker_exits", self._exit_reason(worker, exited))
@@ -408,11 +407,10 @@ class PreforkModel:
         slots = [self._slot_of(w) for w in self.workers.values()]
         idle = sum(1 for s in slots if s.state is SlotState.IDLE)
         busy = sum(1 for s in slots if s.state in BUSY)
-        total = self.served_by_gone + sum(s.connections for s in slots) + busy
-        self._total_reported = max(self._total_reported, total)
         return ModelStatus(
             capacity=self.pool.target, busy=busy, idle=idle,
-            connections_total=self._total_reported, generation=self.pool.generation,
+            connections_total=self.served_by_gone + sum(s.connections for s in slots) + busy,
+            generation=self.pool.generation,
             processes=sorted(slots, key=lambda s: s.index),
             handler_errors=self.errors_by_gone + sum(s.errors for s in slots),
         )
