@@ -16,15 +16,23 @@ master itself (single model). Rules:
    the receive timeout to ``STOP_POLL`` (one ``setsockopt``, safe in a signal handler; a read
    blocked at that moment is retried by PEP 475 with the new timeout). From then on a read
    returns what the client has already sent, and the first read that would wait ends the
-   input (``readline`` returns ``b""``). A connection that has received nothing yet is the
-   exception: it was accepted, so its client is owed an answer to its first request, which
-   may still be in flight; its first read waits as usual (bounded by the idle timeout and
-   the stop's deadline), and the stop applies from the read after it. Nothing received is
-   dropped, no answer is cut, and the connection then closes with lingering, as below.
+   input (``readline`` returns ``b""``). A request still incomplete is the exception: a
+   connection that has received nothing yet (its client was accepted, and its first request
+   may be in flight) or holds part of a line waits up to ``STOP_GRACE`` for the rest, then
+   ends the same way; a connection that is idle between requests ends at once. Nothing
+   received whole is dropped, no answer is cut, and the connection then closes with
+   lingering, as below. A client that says nothing costs a stop ``STOP_GRACE``, not
+   ``graceful_timeout``.
    (``shutdown(SHUT_RD)`` was rejected: it fakes an end-of-stream, so the close could no
    longer tell when the client was done and would reset a client still sending, destroying
    answers in flight.)
-4. ``close()`` lingers when the server closes first: shut down the write side, drain what the
+4. TLS (an ``ssl.SSLSocket`` after its handshake) keeps the same deadlines: the socket is put
+   in Python's non-blocking mode while its fd stays blocking, so OpenSSL's reads and writes
+   block in the kernel up to ``SO_RCVTIMEO``/``SO_SNDTIMEO`` and then report "want read/write"
+   instead of looping forever, as its blocking mode would. The same report comes when a signal
+   cuts a wait short (OpenSSL cannot retry it as PEP 475 would): a read or write is then
+   retried unless the stop applies or its deadline has really passed.
+5. ``close()`` lingers when the server closes first: shut down the write side, drain what the
    client still sends for a moment, then close, so a final answer is not destroyed by the RST
    that closing with unread input would send (RFC 1122 4.2.2.13).
 """
@@ -32,7 +40,9 @@ master itself (single model). Rules:
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -54,6 +64,8 @@ LINGER_SECONDS = 2.0
 LINGER_MAX_BYTES = 1 << 20
 #: The receive timeout once a stop is asked for: reads return queued data, never wait.
 STOP_POLL = 0.000_001
+#: ... except while a request is incomplete (nothing received yet, or part of a line).
+STOP_GRACE = 1.0
 #: Longest timeout the kernel's timeval takes without overflow that we will ever set.
 MAX_TIMEOUT = 1e6
 
@@ -63,6 +75,11 @@ def _timeval(seconds: float) -> bytes:
     seconds = min(max(seconds, STOP_POLL), MAX_TIMEOUT)
     whole = int(seconds)
     return struct.pack("@ll", whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
+
+
+def _expired(began: float, timeout: float | None) -> bool:
+    """Has a kernel timeout of ``timeout`` seconds, started at ``began``, run out?"""
+    return timeout is not None and time.monotonic() - began >= timeout * 0.99
 
 
 def format_address(addr: object, family: int) -> str:
@@ -83,8 +100,8 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_framer", "_monitor", "_pending", "_rest", "_stop_applied",
-        "_stopping",
+        "_closed", "_eof", "_error", "_framer", "_idle_timeout", "_monitor", "_pending",
+        "_rest", "_stop_began", "_stop_timeout", "_tls", "_write_timeout",
         "bytes_in", "bytes_out", "local", "peer", "settings", "sock",
     )
 
@@ -96,7 +113,14 @@ class Connection:
         self._monitor = monitor
         #: The server's settings, read-only (``None`` outside a server).
         self.settings = settings
-        sock.settimeout(None)
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        if self._tls:
+            sock.settimeout(0.0)  # OpenSSL reports a kernel timeout instead of retrying ...
+            os.set_blocking(sock.fileno(), True)  # ... which the blocking fd gives it
+        else:
+            sock.settimeout(None)
+        self._idle_timeout = idle_timeout
+        self._write_timeout = write_timeout
         if idle_timeout is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_timeout))
         if write_timeout is not None:
@@ -113,8 +137,9 @@ class Connection:
         self._rest = b""
         self._error: LineTooLong | None = None
         self._eof = False
-        self._stopping = False
-        self._stop_applied = False
+        #: Once a stop is asked for: the receive timeout in force, and when the stop came.
+        self._stop_timeout: float | None = None
+        self._stop_began = 0.0
         self._closed = False
 
     # ------------------------------------------------------------------ reading
@@ -206,16 +231,24 @@ class Connection:
         monitor = self._monitor
         if monitor is not None:
             monitor.waiting()
-        if self._stopping and self.bytes_in and not self._stop_applied:
-            self._apply_stop()  # interrupted before the first request came: it has now
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:  # SO_RCVTIMEO expired
-            if self._stop_applied:
-                return None
-            raise IdleTimeout("client sent nothing within the idle timeout") from None
-        except OSError as exc:
-            raise PeerGone(f"client went away: {exc.strerror or exc}") from None
+        if self._stop_timeout is not None:
+            self._apply_stop()  # the request may have become complete since: never wait then
+        began = time.monotonic() if self._tls else 0.0
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+                break
+            except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+                stop = self._stop_timeout
+                if self._tls and not _expired(began if stop is None else
+                                              max(began, self._stop_began),
+                                              self._idle_timeout if stop is None else stop):
+                    continue  # a signal cut the wait short (rule 4)
+                if stop is not None:
+                    return None
+                raise IdleTimeout("client sent nothing within the idle timeout") from None
+            except OSError as exc:
+                raise PeerGone(f"client went away: {exc.strerror or exc}") from None
         if monitor is not None:
             monitor.working()
         self.bytes_in += len(data)
@@ -229,7 +262,10 @@ class Connection:
         if monitor is not None:
             monitor.waiting()
         try:
-            self.sock.sendall(data)
+            if self._tls:
+                self._send_tls(data)
+            else:
+                self.sock.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO expired
             raise PeerGone("client stopped reading (write timeout)") from None
         except OSError as exc:
@@ -238,20 +274,37 @@ class Connection:
             monitor.working()
         self.bytes_out += len(data)
 
+    def _send_tls(self, data: bytes) -> None:
+        view = memoryview(data)
+        began = time.monotonic()
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except ssl.SSLWantWriteError:  # SO_SNDTIMEO expired, or a signal (rule 4)
+                if _expired(began, self._write_timeout):
+                    raise BlockingIOError from None
+                continue
+            view = view[sent:]
+            began = time.monotonic()  # the deadline bounds each wait, as SO_SNDTIMEO does
+
     # ------------------------------------------------------------------ ending
 
     def interrupt(self) -> None:
         """Finish: answer what was received, then end the input. Safe in a signal handler.
 
-        Before anything was received, the first request is still waited for (rule 3)."""
-        self._stopping = True
-        if self.bytes_in:
-            self._apply_stop()
+        An incomplete request still gets ``STOP_GRACE`` to arrive whole (rule 3)."""
+        if self._stop_timeout is None:
+            self._stop_began = time.monotonic()
+        self._apply_stop()
 
     def _apply_stop(self) -> None:
-        self._stop_applied = True
+        incomplete = not self.bytes_in or bool(self._framer.buffered) or bool(self._rest)
+        timeout = STOP_GRACE if incomplete else STOP_POLL
+        if incomplete:  # the grace counts from the stop, not from each read
+            timeout = max(STOP_POLL, STOP_GRACE - (time.monotonic() - self._stop_began))
+        self._stop_timeout = timeout
         with contextlib.suppress(OSError):  # already closed: nothing to interrupt
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_POLL))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
 
     def _mark_waiting(self) -> None:
         """Tell the watchdog that this connection's code waits on its client from now on.

@@ -16,8 +16,8 @@ master's selector. Every peer costs the master bounded memory and bounded time:
 - Answering: the answer is built once and written non-blockingly as the peer's socket takes it
   (watched for writing, so an answer larger than a socket buffer, a status of a thousand
   workers, arrives whole); a peer that does not take it within ``DEADLINE`` is dropped. Then
-  the write side is shut down and the socket closed; the request was read whole, so the close
-  sends no reset.
+  the write side is shut down, what the peer sent unasked is read (without waiting), and the
+  socket closed, so the close sends no reset that could destroy the answer.
 """
 
 from __future__ import annotations
@@ -155,6 +155,11 @@ class LoopServer:
             return
         with contextlib.suppress(OSError):
             peer.sock.shutdown(socket.SHUT_WR)
+            # what the peer sent and nobody read would turn the close into a reset, which
+            # can destroy the answer in flight: take it (bounded, without waiting)
+            for _ in range(MAX_REQUEST // 1024):
+                if not peer.sock.recv(1024):
+                    break
         self._drop(fd)
 
     def _drop(self, fd: int) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from . import hooks, privileges
+from . import hooks, pidfile, privileges
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -16,6 +16,7 @@ from .listeners import bind_all
 from .logs import AccessLog, configure
 from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
+from .tls import make_context as make_tls_context
 
 #: The control socket serves a few operators' status readers, not clients.
 CONTROL_BACKLOG = 16
@@ -30,15 +31,11 @@ def run_server(config: Config, app: App | None = None,
     (``ListenError``). Whatever was opened is closed again if a later step fails.
     """
     configure(config.log_level)
-    if config.chdir is not None:
-        try:
-            os.chdir(config.chdir)
-        except OSError as exc:
-            raise ConfigError("chdir", f"cannot change to {config.chdir}: "
-                              f"{exc.strerror}") from None
+    _chdir(config)
     config = hooks.resolve(config)
     identity = privileges.resolve_identity(config)
     privileges.check_limits(config)
+    context = make_tls_context(config)  # before privileges are dropped: keys are often root's
     if config.umask is not None:
         os.umask(config.umask)
     app = load_handler(config.app) if app is None else adapt(app, config.app)
@@ -65,6 +62,9 @@ def run_server(config: Config, app: App | None = None,
         if config.metrics_bind is not None:
             metrics = bind_all((config.metrics_bind,), CONTROL_BACKLOG)[0]
             undo.callback(metrics.close)
+        if config.pid_file is not None:  # before privileges are dropped: /run is root's
+            _write_pid_file(config.pid_file)
+            undo.callback(pidfile.remove, config.pid_file, os.getpid())
         if identity is not None:
             try:
                 privileges.drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
@@ -73,8 +73,24 @@ def run_server(config: Config, app: App | None = None,
                                           f"{exc.strerror}") from None
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 reload_config=reload_config, control=control,
-                                metrics=metrics)
+                                metrics=metrics, tls=context)
         undo.pop_all()  # from here on, the supervisor closes what it was given
     status = supervisor.run()
     hooks.call(supervisor.config, "on_exit", status)
     return status
+
+
+def _chdir(config: Config) -> None:
+    if config.chdir is not None:
+        try:
+            os.chdir(config.chdir)
+        except OSError as exc:
+            raise ConfigError("chdir", f"cannot change to {config.chdir}: "
+                              f"{exc.strerror}") from None
+
+
+def _write_pid_file(path: str) -> None:
+    try:
+        pidfile.write(path, os.getpid())
+    except OSError as exc:
+        raise ConfigError("pid_file", f"cannot write {path}: {exc.strerror}") from None

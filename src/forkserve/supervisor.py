@@ -38,6 +38,7 @@ import logging
 import os
 import selectors
 import signal
+import ssl
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +51,7 @@ from ._version import __version__
 from .apps import App
 from .child import set_title
 from .config import Config
-from .errors import ConfigError, ExitCode, ForkserveError
+from .errors import ExitCode, ForkserveError
 from .hooks import ChildExited
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
@@ -146,9 +147,12 @@ class Supervisor:
     def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
                  access_log: AccessLog | None = None, kernel: Kernel | None = None,
                  reload_config: Callable[[], Config] | None = None,
-                 control: Listener | None = None, metrics: Listener | None = None) -> None:
+                 control: Listener | None = None, metrics: Listener | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.app = app
+        #: The TLS context (made before privileges were dropped), or None.
+        self.tls = tls
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
         self.access_log = access_log
@@ -214,20 +218,11 @@ class Supervisor:
             log.critical("%s", reason)
         self._begin_stop(fast=False)
 
-    def _write_pid_file(self) -> None:
-        path = self.config.pid_file
-        if path is not None:
-            try:
-                pidfile.write(path, self.pid)
-            except OSError as exc:
-                raise ConfigError("pid_file", f"cannot write {path}: {exc.strerror}") from None
-
     def _start(self) -> None:
         # Everything imported and built so far is shared with every child: freeze it so that a
         # child's garbage collector never writes to those pages (bpo-31558).
         gc.collect()
         gc.freeze()
-        self._write_pid_file()
         for server in self._loop_servers:
             server.start()
         self.model.start()
@@ -392,6 +387,7 @@ class Supervisor:
         if new.access_log is not self.access_log and self.access_log is not None:
             self.access_log.close()
         self.config, self.app, self.access_log = new.config, new.app, new.access_log
+        self.tls = new.tls
         configure(new.config.log_level)
         self.model.reconfigure()
         log.info("reloaded the config: new connections use it")

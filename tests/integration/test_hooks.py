@@ -138,3 +138,15 @@ def test_bad_hook_names_are_one_line_and_exit_2(tmp_path: Path, value: str,
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
+
+
+def test_a_post_fork_hook_that_hangs_is_a_boot_failure(server_factory: Factory,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "hooks.py").write_text(HOOKS + "\nimport time\n\ndef hang(process):\n"
+                                       "    time.sleep(3600)\n")
+    server = server_factory("--chdir", str(tmp_path), "--model", "prefork", "--workers", "1",
+                            "--post-fork", "hooks:hang", "--timeout", "1")
+    server.traceback_expected = True  # the stack of the stuck hook, by faulthandler
+    server.wait_for_log(r"is not ready after \d+\.\d s \(a post_fork hook")
+    server.wait_for_log(r"line \d+ in hang")
+    assert server.wait(30) == 3

@@ -197,3 +197,30 @@ def test_a_stop_still_answers_a_connection_whose_request_is_on_its_way(
         s.sendall(b"late\n")
         assert recv_all(s) == HELLO, "an accepted client gets its first request answered"
     assert server.wait() == 0
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork", "single"])
+def test_a_client_that_says_nothing_does_not_hold_a_stop(server_factory: Factory,
+                                                          model: str) -> None:
+    server = server_factory("--model", model, "--workers", "1", "--graceful-timeout", "20")
+    with server.connect() as silent:  # a health check, a pre-opened pool connection ...
+        time.sleep(0.3)
+        start = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0, "nothing had to be killed"
+        assert time.monotonic() - start < 10, "a short grace, not the graceful timeout"
+        assert recv_all(silent) == b""
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork", "single"])
+def test_a_first_request_split_across_the_stop_is_answered(server_factory: Factory,
+                                                           model: str) -> None:
+    server = server_factory("--model", model, "--workers", "1", "--app", "echo")
+    with server.connect() as s:
+        s.sendall(b"hel")
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        s.sendall(b"lo\n")
+        assert recv_all(s) == b"hello\n"
+    assert server.wait() == 0

@@ -97,3 +97,13 @@ def test_switching_users_without_root_is_refused() -> None:
     assert result.returncode == 2
     assert "needs root" in result.stderr.decode()
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_the_pid_file_is_written_before_privileges_are_dropped(server_factory: Factory,
+                                                               tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)  # root's, like /run
+    pid_file = run / "forkserve.pid"
+    server = server_factory("--user", "nobody", "--pid-file", str(pid_file))
+    assert pid_file.read_text() == f"{server.pid}\n"

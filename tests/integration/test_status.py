@@ -213,3 +213,16 @@ def test_fd_exhaustion_on_the_operators_sockets_does_not_spin_the_master(
         s.sendall(b"hi\n")
         assert recv_exactly(s, len(HELLO)) == HELLO
 
+
+
+def test_a_status_reader_that_sends_something_still_gets_the_whole_answer(
+        server_factory: Factory, tmp_path: Path) -> None:
+    control = tmp_path / "control.sock"
+    server_factory("--control", f"unix:{control}")
+    for _ in range(3):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(control))
+            s.sendall(b"status\n")  # as `socat - UNIX:...` would
+            time.sleep(0.1)
+            assert json.loads(recv_all(s))["model"] == "fork"

@@ -27,7 +27,9 @@ it keeps the pool at its target size and rolls it on reload.
 - Watchdog: a ready worker whose slot is idle or working (not waiting on its client) and whose
   heartbeat is older than the ``timeout`` it was forked with gets SIGABRT, then SIGKILL after
   ``ABORT_GRACE``, repeated at most once a second until it is reaped (a process in
-  uninterruptible sleep dies late; the master must not spin meanwhile).
+  uninterruptible sleep dies late; the master must not spin meanwhile). A worker not ready
+  ``timeout`` after its fork (a ``post_fork`` hook or an app's start that hangs) is ended the
+  same way, and counts as a boot failure.
 - Adaptive pool (``min_spare``/``max_spare``, Apache prefork's rule): once a second, if fewer
   than ``min_spare`` workers are idle, the target grows by 1, then 2, 4 ... up to
   ``MAX_SPAWN_RATE`` in consecutive seconds; if more than ``max_spare`` are idle, one idle
@@ -210,7 +212,9 @@ class PreforkModel:
                 out.append(worker.killed_at + KILL_RETRY)
             elif worker.aborted_at is not None:
                 out.append(worker.aborted_at + ABORT_GRACE)
-            elif worker.ready:
+            elif not worker.ready:
+                out.append(worker.started + worker.timeout)
+            else:
                 slot = self.scoreboard.read(worker.slot)
                 if slot.pid == worker.pid and slot.state in WATCHED:
                     out.append(slot.heartbeat + worker.timeout)
@@ -228,6 +232,14 @@ class PreforkModel:
                         self.sup.kernel.kill(worker.pid, signal.SIGKILL)
                 continue
             if not worker.ready:
+                if now - worker.started >= worker.timeout:
+                    log.error("worker %d (pid %d) is not ready after %.1f s (a post_fork hook "
+                              "or the app's start stuck?): sending SIGABRT (its Python stack "
+                              "follows), then SIGKILL", worker.slot, worker.pid,
+                              now - worker.started)
+                    worker.aborted_at = now
+                    with contextlib.suppress(ProcessLookupError):
+                        self.sup.kernel.kill(worker.pid, signal.SIGABRT)
                 continue
             slot = self.scoreboard.read(worker.slot)
             if slot.pid != worker.pid or slot.state not in WATCHED:
@@ -266,7 +278,7 @@ class PreforkModel:
             app=sup.app, config=sup.config, listeners=sup.listeners,
             scoreboard=self.scoreboard, access_log=sup.access_log, master_pid=sup.pid,
             ready_fd=self._ready_w, close_master_fds=self._close_in_worker,
-            master_signals=sup.handled_signals(),
+            master_signals=sup.handled_signals(), tls=sup.tls,
         )
         # before the fork: once forked, the slot is the worker's alone (it writes IDLE there)
         self.scoreboard.write(slot, pid=0, generation=self.pool.generation,
@@ -290,8 +302,14 @@ class PreforkModel:
     # ------------------------------------------------------------------ events
 
     def _on_ready(self) -> None:
+        self._read_ready()
+        self._retire_replaced()
+
+    def _read_ready(self) -> None:
+        """Mark the workers whose ready message is in the pipe (all of it) as ready."""
         with contextlib.suppress(BlockingIOError):
-            self._buffer += os.read(self._ready_r, 4096)
+            while chunk := os.read(self._ready_r, 65536):
+                self._buffer += chunk
         whole = len(self._buffer) - len(self._buffer) % READY.size
         chunk, self._buffer = self._buffer[:whole], self._buffer[whole:]
         for _slot, pid in READY.iter_unpack(chunk):
@@ -299,7 +317,6 @@ class PreforkModel:
             if worker is not None:
                 worker.ready = True
                 self.pool.boot_failures = 0
-        self._retire_replaced()
 
     def _retire_replaced(self) -> None:
         """Keep at most ``target - ready new`` old workers serving: each new worker that is
@@ -320,7 +337,9 @@ class PreforkModel:
     def on_exit(self, exited: Exited) -> bool:
         if exited.pid not in self.workers:
             return False
-        self._on_ready()  # a ready message still in the pipe was written before this exit
+        # a ready message still in the pipe was written before this exit; retiring waits for
+        # manage(), once every exit of this batch is known
+        self._read_ready()
         worker = self.workers.pop(exited.pid)
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
@@ -332,11 +351,11 @@ class PreforkModel:
         self.sup.count("worker_exits", self._exit_reason(worker, exited))
         if self.sup.stopping or worker.retiring:
             return True
-        if worker.aborted_at is not None:
+        if not worker.ready:
+            self._boot_failed(worker, exited)  # a boot the watchdog ended included
+        elif worker.aborted_at is not None:
             log.warning("worker %d (pid %d), stopped by the watchdog, ended (%s)", worker.slot,
                         worker.pid, exited.describe())
-        elif not worker.ready:
-            self._boot_failed(worker, exited)
         elif exited.code == WorkerExit.OK:
             self.pool.slot_free_at[worker.slot] = 0.0  # recycled: replace it at once
         else:
@@ -345,12 +364,12 @@ class PreforkModel:
 
     @staticmethod
     def _exit_reason(worker: WorkerInfo, exited: Exited) -> str:
-        if worker.aborted_at is not None:
-            return "watchdog"
         if worker.retiring:
             return "retired"
         if not worker.ready:
             return "boot_error"
+        if worker.aborted_at is not None:
+            return "watchdog"
         return "recycled" if exited.code == WorkerExit.OK else "crashed"
 
     def _boot_failed(self, worker: WorkerInfo, exited: Exited) -> None:
