@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -47,6 +48,7 @@ from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, LineTooLong
 from .hooks import Process
+from .preamble import open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 
@@ -118,6 +120,8 @@ class ChildContext:
     close_master_fds: Callable[[], None]
     #: Signals the master handles: their dispositions are reset to the default in the child.
     master_signals: Iterable[int]
+    #: The TLS context, when TLS is on.
+    tls: ssl.SSLContext | None = None
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -155,21 +159,21 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
 def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> ChildExit:
     ctx.close_master_fds()
     apply_limits(ctx.config)
-    conn = Connection(sock, max_line=ctx.config.max_line, idle_timeout=ctx.config.idle_timeout,
-                      write_timeout=ctx.config.write_timeout,
-                      peer=format_address(addr, sock.family), settings=ctx.config)
-    _reset_signals(ctx, conn)
-    set_title(f"forkserve: conn {conn.peer}")
-    if not hooks.call(ctx.config, "post_fork", Process(os.getpid(), "child", slot)):
-        conn.close()
-        return ChildExit.HANDLER_ERROR
-    with contextlib.suppress(OSError):
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pid, start = os.getpid(), time.monotonic()
+    peer = format_address(addr, sock.family)
     board = ctx.scoreboard
     board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
-                peer=conn.peer)
+                peer=peer)
+    try:  # the handled signals stay blocked (as fork left them) until _reset_signals
+        conn = open_connection(sock, addr, ctx.config, ctx.tls)
+    except (ClientError, OSError) as exc:
+        log.info("%s: closed before the handler: %s", peer, exc)
+        return ChildExit.OK
+    _reset_signals(ctx, conn)
+    set_title(f"forkserve: conn {conn.peer}")
+    if not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot)):
+        conn.close()
+        return ChildExit.HANDLER_ERROR
     status = serve_one(ctx.app, conn)
     board.write(slot, pid=pid, state=SlotState.CLOSING, connections=1, bytes_in=conn.bytes_in,
                 bytes_out=conn.bytes_out, conn_start=start, heartbeat=time.monotonic(),

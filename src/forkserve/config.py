@@ -407,6 +407,26 @@ class Config:
         None, Path(optional=True),
         "Write the master's pid to this file (removed on exit); `forkserve signal` reads it.",
     )
+    certfile: str | None = setting(
+        None, Path(optional=True),
+        "TLS: the server's certificate chain (PEM); with it, every listener speaks TLS "
+        "(1.2 at least). Loaded before privileges are dropped, again on reload.",
+    )
+    keyfile: str | None = setting(
+        None, Path(optional=True), "TLS: the private key (PEM), if not in certfile."
+    )
+    ca_certs: str | None = setting(
+        None, Path(optional=True), "TLS: CA certificates (PEM) that client certificates must "
+        "chain to.",
+    )
+    client_cert: str = setting(
+        "none", Choice(options=("none", "optional", "required")),
+        "TLS: ask clients for a certificate: none, optional or required (needs ca_certs).",
+    )
+    handshake_timeout: float = setting(
+        5.0, Seconds(), "A client that has not completed its TLS handshake by then is "
+        "disconnected, before any handler runs.",
+    )
     user: str | None = setting(
         None, Text(optional=True),
         "Run as this user (name or uid) once the sockets are bound: supplementary groups are "

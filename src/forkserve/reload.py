@@ -3,15 +3,18 @@
 Theory of operation
 -------------------
 A reload happens in the master's loop, so it must never raise out of it: everything that can
-fail (reading and checking the file, importing a changed app, opening a changed access log) is
-done here, before anything running is touched. Only when all of it worked does the supervisor
-swap the new state in and tell the model (the fork model forks new children with it, prefork
-starts a new generation). Settings in ``RESTART_ONLY`` shape sockets and shared memory made at
-start: a change to them is reported and the running value kept.
+fail (reading and checking the file, importing a changed app, opening a changed access log,
+reading the TLS certificates again) is done here, before anything running is touched. Only
+when all of it worked does the supervisor swap the new state in and tell the model (the fork
+model forks new children with it, prefork starts a new generation). A renewed certificate is
+thus served to new connections; after a privilege drop, the key must be readable by the
+server's user. Settings in ``RESTART_ONLY`` shape sockets and shared memory made at start: a
+change to them is reported and the running value kept.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ from .errors import ConfigError
 from .handlers import load as load_handler
 from .logs import AccessLog
 from .privileges import check_limits
+from .tls import make_context
 
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
 RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
@@ -33,6 +37,8 @@ class Reloaded:
     config: Config
     app: App
     access_log: AccessLog | None
+    #: A new TLS context (certificates read again: a renewed one is served), or None.
+    tls: ssl.SSLContext | None
     #: Settings whose change was ignored because it needs a restart.
     kept: tuple[str, ...]
 
@@ -46,7 +52,8 @@ def prepare(running: Config, app: App, access_log: AccessLog | None,
     check_limits(new)
     if new.app != running.app:
         app = load_handler(new.app, chdir=running.chdir)
-    return Reloaded(new, app, _access_log(running, new, access_log), kept)
+    context = make_context(new)
+    return Reloaded(new, app, _access_log(running, new, access_log), context, kept)
 
 
 def _access_log(old: Config, new: Config, current: AccessLog | None) -> AccessLog | None:

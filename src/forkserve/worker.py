@@ -34,6 +34,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -47,10 +48,11 @@ from .apps import App
 from .child import CHILD_GRACE_MARGIN, serve_one, set_parent_death_signal, set_title
 from .config import Config
 from .connection import Connection, format_address
-from .errors import ChildExit, WorkerExit
+from .errors import ChildExit, ClientError, WorkerExit
 from .hooks import Process
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord
+from .preamble import open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 
@@ -81,6 +83,8 @@ class WorkerContext:
     #: Closes the master's private fds (not the listeners, not the ready pipe's write end).
     close_master_fds: Callable[[], None]
     master_signals: Iterable[int]
+    #: The TLS context, when TLS is on.
+    tls: ssl.SSLContext | None = None
 
 
 class BootAborted(Exception):
@@ -209,17 +213,14 @@ class Worker:
         config = self.ctx.config
         started = time.monotonic()
         peer = format_address(addr, sock.family)
-        try:
-            conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
-                              write_timeout=config.write_timeout, peer=peer,
-                              monitor=self.ctx.scoreboard.monitor(self.slot), settings=config)
-        except OSError:
-            sock.close()
-            return
-        with contextlib.suppress(OSError):
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._state(SlotState.WRITING, peer=peer, conn_start=started)
+        try:
+            conn = open_connection(sock, addr, config, self.ctx.tls,
+                                   monitor=self.ctx.scoreboard.monitor(self.slot))
+        except (ClientError, OSError) as exc:
+            log.info("%s: closed before the handler: %s", peer, exc)
+            self._state(SlotState.IDLE)
+            return
         self.serving = conn
         if self.stopping:
             conn.interrupt()

@@ -104,11 +104,16 @@ def create(name: str, supervisor: Supervisor) -> Model:
     """
     if isinstance(supervisor.app, Program):
         check_model(name)
+        if supervisor.tls is not None:
+            raise ConfigError("certfile", "exec hands the program the raw socket, so it "
+                                          "cannot speak TLS for it; put a TLS terminator "
+                                          "(HAProxy, stunnel) in front")
         return ExecModel(supervisor)
     return _MODELS[name](supervisor)
 
 
 from ..apps.exec import Program, check_model  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
 from .fork import ForkModel  # noqa: E402  (the models need the protocol above)
 from .fork_exec import ExecModel  # noqa: E402
 from .prefork import PreforkModel  # noqa: E402

@@ -64,6 +64,7 @@ class ForkModel(WithoutPool):
         return ChildContext(
             app=sup.app, config=sup.config, scoreboard=self.scoreboard, master_pid=sup.pid,
             close_master_fds=sup.close_in_child, master_signals=sup.handled_signals(),
+            tls=sup.tls,
         )
 
     def start(self) -> None:

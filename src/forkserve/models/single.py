@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 
 from ..child import serve_one
 from ..connection import Connection, format_address
-from ..errors import ChildExit, ExitCode
+from ..errors import ChildExit, ClientError, ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
+from ..preamble import open_connection
 from . import ModelStatus, WithoutPool
 
 if TYPE_CHECKING:
@@ -94,11 +95,9 @@ class SingleModel(WithoutPool):
         started = kernel.monotonic()
         peer = format_address(addr, sock.family)
         try:
-            conn = Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
-                              write_timeout=config.write_timeout, peer=peer, settings=config)
-        except OSError as exc:  # the client reset before we looked at it
-            log.debug("%s: closed before it was served: %s", peer, exc)
-            sock.close()
+            conn = open_connection(sock, addr, config, self.sup.tls)
+        except (ClientError, OSError) as exc:  # reset, or a failed TLS handshake
+            log.info("%s: closed before the handler: %s", peer, exc)
             return
         self._served += 1
         try:
