@@ -169,6 +169,9 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     except (ClientError, OSError) as exc:
         log.info("%s: closed before the handler: %s", peer, exc)
         return ChildExit.OK
+    if conn.peer != peer:  # the PROXY header named the real client
+        board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
+                    peer=conn.peer)
     _reset_signals(ctx, conn)
     set_title(f"forkserve: conn {conn.peer}")
     if not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot)):

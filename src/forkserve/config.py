@@ -188,6 +188,56 @@ class Path(Text):
 
 
 @dataclass(frozen=True)
+class Flag(Kind):
+    """On or off; on the command line, the flag alone turns it on."""
+
+    metavar: ClassVar[str] = ""
+
+    def convert(self, value: object) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise ValueError(f"must be true or false, got {value!r}")
+
+    def show(self, value: object) -> str:
+        return "true" if value else "false"
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Networks(Kind):
+    """Networks in CIDR notation (an address alone is one host); repeat for more."""
+
+    metavar: ClassVar[str] = "CIDR"
+    repeat: ClassVar[bool] = True
+
+    def convert(self, value: object) -> tuple[Network, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"must be a network or a list of networks, got {value!r}")
+        out: list[Network] = []
+        for item in items:
+            if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                out.append(item)
+                continue
+            if not isinstance(item, str):
+                raise ValueError(f"a network is written as 10.0.0.0/8, got {item!r}")
+            try:
+                out.append(ipaddress.ip_network(item.strip(), strict=True))
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not a network: {exc}") from None
+        return tuple(out)
+
+    def show(self, value: object) -> str:
+        if isinstance(value, tuple | list):
+            return ", ".join(str(v) for v in value)
+        return super().show(value)
+
+
+@dataclass(frozen=True)
 class Umask(Kind):
     """A file mode creation mask, written in octal (``022``) or given as a number."""
 
@@ -407,6 +457,17 @@ class Config:
         None, Path(optional=True),
         "Write the master's pid to this file (removed on exit); `forkserve signal` reads it.",
     )
+    proxy_protocol: bool = setting(
+        False, Flag(),
+        "Every connection starts with a PROXY protocol header (v1 or v2, as HAProxy sends), "
+        "read before the handler within handshake_timeout: the handler, the access log and "
+        "exec programs see the real client. Needs trusted_proxy.",
+    )
+    trusted_proxy: tuple[Network, ...] = setting(
+        (), Networks(),
+        "With proxy_protocol: the only peers whose header is believed (CIDR; repeat for "
+        "more); any other peer is disconnected before the handler.",
+    )
     certfile: str | None = setting(
         None, Path(optional=True),
         "TLS: the server's certificate chain (PEM); with it, every listener speaks TLS "
@@ -424,8 +485,8 @@ class Config:
         "TLS: ask clients for a certificate: none, optional or required (needs ca_certs).",
     )
     handshake_timeout: float = setting(
-        5.0, Seconds(), "A client that has not completed its TLS handshake by then is "
-        "disconnected, before any handler runs.",
+        5.0, Seconds(), "A client that has not sent its whole PROXY header and completed its "
+        "TLS handshake by then is disconnected, before any handler runs.",
     )
     user: str | None = setting(
         None, Text(optional=True),
@@ -492,6 +553,9 @@ class Config:
             except ValueError as exc:
                 raise ConfigError(f.name, str(exc)) from None
             object.__setattr__(self, f.name, value)
+        if self.proxy_protocol and not self.trusted_proxy:
+            raise ConfigError("trusted_proxy", "proxy_protocol needs the proxies' addresses "
+                                               "(CIDR): a header from anyone else is a lie")
         if self.max_spare and self.max_spare <= self.min_spare:
             # Apache prefork's rule: with max <= min, a pool at the edge would grow and
             # shrink by turns every second
@@ -558,6 +622,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         }
         if info.kind.repeat:
             kwargs["action"] = "append"
+        if isinstance(info.kind, Flag):
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+            del kwargs["metavar"]
         parser.add_argument(flag, **kwargs)
 
 
@@ -587,7 +655,8 @@ def markdown_table() -> str:
     rows = ["| setting (TOML key) | flag | default | meaning |", "|---|---|---|---|"]
     for name, info, default in settings():
         shown = info.kind.show(info.kind.convert(default)) if default is not None else ""
-        flag = f"`{info.flag or flag_of(name)} {info.kind.metavar}`"
+        metavar = f" {info.kind.metavar}" if info.kind.metavar else ""
+        flag = f"`{info.flag or flag_of(name)}{metavar}`"
         if info.kind.repeat:
             flag += " (repeatable)"
         rows.append(f"| `{name}` | {flag} | {f'`{shown}`' if shown else ''} | {info.doc} |")

@@ -221,6 +221,9 @@ class Worker:
             log.info("%s: closed before the handler: %s", peer, exc)
             self._state(SlotState.IDLE)
             return
+        if conn.peer != peer:  # the PROXY header named the real client
+            peer = conn.peer
+            self._state(SlotState.WRITING, peer=peer, conn_start=started)
         self.serving = conn
         if self.stopping:
             conn.interrupt()

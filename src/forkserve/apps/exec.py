@@ -62,8 +62,9 @@ from typing import TYPE_CHECKING, NoReturn
 from .. import hooks
 from ..child import ChildContext, set_parent_death_signal
 from ..connection import format_address
-from ..errors import ConfigError
+from ..errors import ClientError, ConfigError
 from ..hooks import Process
+from ..preamble import proxy_addresses
 from ..privileges import apply_limits
 from ..scoreboard import SlotState
 
@@ -187,19 +188,21 @@ def prepare(argv: Iterable[str], *, env_items: Iterable[str] = (),
 # --------------------------------------------------------------------------- in the child
 
 
-def connection_env(sock: socket.socket, addr: object) -> dict[str, str]:
-    """The tcpserver (or ucspi-unix) variables of one accepted connection."""
+def connection_env(sock: socket.socket, addr: object,
+                   local: object | None = None) -> dict[str, str]:
+    """The tcpserver (or ucspi-unix) variables of one accepted connection; ``addr`` and
+    ``local``, when given, are the addresses a PROXY header named."""
     if sock.family == socket.AF_UNIX:
         env = {"PROTO": "UNIX"}
-        local = sock.getsockname()
-        if local:
-            env["UNIXLOCALPATH"] = local if isinstance(local, str) else local.decode()
+        path = sock.getsockname()
+        if path:
+            env["UNIXLOCALPATH"] = path if isinstance(path, str) else path.decode()
         with contextlib.suppress(OSError):
             pid, uid, gid = _UCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
             env.update(UNIXREMOTEPID=str(pid), UNIXREMOTEUID=str(uid), UNIXREMOTEGID=str(gid))
         return env
-    local_ip, local_port = sock.getsockname()[:2]
+    local_ip, local_port = (local if isinstance(local, tuple) else sock.getsockname())[:2]
     remote_ip, remote_port = addr[:2] if isinstance(addr, tuple) else sock.getpeername()[:2]
     return {"PROTO": "TCP", "TCPLOCALIP": local_ip, "TCPLOCALPORT": str(local_port),
             "TCPREMOTEIP": remote_ip, "TCPREMOTEPORT": str(remote_port)}
@@ -240,10 +243,20 @@ def run_program(ctx: ChildContext, program: Program, sock: socket.socket, addr: 
         set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != ctx.master_pid:  # the master died before prctl: nobody to serve
             os._exit(EXEC_FAILED)
-        env = {**program.env, **connection_env(sock, addr)}
+        local, family = None, int(sock.family)
+        if ctx.config.proxy_protocol:  # the real client's addresses, the header consumed
+            deadline = time.monotonic() + ctx.config.handshake_timeout
+            try:
+                addr, local, family = proxy_addresses(sock, addr, ctx.config, deadline)
+            except ClientError as exc:
+                with contextlib.suppress(OSError):
+                    os.write(2, f"forkserve: {format_address(addr, sock.family)}: closed "
+                                f"before the program: {exc}\n".encode())
+                os._exit(0)
+        env = {**program.env, **connection_env(sock, addr, local)}
         now = time.monotonic()
         ctx.scoreboard.write(slot, pid=os.getpid(), state=SlotState.READING, conn_start=now,
-                             heartbeat=now, peer=format_address(addr, sock.family))
+                             heartbeat=now, peer=format_address(addr, family))
         os.setpgid(0, 0)
         _install_fds(sock.fileno(), stderr_fd)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())

@@ -128,7 +128,7 @@ class ForkModel(WithoutPool):
         self._report_exit(child, exited)
         ours = slot.pid == exited.pid
         self.sup.write_access(AccessRecord(
-            peer=child.peer, pid=exited.pid,
+            peer=slot.peer if ours and slot.peer else child.peer, pid=exited.pid,
             duration_s=round(self.sup.kernel.monotonic() - child.started, 6),
             bytes_in=slot.bytes_in if ours else 0, bytes_out=slot.bytes_out if ours else 0,
             status=exited.describe(),

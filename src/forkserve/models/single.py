@@ -106,7 +106,7 @@ class SingleModel(WithoutPool):
             status = self._killed(conn)
         self._errors += status == str(int(ChildExit.HANDLER_ERROR))
         self.sup.write_access(AccessRecord(
-            peer=peer, pid=self.sup.pid, duration_s=round(kernel.monotonic() - started, 6),
+            peer=conn.peer, pid=self.sup.pid, duration_s=round(kernel.monotonic() - started, 6),
             bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=status,
         ))
 
