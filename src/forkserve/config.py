@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from .admission import parse_rate
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------- addresses
@@ -235,6 +236,20 @@ class Networks(Kind):
         if isinstance(value, tuple | list):
             return ", ".join(str(v) for v in value)
         return super().show(value)
+
+
+@dataclass(frozen=True)
+class RateKind(Kind):
+    """``N/SECONDS``: N new connections per SECONDS."""
+
+    metavar: ClassVar[str] = "N/SECONDS"
+
+    def convert(self, value: object) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"write the rate as N/SECONDS, as in 10/1, got {value!r}")
+        return str(parse_rate(value))
 
 
 @dataclass(frozen=True)
@@ -456,6 +471,44 @@ class Config:
     pid_file: str | None = setting(
         None, Path(optional=True),
         "Write the master's pid to this file (removed on exit); `forkserve signal` reads it.",
+    )
+    allow: tuple[Network, ...] = setting(
+        (), Networks(),
+        "Admit clients from this network (CIDR); repeat for more. With any allow rule, a "
+        "client no rule matches is refused. Checked in the master before any fork.",
+    )
+    deny: tuple[Network, ...] = setting(
+        (), Networks(),
+        "Refuse clients from this network (CIDR); repeat for more. The longest matching "
+        "prefix among allow, deny and rules_file wins; on a tie, deny.",
+    )
+    rules_file: str | None = setting(
+        None, Path(optional=True),
+        "A file of `allow CIDR` / `deny CIDR` lines (# comments), added to allow and deny; "
+        "re-read on reload and within a second of being replaced (by rename).",
+    )
+    max_per_ip: int = setting(
+        0, Int(minimum=0),
+        "Connections in flight from one client (IPv4 address, IPv6 /64) at most (0: no "
+        "limit); more are refused at once.",
+    )
+    rate_per_ip: str | None = setting(
+        None, RateKind(),
+        "New connections from one client at most, as N/SECONDS (xinetd cps); a client over "
+        "it is refused for rate_penalty.",
+    )
+    rate_penalty: float = setting(
+        0.0, Seconds(minimum=0.0),
+        "How long a client over rate_per_ip is refused (0: the rate's SECONDS).",
+    )
+    refuse_message: str | None = setting(
+        None, Text(optional=True),
+        "Sent (with a newline) to a refused client before the connection is closed.",
+    )
+    on_full: str = setting(
+        "defer", Choice(options=("defer", "refuse")),
+        "At max_children: defer (new clients wait in the kernel backlog) or refuse (closed "
+        "at once, after refuse_message).",
     )
     proxy_protocol: bool = setting(
         False, Flag(),

@@ -18,7 +18,8 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import hooks
+from . import gate, hooks
+from .admission import Admission
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -39,12 +40,14 @@ class Reloaded:
     access_log: AccessLog | None
     #: A new TLS context (certificates read again: a renewed one is served), or None.
     tls: ssl.SSLContext | None
+    #: Admission control for the new settings (in-flight counts carried over), or None.
+    admission: Admission | None
     #: Settings whose change was ignored because it needs a restart.
     kept: tuple[str, ...]
 
 
 def prepare(running: Config, app: App, access_log: AccessLog | None,
-            read: Callable[[], Config]) -> Reloaded:
+            read: Callable[[], Config], admission: Admission | None = None) -> Reloaded:
     """The state a reload would switch to. Raises ``ForkserveError`` saying what is wrong."""
     new = hooks.resolve(read())
     kept = tuple(name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name))
@@ -53,7 +56,8 @@ def prepare(running: Config, app: App, access_log: AccessLog | None,
     if new.app != running.app:
         app = load_handler(new.app, chdir=running.chdir)
     context = make_context(new)
-    return Reloaded(new, app, _access_log(running, new, access_log), context, kept)
+    admitting = gate.build(new, previous=admission)
+    return Reloaded(new, app, _access_log(running, new, access_log), context, admitting, kept)
 
 
 def _access_log(old: Config, new: Config, current: AccessLog | None) -> AccessLog | None:

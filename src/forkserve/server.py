@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from . import hooks, pidfile, privileges
+from . import gate, hooks, pidfile, privileges
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -36,6 +36,7 @@ def run_server(config: Config, app: App | None = None,
     identity = privileges.resolve_identity(config)
     privileges.check_limits(config)
     context = make_tls_context(config)  # before privileges are dropped: keys are often root's
+    admission = gate.build(config)  # reads the rules file: a typo is exit 2, nothing bound
     if config.umask is not None:
         os.umask(config.umask)
     app = load_handler(config.app) if app is None else adapt(app, config.app)
@@ -73,7 +74,7 @@ def run_server(config: Config, app: App | None = None,
                                           f"{exc.strerror}") from None
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 reload_config=reload_config, control=control,
-                                metrics=metrics, tls=context)
+                                metrics=metrics, tls=context, admission=admission)
         undo.pop_all()  # from here on, the supervisor closes what it was given
     status = supervisor.run()
     hooks.call(supervisor.config, "on_exit", status)

@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import hooks, models, pidfile, reload
+from . import gate, hooks, models, pidfile, reload
 from ._version import __version__
+from .admission import Admission
 from .apps import App
 from .child import set_title
 from .config import Config
 from .errors import ExitCode, ForkserveError
+from .gate import Gate
 from .hooks import ChildExited
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
@@ -148,7 +150,8 @@ class Supervisor:
                  access_log: AccessLog | None = None, kernel: Kernel | None = None,
                  reload_config: Callable[[], Config] | None = None,
                  control: Listener | None = None, metrics: Listener | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 admission: Admission | None = None) -> None:
         self.config = config
         self.app = app
         #: The TLS context (made before privileges were dropped), or None.
@@ -184,6 +187,10 @@ class Supervisor:
         self._halt: tuple[str, ExitCode] | None = None
         self._reports = RateLimiter(REPORT_INTERVAL)
         self._started = self.kernel.monotonic()
+        if admission is None:
+            admission = gate.build(config)
+        self.gate = Gate(admission, config, clock=self.kernel.monotonic, count=self.count,
+                         report=self._report, host=self)
         self.model = models.create(config.model, self)
 
     # ------------------------------------------------------------------ the loop
@@ -198,7 +205,7 @@ class Supervisor:
                     self._act_on_signals()
                     self._reap()
                     self._advance_stop()
-                    self._tick_loop_servers()
+                    self._tick()
                     self.model.manage()
                     self.update_accepting()
         except BaseException:
@@ -275,10 +282,12 @@ class Supervisor:
             "processes": [process_row(slot, now) for slot in model.processes],
         }
 
-    def _tick_loop_servers(self) -> None:
+    def _tick(self) -> None:
+        """Deadlines of the master's helpers: peers of the loop servers, the rules file."""
         now = self.kernel.monotonic()
         for server in self._loop_servers:
             server.tick(now)
+        self.gate.tick(now)
 
     def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None:
         """Call ``callback`` from the loop whenever ``fd`` is readable (or writable)."""
@@ -299,7 +308,7 @@ class Supervisor:
             deadlines.append(self._paused_until)
         if self._stop is not None and not self._stop.killed:
             deadlines.append(self._stop.deadline)
-        for deadline in (self.model.next_deadline(),
+        for deadline in (self.model.next_deadline(), self.gate.next_deadline(),
                          *(server.next_deadline() for server in self._loop_servers)):
             if deadline is not None:
                 deadlines.append(deadline)
@@ -377,7 +386,8 @@ class Supervisor:
             log.info("reload: there is no config file to re-read; nothing changed")
             return
         try:
-            new = reload.prepare(self.config, self.app, self.access_log, self._reload_config)
+            new = reload.prepare(self.config, self.app, self.access_log, self._reload_config,
+                                 self.gate.admission)
         except ForkserveError as exc:
             log.error("reload failed, still serving with the running config: %s", exc)
             return
@@ -388,6 +398,7 @@ class Supervisor:
             self.access_log.close()
         self.config, self.app, self.access_log = new.config, new.app, new.access_log
         self.tls = new.tls
+        self.gate.replace(new.admission, new.config)
         configure(new.config.log_level)
         self.model.reconfigure()
         log.info("reloaded the config: new connections use it")
@@ -424,7 +435,7 @@ class Supervisor:
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
         want = (self.model.accepts and self._stop is None and not self._paused_until
-                and not self.model.full)
+                and not (self.model.full and self.config.on_full == "defer"))
         if want == self._accepting:
             return
         self._accepting = want
@@ -528,6 +539,7 @@ class Supervisor:
                 self.access_log.close()
         for server in self._loop_servers:
             server.close_in_child()
+        self.gate.close_in_child()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -545,6 +557,7 @@ class Supervisor:
             pidfile.remove(self.config.pid_file, self.pid)
         for server in self._loop_servers:
             server.close()
+        self.gate.close()
         for listener in self.listeners:
             listener.close()
         self.selector.close()

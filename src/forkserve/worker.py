@@ -49,6 +49,7 @@ from .child import CHILD_GRACE_MARGIN, serve_one, set_parent_death_signal, set_t
 from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, WorkerExit
+from .gate import Gate
 from .hooks import Process
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord
@@ -85,6 +86,8 @@ class WorkerContext:
     master_signals: Iterable[int]
     #: The TLS context, when TLS is on.
     tls: ssl.SSLContext | None = None
+    #: Admission rules (allow/deny, rules_file), applied by the worker itself.
+    gate: Gate | None = None
 
 
 class BootAborted(Exception):
@@ -207,7 +210,17 @@ class Worker:
                             exc.strerror, ACCEPT_PAUSE_SECONDS)
                 time.sleep(ACCEPT_PAUSE_SECONDS)
             return
-        self._serve(sock, addr)
+        gate = self.ctx.gate
+        if gate is None:
+            self._serve(sock, addr)
+            return
+        gate.tick(time.monotonic())  # the rules file, polled as the master polls it
+        admitted, key = gate.admit(sock, addr)  # the rules only: see gate.check_model
+        if admitted:
+            try:
+                self._serve(sock, addr)
+            finally:
+                gate.release(key)
 
     def _serve(self, sock: socket.socket, addr: object) -> None:
         config = self.ctx.config

@@ -17,6 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
+from ..admission import ClientKey
 from ..child import ChildContext, run_child
 from ..connection import format_address
 from ..errors import ChildExit
@@ -43,6 +44,8 @@ class Child:
     slot: int
     peer: str
     started: float
+    #: What admission control counts this connection under (released at the exit).
+    key: ClientKey | None = None
 
 
 class ForkModel(WithoutPool):
@@ -80,7 +83,7 @@ class ForkModel(WithoutPool):
 
     def on_readable(self, listener: Listener) -> None:
         for _ in range(ACCEPT_BATCH):
-            if self.full:
+            if self.full and self.sup.config.on_full == "defer":
                 self.sup.update_accepting()
                 return
             try:
@@ -91,8 +94,17 @@ class ForkModel(WithoutPool):
                 if self.sup.accept_failed(exc):
                     return
                 continue
-            if self._spawn(sock, addr) is None:
+            if self.full:  # on_full = refuse
+                self.sup.gate.refuse(sock, "full", format_address(addr, sock.family))
+                continue
+            admitted, key = self.sup.gate.admit(sock, addr)
+            if not admitted:
+                continue
+            child = self._spawn(sock, addr)
+            if child is None:
+                self.sup.gate.release(key)
                 return
+            child.key = key
 
     def _spawn(self, sock: socket.socket, addr: object) -> Child | None:
         """Fork a child for ``sock``; None if forking failed (accepting is then paused)."""
@@ -125,6 +137,7 @@ class ForkModel(WithoutPool):
         slot = self.scoreboard.read(child.slot)
         self.scoreboard.clear(child.slot)
         self._free_slots.append(child.slot)
+        self.sup.gate.release(child.key)
         self._report_exit(child, exited)
         ours = slot.pid == exited.pid
         self.sup.write_access(AccessRecord(

@@ -279,6 +279,7 @@ class PreforkModel:
             scoreboard=self.scoreboard, access_log=sup.access_log, master_pid=sup.pid,
             ready_fd=self._ready_w, close_master_fds=self._close_in_worker,
             master_signals=sup.handled_signals(), tls=sup.tls,
+            gate=sup.gate if sup.gate.admission is not None else None,
         )
         # before the fork: once forked, the slot is the worker's alone (it writes IDLE there)
         self.scoreboard.write(slot, pid=0, generation=self.pool.generation,

@@ -88,7 +88,12 @@ class SingleModel(WithoutPool):
         except OSError as exc:
             self.sup.accept_failed(exc)
             return
-        self._serve(sock, addr)
+        admitted, key = self.sup.gate.admit(sock, addr)
+        if admitted:
+            try:
+                self._serve(sock, addr)
+            finally:
+                self.sup.gate.release(key)
 
     def _serve(self, sock: socket.socket, addr: object) -> None:
         config, kernel = self.sup.config, self.sup.kernel
