@@ -69,7 +69,7 @@ def drop(identity: Identity, listeners: list[Listener]) -> None:
     if os.geteuid() != 0:
         return  # already this identity (resolve_identity refused anything else)
     for listener in listeners:
-        if listener.address.kind == "unix" and listener.address.path:
+        if listener.unix_inode is not None:  # a file forkserve made (not systemd's)
             os.chown(listener.address.path, identity.uid, identity.gid)
     os.setgroups([])
     os.setgid(identity.gid)

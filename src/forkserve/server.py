@@ -6,20 +6,22 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from . import gate, hooks, pidfile, privileges
+from . import gate, hooks, pidfile, privileges, systemd
 from .apps import App
 from .config import Config
 from .errors import ConfigError
 from .handlers import adapt
 from .handlers import load as load_handler
-from .listeners import bind_all
-from .logs import AccessLog, configure
+from .listeners import Listener, bind_all
+from .logs import AccessLog, configure, log
 from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
 from .tls import make_context as make_tls_context
 
 #: The control socket serves a few operators' status readers, not clients.
 CONTROL_BACKLOG = 16
+#: Names (LISTEN_FDNAMES) of inherited sockets that are not for clients.
+CONTROL, METRICS = "forkserve-control", "forkserve-metrics"
 
 
 def run_server(config: Config, app: App | None = None,
@@ -31,6 +33,9 @@ def run_server(config: Config, app: App | None = None,
     (``ListenError``). Whatever was opened is closed again if a later step fails.
     """
     configure(config.log_level)
+    # before anything imports user code or forks: these variables are for this process only
+    notifier = systemd.Notifier.from_environ()
+    inherited = systemd.inherited_listeners()
     _chdir(config)
     config = hooks.resolve(config)
     identity = privileges.resolve_identity(config)
@@ -53,16 +58,13 @@ def run_server(config: Config, app: App | None = None,
                 raise ConfigError("access_log", f"cannot open {config.access_log}: "
                                   f"{exc.strerror}") from None
             undo.callback(access_log.close)
-        listeners = bind_all(config.bind, config.backlog)
-        for listener in listeners:
-            undo.callback(listener.close)
-        control = metrics = None
-        if config.control is not None:
-            control = bind_all((config.control,), CONTROL_BACKLOG)[0]
-            undo.callback(control.close)
-        if config.metrics_bind is not None:
-            metrics = bind_all((config.metrics_bind,), CONTROL_BACKLOG)[0]
-            undo.callback(metrics.close)
+        undo.callback(notifier.close)
+        for item in inherited:
+            undo.callback(item.sock.close)
+        listeners, control, metrics = _listeners(config, inherited)
+        for listener in (*listeners, control, metrics):
+            if listener is not None:
+                undo.callback(listener.close)
         if config.pid_file is not None:  # before privileges are dropped: /run is root's
             _write_pid_file(config.pid_file)
             undo.callback(pidfile.remove, config.pid_file, os.getpid())
@@ -74,11 +76,34 @@ def run_server(config: Config, app: App | None = None,
                                           f"{exc.strerror}") from None
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 reload_config=reload_config, control=control,
-                                metrics=metrics, tls=context, admission=admission)
+                                metrics=metrics, tls=context, admission=admission,
+                                notifier=notifier)
         undo.pop_all()  # from here on, the supervisor closes what it was given
     status = supervisor.run()
     hooks.call(supervisor.config, "on_exit", status)
     return status
+
+
+def _listeners(config: Config, inherited: list[systemd.InheritedSocket],
+               ) -> tuple[list[Listener], Listener | None, Listener | None]:
+    """The client listeners, the control socket and the metrics listener: inherited (systemd
+    socket activation, or the master a USR2 upgrade replaces) where given, else bound."""
+    by_name = {name: [i for i in inherited if i.name == name] for name in (CONTROL, METRICS)}
+    served = [i for i in inherited if i.name not in (CONTROL, METRICS)]
+    if served:
+        log.info("serving %d inherited socket(s); the bind setting is not used", len(served))
+        listeners = systemd.as_listeners(served)
+    else:
+        listeners = bind_all(config.bind, config.backlog)
+    extra: list[Listener | None] = []
+    for name, address in ((CONTROL, config.control), (METRICS, config.metrics_bind)):
+        if address is None:
+            extra.append(None)
+        elif by_name[name]:
+            extra.append(systemd.as_listeners(by_name[name][:1])[0])
+        else:
+            extra.append(bind_all((address,), CONTROL_BACKLOG)[0])
+    return listeners, extra[0], extra[1]
 
 
 def _chdir(config: Config) -> None:

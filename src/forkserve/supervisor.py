@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import gate, hooks, models, pidfile, reload
+from . import gate, hooks, models, pidfile, reload, systemd
 from ._version import __version__
 from .admission import Admission
 from .apps import App
@@ -151,7 +151,8 @@ class Supervisor:
                  reload_config: Callable[[], Config] | None = None,
                  control: Listener | None = None, metrics: Listener | None = None,
                  tls: ssl.SSLContext | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None,
+                 notifier: systemd.Notifier | None = None) -> None:
         self.config = config
         self.app = app
         #: The TLS context (made before privileges were dropped), or None.
@@ -187,6 +188,9 @@ class Supervisor:
         self._halt: tuple[str, ExitCode] | None = None
         self._reports = RateLimiter(REPORT_INTERVAL)
         self._started = self.kernel.monotonic()
+        #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
+        self.notifier = notifier or systemd.Notifier(None)
+        self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
         if admission is None:
             admission = gate.build(config)
         self.gate = Gate(admission, config, clock=self.kernel.monotonic, count=self.count,
@@ -223,6 +227,7 @@ class Supervisor:
         if self._halt is None:
             self._halt = (reason, status)
             log.critical("%s", reason)
+            self.notifier.status(reason)
         self._begin_stop(fast=False)
 
     def _start(self) -> None:
@@ -241,6 +246,7 @@ class Supervisor:
             sys.stderr.write(f"forkserve: listening on {listener.name} "
                              f"(model={self.model.name}, pid={self.pid})\n")
             sys.stderr.flush()
+        self.notifier.ready(f"serving {names} (model={self.model.name})")
 
     def _finished(self) -> bool:
         return self._stop is not None and not self.model.pids()
@@ -288,6 +294,7 @@ class Supervisor:
         for server in self._loop_servers:
             server.tick(now)
         self.gate.tick(now)
+        self.heartbeat.tick(now)
 
     def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None:
         """Call ``callback`` from the loop whenever ``fd`` is readable (or writable)."""
@@ -309,6 +316,7 @@ class Supervisor:
         if self._stop is not None and not self._stop.killed:
             deadlines.append(self._stop.deadline)
         for deadline in (self.model.next_deadline(), self.gate.next_deadline(),
+                         self.heartbeat.next_deadline(),
                          *(server.next_deadline() for server in self._loop_servers)):
             if deadline is not None:
                 deadlines.append(deadline)
@@ -382,15 +390,24 @@ class Supervisor:
 
     def _reload(self) -> None:
         """Re-read the config; apply it to new connections, or keep the old one and say why."""
+        self.notifier.reloading()
+        outcome = "reload failed: still serving with the running config"
+        try:
+            if self._apply_reload():
+                outcome = "reloaded the config"
+        finally:
+            self.notifier.ready(outcome)  # systemd's reload ends with READY=1, whatever it was
+
+    def _apply_reload(self) -> bool:
         if self._reload_config is None:
             log.info("reload: there is no config file to re-read; nothing changed")
-            return
+            return False
         try:
             new = reload.prepare(self.config, self.app, self.access_log, self._reload_config,
                                  self.gate.admission)
         except ForkserveError as exc:
             log.error("reload failed, still serving with the running config: %s", exc)
-            return
+            return False
         if new.kept:
             log.warning("reload: %s can only change with a restart; kept the running value",
                         ", ".join(new.kept))
@@ -403,6 +420,7 @@ class Supervisor:
         self.model.reconfigure()
         log.info("reloaded the config: new connections use it")
         hooks.call(self.config, "on_reload", self.config)
+        return True
 
     # ------------------------------------------------------------------ children
 
@@ -494,6 +512,7 @@ class Supervisor:
                 self._kill_all(signal.SIGKILL)
             return
         self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout)
+        self.notifier.stopping()
         self.update_accepting()
         for listener in self.listeners:
             listener.close()
@@ -540,6 +559,7 @@ class Supervisor:
         for server in self._loop_servers:
             server.close_in_child()
         self.gate.close_in_child()
+        self.notifier.close_in_child()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -558,6 +578,7 @@ class Supervisor:
         for server in self._loop_servers:
             server.close()
         self.gate.close()
+        self.notifier.close()
         for listener in self.listeners:
             listener.close()
         self.selector.close()
