@@ -96,7 +96,8 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
         if config.proxy_protocol:
             addr, local, family = proxy_addresses(sock, addr, config, deadline)
         if tls is not None:
-            sock = handshake(tls, sock, max(deadline - time.monotonic(), 0.001))
+            sock = handshake(tls, sock, max(deadline - time.monotonic(), 0.001),
+                             budget=config.handshake_timeout)
         return Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
                           write_timeout=config.write_timeout,
                           peer=format_address(addr, family),

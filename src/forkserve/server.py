@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from . import gate, hooks, pidfile, privileges, systemd
+from . import gate, hooks, pidfile, privileges, systemd, upgrade
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -17,11 +17,10 @@ from .logs import AccessLog, configure, log
 from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
 from .tls import make_context as make_tls_context
+from .upgrade import CONTROL, METRICS
 
 #: The control socket serves a few operators' status readers, not clients.
 CONTROL_BACKLOG = 16
-#: Names (LISTEN_FDNAMES) of inherited sockets that are not for clients.
-CONTROL, METRICS = "forkserve-control", "forkserve-metrics"
 
 
 def run_server(config: Config, app: App | None = None,
@@ -36,6 +35,8 @@ def run_server(config: Config, app: App | None = None,
     # before anything imports user code or forks: these variables are for this process only
     notifier = systemd.Notifier.from_environ()
     inherited = systemd.inherited_listeners()
+    upgrade_ready_fd = upgrade.take_ready_fd()
+    started_in = os.getcwd()
     _chdir(config)
     config = hooks.resolve(config)
     identity = privileges.resolve_identity(config)
@@ -77,7 +78,8 @@ def run_server(config: Config, app: App | None = None,
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 reload_config=reload_config, control=control,
                                 metrics=metrics, tls=context, admission=admission,
-                                notifier=notifier)
+                                notifier=notifier, cwd=started_in,
+                                upgrade_ready_fd=upgrade_ready_fd)
         undo.pop_all()  # from here on, the supervisor closes what it was given
     status = supervisor.run()
     hooks.call(supervisor.config, "on_exit", status)

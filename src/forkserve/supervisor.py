@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from . import gate, hooks, models, pidfile, reload, systemd
+from . import gate, hooks, models, pidfile, reload, systemd, upgrade
 from ._version import __version__
 from .admission import Admission
 from .apps import App
@@ -62,6 +62,7 @@ from .loopserver import LoopServer
 from .metrics import MetricsServer
 from .reload import RESTART_ONLY
 from .status import StatusServer, process_row
+from .upgrade import Upgrader
 
 log = logging.getLogger("forkserve")
 
@@ -74,6 +75,7 @@ class Intent(enum.Enum):
     FEWER = "one worker fewer"
     REAP = "reap children"
     REOPEN_LOGS = "reopen log files"
+    UPGRADE = "upgrade"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ SIGNALS: tuple[SignalRoute, ...] = (
                 "connection first."),
     SignalRoute(signal.SIGUSR1, Intent.REOPEN_LOGS, "reopen",
                 "Reopen the access log file (after log rotation)."),
+    SignalRoute(signal.SIGUSR2, Intent.UPGRADE, "upgrade",
+                "Zero-downtime upgrade: start a new master (new code, same command line) on "
+                "the same listening sockets; once it serves, this one stops gracefully."),
     SignalRoute(signal.SIGCHLD, Intent.REAP, None, "A child ended: reap it (internal)."),
 )
 _INTENTS = {route.signal.value: route.intent for route in SIGNALS}
@@ -152,7 +157,8 @@ class Supervisor:
                  control: Listener | None = None, metrics: Listener | None = None,
                  tls: ssl.SSLContext | None = None,
                  admission: Admission | None = None,
-                 notifier: systemd.Notifier | None = None) -> None:
+                 notifier: systemd.Notifier | None = None, cwd: str | None = None,
+                 upgrade_ready_fd: int | None = None) -> None:
         self.config = config
         self.app = app
         #: The TLS context (made before privileges were dropped), or None.
@@ -191,6 +197,12 @@ class Supervisor:
         #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
         self.notifier = notifier or systemd.Notifier(None)
         self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
+        #: Where the server was started (an upgrade's new master starts there too).
+        self._cwd = cwd or os.getcwd()
+        self.upgrader = Upgrader(self)
+        #: Set when an upgrade started this master: written to once it serves.
+        self._upgrade_ready_fd = upgrade_ready_fd
+        self._operator_listeners = [(upgrade.CONTROL, control), (upgrade.METRICS, metrics)]
         if admission is None:
             admission = gate.build(config)
         self.gate = Gate(admission, config, clock=self.kernel.monotonic, count=self.count,
@@ -247,6 +259,16 @@ class Supervisor:
                              f"(model={self.model.name}, pid={self.pid})\n")
             sys.stderr.flush()
         self.notifier.ready(f"serving {names} (model={self.model.name})")
+        if self._upgrade_ready_fd is not None:
+            fd, self._upgrade_ready_fd = self._upgrade_ready_fd, None
+            upgrade.announce_ready(fd)
+
+    def operator_listeners(self) -> list[tuple[str, Listener]]:
+        """The control and metrics sockets, by their names for an upgrade's handover."""
+        return [(name, lst) for name, lst in self._operator_listeners if lst is not None]
+
+    def begin_graceful_stop(self) -> None:
+        self._begin_stop(fast=False)
 
     def _finished(self) -> bool:
         return self._stop is not None and not self.model.pids()
@@ -295,6 +317,7 @@ class Supervisor:
             server.tick(now)
         self.gate.tick(now)
         self.heartbeat.tick(now)
+        self.upgrader.tick(now)
 
     def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None:
         """Call ``callback`` from the loop whenever ``fd`` is readable (or writable)."""
@@ -316,7 +339,7 @@ class Supervisor:
         if self._stop is not None and not self._stop.killed:
             deadlines.append(self._stop.deadline)
         for deadline in (self.model.next_deadline(), self.gate.next_deadline(),
-                         self.heartbeat.next_deadline(),
+                         self.heartbeat.next_deadline(), self.upgrader.next_deadline(),
                          *(server.next_deadline() for server in self._loop_servers)):
             if deadline is not None:
                 deadlines.append(deadline)
@@ -382,6 +405,8 @@ class Supervisor:
                 self._reload()
             elif intent in (Intent.MORE, Intent.FEWER) and self._stop is None:
                 self.model.scale(1 if intent is Intent.MORE else -1)
+            elif intent is Intent.UPGRADE and self._stop is None:
+                self.upgrader.start(self._cwd)
             elif intent is Intent.REOPEN_LOGS and self.access_log is not None:
                 self.access_log.reopen()
                 log.info("reopened the access log %s", self.access_log.path)
@@ -429,7 +454,7 @@ class Supervisor:
             if self.model.on_exit(exited):
                 hooks.call(self.config, "child_exit",
                            ChildExited(exited.pid, exited.describe(), exited.code))
-            else:
+            elif not self.upgrader.on_reaped(exited.pid, exited.describe()):
                 log.info("reaped pid %d, which is not one of ours (exit %d)",
                          exited.pid, exited.code)
 
@@ -560,6 +585,10 @@ class Supervisor:
             server.close_in_child()
         self.gate.close_in_child()
         self.notifier.close_in_child()
+        self.upgrader.close_in_child()
+        if self._upgrade_ready_fd is not None:
+            os.close(self._upgrade_ready_fd)
+            self._upgrade_ready_fd = None
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -579,6 +608,7 @@ class Supervisor:
             server.close()
         self.gate.close()
         self.notifier.close()
+        self.upgrader.close()
         for listener in self.listeners:
             listener.close()
         self.selector.close()

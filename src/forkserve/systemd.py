@@ -272,6 +272,8 @@ class Notifier:
         self._watchdog_usec = watchdog_usec
         self._address: bytes | None = None
         self._sock: socket.socket | None = None
+        #: ``NOTIFY_SOCKET`` as given, when usable (an upgrade passes it to the new master).
+        self.address: str | None = None
         if address is None:
             return
         target = _notify_address(address)
@@ -287,6 +289,7 @@ class Notifier:
                         "notified", exc.strerror)
             return
         self._address = target
+        self.address = address
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] | None = None,

@@ -69,8 +69,10 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float) -> ssl.SSLSocket:
-    """Wrap ``sock`` and complete the server handshake within ``timeout`` seconds.
+def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float, *,
+              budget: float | None = None) -> ssl.SSLSocket:
+    """Wrap ``sock`` and complete the server handshake within ``timeout`` seconds (what is
+    left of ``budget``, the setting an error message names).
 
     Raises ``HandshakeFailed``; ``sock`` then belongs to the caller no more (it is closed).
     """
@@ -80,7 +82,7 @@ def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float) -> s
         tls.do_handshake()
     except TimeoutError:
         tls.close()
-        raise HandshakeFailed(f"no TLS handshake within {timeout:g} s") from None
+        raise HandshakeFailed(f"no TLS handshake within {budget or timeout:g} s") from None
     except ssl.SSLError as exc:
         tls.close()
         raise HandshakeFailed(f"TLS handshake failed: {exc.reason or exc}") from None

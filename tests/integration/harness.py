@@ -279,3 +279,46 @@ def recv_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+HELLO = b"Hello from server!\n"
+
+
+class Load:
+    """Clients in threads doing connect, request, answer, close in a loop, counting failures."""
+
+    def __init__(self, server: Server, clients: int, *, lines: int = 1) -> None:
+        self.server = server
+        self.lines = lines
+        self.ok = 0
+        self.failures: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 50  # bounded even if nobody stops us
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                with self.server.connect(timeout=10) as s:
+                    s.sendall(b"ping\n" * self.lines)
+                    answer = recv_exactly(s, len(HELLO) * self.lines)
+                    s.shutdown(socket.SHUT_WR)
+                    rest = s.recv(1)
+                if answer != HELLO * self.lines or rest != b"":
+                    raise AssertionError(f"truncated or extra: {answer!r} {rest!r}")
+                with self._lock:
+                    self.ok += 1
+            except (OSError, AssertionError) as exc:
+                with self._lock:
+                    self.failures.append((time.monotonic(), repr(exc)))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.integration.harness import (
+    Load,
     Server,
     proc_info,
     recv_all,
@@ -33,46 +32,6 @@ def wait_for_workers(server: Server, n: int, timeout: float = 10.0) -> set[int]:
     assert wait_until(lambda: len(worker_pids(server)) == n, timeout), (
         f"expected {n} workers, have {len(worker_pids(server))}\n{server.log_tail()}")
     return worker_pids(server)
-
-
-class Load:
-    """Clients in threads doing connect, request, answer, close in a loop, counting failures."""
-
-    def __init__(self, server: Server, clients: int, *, lines: int = 1) -> None:
-        self.server = server
-        self.lines = lines
-        self.ok = 0
-        self.failures: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 50  # bounded even if nobody stops us
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                with self.server.connect(timeout=10) as s:
-                    s.sendall(b"ping\n" * self.lines)
-                    answer = recv_exactly(s, len(HELLO) * self.lines)
-                    s.shutdown(socket.SHUT_WR)
-                    rest = s.recv(1)
-                if answer != HELLO * self.lines or rest != b"":
-                    raise AssertionError(f"truncated or extra: {answer!r} {rest!r}")
-                with self._lock:
-                    self.ok += 1
-            except (OSError, AssertionError) as exc:
-                with self._lock:
-                    self.failures.append((time.monotonic(), repr(exc)))
 
 
 def test_workers_share_the_load(server_factory: Factory, tmp_path: Path) -> None:
