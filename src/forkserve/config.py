@@ -455,6 +455,11 @@ class Config:
         "A client that accepts no data for this long while an answer is being written is "
         "disconnected.",
     )
+    max_connection_time: float = setting(
+        0.0, Seconds(minimum=0.0),
+        "A connection open this long is ended at its next read or write, however busy "
+        "(0: no limit). exec: the program is killed.",
+    )
     graceful_timeout: float = setting(
         30.0, Seconds(minimum=0.0),
         "On a graceful stop, how long connections in flight may take before they are killed.",

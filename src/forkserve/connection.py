@@ -32,7 +32,12 @@ master itself (single model). Rules:
    instead of looping forever, as its blocking mode would. The same report comes when a signal
    cuts a wait short (OpenSSL cannot retry it as PEP 475 would): a read or write is then
    retried unless the stop applies or its deadline has really passed.
-5. ``close()`` lingers when the server closes first: shut down the write side, drain what the
+5. ``max_time`` (``max_connection_time``) bounds a connection's whole life: each read and
+   write lowers its kernel timeout to what is left of it (one more ``setsockopt`` per call,
+   only when the setting is on), and the first one that would pass it raises
+   ``ConnectionExpired``. Time the handler spends computing is not cut short (that is the
+   watchdog's business); its next read or write ends the connection.
+6. ``close()`` lingers when the server closes first: shut down the write side, drain what the
    client still sends for a moment, then close, so a final answer is not destroyed by the RST
    that closing with unread input would send (RFC 1122 4.2.2.13).
 """
@@ -49,7 +54,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .errors import IdleTimeout, LineTooLong, PeerGone
+from .errors import ConnectionExpired, IdleTimeout, LineTooLong, PeerGone
 from .framing import LineFramer
 from .scoreboard import SlotMonitor
 
@@ -100,7 +105,7 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_framer", "_idle_timeout", "_monitor", "_pending",
+        "_closed", "_eof", "_error", "_expires", "_framer", "_idle_timeout", "_monitor", "_pending",
         "_rest", "_stop_began", "_stop_timeout", "_tls", "_write_timeout",
         "bytes_in", "bytes_out", "local", "peer", "settings", "sock",
     )
@@ -108,7 +113,7 @@ class Connection:
     def __init__(self, sock: socket.socket, *, max_line: int, idle_timeout: float | None,
                  write_timeout: float | None = None, peer: str | None = None,
                  local: str | None = None, monitor: SlotMonitor | None = None,
-                 settings: Config | None = None) -> None:
+                 settings: Config | None = None, max_time: float | None = None) -> None:
         self.sock = sock
         self._monitor = monitor
         #: The server's settings, read-only (``None`` outside a server).
@@ -121,6 +126,8 @@ class Connection:
             sock.settimeout(None)
         self._idle_timeout = idle_timeout
         self._write_timeout = write_timeout
+        #: When the connection must end (``max_time``), on the monotonic clock.
+        self._expires = time.monotonic() + max_time if max_time else None
         if idle_timeout is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_timeout))
         if write_timeout is not None:
@@ -233,17 +240,20 @@ class Connection:
             monitor.waiting()
         if self._stop_timeout is not None:
             self._apply_stop()  # the request may have become complete since: never wait then
-        began = time.monotonic() if self._tls else 0.0
+        began = time.monotonic() if self._tls or self._expires is not None else 0.0
         while True:
+            wait = self._stop_timeout if self._stop_timeout is not None else self._idle_timeout
+            if self._expires is not None:
+                wait = self._clamp(socket.SO_RCVTIMEO, wait)
             try:
                 data = self.sock.recv(RECV_SIZE)
                 break
             except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
                 stop = self._stop_timeout
                 if self._tls and not _expired(began if stop is None else
-                                              max(began, self._stop_began),
-                                              self._idle_timeout if stop is None else stop):
+                                              max(began, self._stop_began), wait):
                     continue  # a signal cut the wait short (rule 4)
+                self._check_expiry()
                 if stop is not None:
                     return None
                 raise IdleTimeout("client sent nothing within the idle timeout") from None
@@ -262,17 +272,35 @@ class Connection:
         if monitor is not None:
             monitor.waiting()
         try:
+            if self._expires is not None:
+                self._clamp(socket.SO_SNDTIMEO, self._write_timeout)
             if self._tls:
                 self._send_tls(data)
             else:
                 self.sock.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO expired
+            self._check_expiry()
             raise PeerGone("client stopped reading (write timeout)") from None
         except OSError as exc:
             raise PeerGone(f"client went away: {exc.strerror or exc}") from None
         if monitor is not None:
             monitor.working()
         self.bytes_out += len(data)
+
+    def _clamp(self, option: int, timeout: float | None) -> float:
+        """Set ``option`` to ``timeout`` or what is left of ``max_time``, whichever is less;
+        return it. Raises ``ConnectionExpired`` when nothing is left."""
+        assert self._expires is not None
+        left = self._expires - time.monotonic()
+        if left <= 0:
+            raise ConnectionExpired("the connection reached max_connection_time")
+        wait = left if timeout is None else min(timeout, left)
+        self.sock.setsockopt(socket.SOL_SOCKET, option, _timeval(wait))
+        return wait
+
+    def _check_expiry(self) -> None:
+        if self._expires is not None and time.monotonic() >= self._expires - 0.001:
+            raise ConnectionExpired("the connection reached max_connection_time")
 
     def _send_tls(self, data: bytes) -> None:
         view = memoryview(data)
@@ -281,7 +309,10 @@ class Connection:
             try:
                 sent = self.sock.send(view)
             except ssl.SSLWantWriteError:  # SO_SNDTIMEO expired, or a signal (rule 4)
-                if _expired(began, self._write_timeout):
+                wait = self._write_timeout
+                if self._expires is not None:
+                    wait = min(wait or MAX_TIMEOUT, max(self._expires - began, 0.0))
+                if _expired(began, wait):
                     raise BlockingIOError from None
                 continue
             view = view[sent:]

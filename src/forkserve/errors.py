@@ -89,5 +89,9 @@ class IdleTimeout(ClientError):
     """The peer sent nothing for ``idle_timeout`` seconds."""
 
 
+class ConnectionExpired(ClientError):
+    """The connection reached ``max_connection_time``."""
+
+
 class PeerGone(ClientError):
     """The peer reset the connection or stopped reading for good."""

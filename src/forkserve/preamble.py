@@ -79,12 +79,18 @@ def proxy_addresses(sock: socket.socket, addr: object, config: Config,
     return addr, None, sock.family
 
 
+def _left(limit: float, since: float) -> float | None:
+    """What is left of ``limit`` seconds counted from ``since`` (None: no limit)."""
+    return max(limit - (time.monotonic() - since), 0.001) if limit else None
+
+
 def open_connection(sock: socket.socket, addr: object, config: Config,
                     tls: ssl.SSLContext | None, *,
                     monitor: SlotMonitor | None = None) -> Connection:
     """The ``Connection`` for ``sock``. Raises ``ClientError`` or ``OSError``; on either,
     ``sock`` is closed."""
-    deadline = time.monotonic() + config.handshake_timeout
+    accepted = time.monotonic()
+    deadline = accepted + config.handshake_timeout
     with contextlib.suppress(OSError):
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -102,7 +108,8 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
                           write_timeout=config.write_timeout,
                           peer=format_address(addr, family),
                           local=None if local is None else format_address(local, family),
-                          monitor=monitor, settings=config)
+                          monitor=monitor, settings=config,
+                          max_time=_left(config.max_connection_time, accepted))
     except BaseException:
         sock.close()
         raise

@@ -211,3 +211,14 @@ def test_limits_apply_to_the_program(server_factory: Factory) -> None:
     server = exec_server(server_factory, *BIND, "--limit-nofile", "32", "--",
                          "sh", "-c", "ulimit -n; ulimit -Hn")
     assert ask(server)[0] == b"32\n32\n"
+
+
+def test_max_connection_time_kills_a_busy_program(server_factory: Factory) -> None:
+    server = exec_server(server_factory, *BIND, "--max-connection-time", "1", "--",
+                         "sh", "-c", "while true; do echo tick; sleep 0.1; done")
+    with server.connect() as s:
+        start = time.monotonic()
+        got = recv_all(s)
+        assert got.startswith(b"tick\n")
+        assert time.monotonic() - start < 6
+    server.wait_for_log(r"status SIGKILL \(max connection time\)")

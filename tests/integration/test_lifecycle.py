@@ -224,3 +224,27 @@ def test_a_first_request_split_across_the_stop_is_answered(server_factory: Facto
         s.sendall(b"lo\n")
         assert recv_all(s) == b"hello\n"
     assert server.wait() == 0
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork", "single"])
+def test_max_connection_time_ends_a_busy_connection(server_factory: Factory,
+                                                    model: str) -> None:
+    server = server_factory("--model", model, "--workers", "1", "--max-connection-time", "1.5",
+                            "--idle-timeout", "60")
+    with server.connect() as s:
+        start = time.monotonic()
+        answered = 0
+        try:
+            while time.monotonic() - start < 8:  # an active client: idle never fires
+                s.sendall(b"hi\n")
+                if recv_exactly(s, len(HELLO)) != HELLO:
+                    break
+                answered += 1
+                time.sleep(0.1)
+        except ConnectionError:
+            pass
+        assert answered >= 5
+        assert 1.4 < time.monotonic() - start < 6, "ended at max_connection_time"
+    with server.connect() as s:  # the server goes on
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO

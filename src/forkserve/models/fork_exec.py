@@ -178,6 +178,8 @@ class ExecModel(ForkModel):
         os.set_blocking(read_fd, False)
         relay = StderrRelay(read_fd, child.pid, self.sup.unwatch)
         first = child.started + self.sup.config.idle_timeout + CHECK_SLACK
+        if self.sup.config.max_connection_time:
+            first = min(first, child.started + self.sup.config.max_connection_time)
         self.running[child.pid] = Running(child, relay, tcp_inode, first,
                                           io_since=child.started)
         heapq.heappush(self._checks, (first, child.pid))
@@ -207,6 +209,10 @@ class ExecModel(ForkModel):
 
     def _check(self, program: Running, now: float) -> None:
         config = self.sup.config
+        limit = config.max_connection_time
+        if limit and now - program.child.started >= limit:
+            self._kill(program, "max connection time")
+            return
         quiet, left_factor = self._quiet(program, now), 1.0
         if program.tcp_inode is None or program.io_seen is not None:
             left_factor = 1.0 / IO_CHECKS  # counters only: look more often
@@ -222,6 +228,8 @@ class ExecModel(ForkModel):
         wait = max(min(left, config.idle_timeout * left_factor),
                    min(MIN_RECHECK, config.idle_timeout))
         program.next_check = now + wait + CHECK_SLACK
+        if limit:
+            program.next_check = min(program.next_check, program.child.started + limit)
         heapq.heappush(self._checks, (program.next_check, program.child.pid))
 
     def _quiet(self, program: Running, now: float) -> Quiet:
