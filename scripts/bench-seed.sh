@@ -15,8 +15,10 @@ if [ ! -x "$BENCH/loadgen" ]; then
     rm -rf "$BENCH" && cp -r "$ROOT/../shared/bench" "$BENCH" && chmod -R u+w "$BENCH"
     make -s -C "$BENCH"
 fi
-FS="$ROOT/.venv/bin/forkserve"
-PY="$ROOT/.venv/bin/python"
+# FS and PY may be given (e.g. FS="env PYTHONPATH=/clone/src .venv/bin/python -m forkserve" to
+# measure a checkout that is not the one installed in the environment)
+FS=${FS:-"$ROOT/.venv/bin/forkserve"}
+PY=${PY:-"$ROOT/.venv/bin/python"}
 # name | port | run.sh options | command (PORT is substituted)
 SERVERS=(
     "seed_c_backlog128|19201|-q|$BENCH/anchors/seed_server_backlog128 PORT"
