@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Server, recv_exactly, run_cli, wait_until
+from tests.integration.harness import Server, recv_all, recv_exactly, run_cli, wait_until
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -107,3 +107,18 @@ def test_the_pid_file_is_written_before_privileges_are_dropped(server_factory: F
     pid_file = run / "forkserve.pid"
     server = server_factory("--user", "nobody", "--pid-file", str(pid_file))
     assert pid_file.read_text() == f"{server.pid}\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_exec_programs_run_as_the_user_without_groups_or_capabilities(
+        server_factory: Factory) -> None:
+    nobody = pwd.getpwnam("nobody")
+    server = server_factory("--bind", "127.0.0.1:0", "--user", "nobody", "--", "sh", "-c",
+                            "id -u; id -g; id -G; grep -E '^Cap(Eff|Prm):' /proc/self/status",
+                            command="exec")
+    with server.connect() as s:
+        lines = recv_all(s).decode().split("\n")
+    assert lines[0] == str(nobody.pw_uid)
+    assert lines[1] == str(nobody.pw_gid)
+    assert lines[2] == str(nobody.pw_gid), "no supplementary group"
+    assert all(int(line.split()[1], 16) == 0 for line in lines[3:5]), lines

@@ -156,3 +156,24 @@ def test_idle_master_uses_no_cpu(server_factory: Factory) -> None:
     cpu0 = cpu_seconds(server.pid)
     time.sleep(2.0)
     assert cpu_seconds(server.pid) - cpu0 <= 0.02, "an idle master must not poll"
+
+
+def test_silent_clients_do_not_delay_a_legitimate_one(server_factory: Factory) -> None:
+    server = server_factory()
+
+    def round_trip() -> float:
+        start = time.monotonic()
+        with server.connect() as s:
+            ask(s)
+        return time.monotonic() - start
+
+    normal = min(round_trip() for _ in range(5))
+    silent = [server.connect() for _ in range(20)]  # each holds a child, and nothing else
+    try:
+        assert wait_until(lambda: len(server.children()) == 20, 10)
+        delayed = min(round_trip() for _ in range(5))
+    finally:
+        for s in silent:
+            s.close()
+    # not a speed test: the bound is generous, the point is "not queued behind them"
+    assert delayed < max(10 * normal, 0.5), (normal, delayed)
