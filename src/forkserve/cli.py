@@ -19,8 +19,8 @@ from .client import run as run_client
 from .control import VERBS
 from .errors import ConfigError, ExitCode, ForkserveError
 from .server import run_server
+from .signals import signal_table
 from .status import StatusFailed
-from .supervisor import signal_table
 
 #: The ``app`` setting of an exec server (what status and a reload see).
 EXEC_APP = "exec"

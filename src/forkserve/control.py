@@ -6,7 +6,7 @@ import os
 
 from . import pidfile
 from .errors import ForkserveError
-from .supervisor import SIGNALS
+from .signals import SIGNALS
 
 #: verb -> signal, from the one signal table.
 VERBS = {route.verb: route.signal for route in SIGNALS if route.verb}

@@ -31,7 +31,6 @@ is left, reap, exit 1 if anything had to be killed, else 0. A fast stop (SIGQUIT
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import gc
 import logging
@@ -60,67 +59,12 @@ from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
 from .loopserver import LoopServer
 from .metrics import MetricsServer
-from .reload import RESTART_ONLY
+from .signals import _INTENTS, SIGNALS, Intent
 from .status import StatusServer, process_row
 from .upgrade import Upgrader
 
 log = logging.getLogger("forkserve")
 
-
-class Intent(enum.Enum):
-    GRACEFUL_STOP = "graceful stop"
-    FAST_STOP = "fast stop"
-    RELOAD = "reload"
-    MORE = "one worker more"
-    FEWER = "one worker fewer"
-    REAP = "reap children"
-    REOPEN_LOGS = "reopen log files"
-    UPGRADE = "upgrade"
-
-
-@dataclass(frozen=True)
-class SignalRoute:
-    """One row of the signal table: a signal, what it means, its CLI verb and its doc line."""
-
-    signal: signal.Signals
-    intent: Intent
-    verb: str | None
-    doc: str
-
-
-SIGNALS: tuple[SignalRoute, ...] = (
-    SignalRoute(signal.SIGTERM, Intent.GRACEFUL_STOP, "stop",
-                "Graceful stop: refuse new connections, let those in flight finish up to "
-                "`graceful_timeout`, then kill what is left (exit 1 if anything was killed)."),
-    SignalRoute(signal.SIGINT, Intent.GRACEFUL_STOP, None, "Same as TERM (Ctrl-C)."),
-    SignalRoute(signal.SIGQUIT, Intent.FAST_STOP, "quit",
-                "Fast stop: kill every child at once and exit."),
-    SignalRoute(signal.SIGHUP, Intent.RELOAD, "reload",
-                "Reload: re-read the config file; new connections get the new settings, those "
-                "in flight keep theirs (prefork: a new generation of workers replaces the "
-                "old one). A file that does not validate changes nothing (the log says why); "
-                + ", ".join(f"`{name}`" for name in RESTART_ONLY) + " need a restart."),
-    SignalRoute(signal.SIGTTIN, Intent.MORE, "more",
-                "prefork: one worker more (up to `max_workers`)."),
-    SignalRoute(signal.SIGTTOU, Intent.FEWER, "fewer",
-                "prefork: one worker fewer (never below 1); the one retired finishes its "
-                "connection first."),
-    SignalRoute(signal.SIGUSR1, Intent.REOPEN_LOGS, "reopen",
-                "Reopen the access log file (after log rotation)."),
-    SignalRoute(signal.SIGUSR2, Intent.UPGRADE, "upgrade",
-                "Zero-downtime upgrade: start a new master (new code, same command line) on "
-                "the same listening sockets; once it serves, this one stops gracefully."),
-    SignalRoute(signal.SIGCHLD, Intent.REAP, None, "A child ended: reap it (internal)."),
-)
-_INTENTS = {route.signal.value: route.intent for route in SIGNALS}
-
-
-def signal_table() -> str:
-    """The signals table of the README, generated from ``SIGNALS``."""
-    rows = ["| signal | `forkserve signal` verb | meaning |", "|---|---|---|"]
-    rows += [f"| `{route.signal.name}` | {f'`{route.verb}`' if route.verb else ''} | "
-             f"{route.doc} |" for route in SIGNALS]
-    return "\n".join(rows) + "\n"
 
 #: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
 #: the pending connection stays queued, so retrying at once would spin.

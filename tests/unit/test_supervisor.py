@@ -13,13 +13,8 @@ import pytest
 from forkserve.config import Config
 from forkserve.kernel import Exited, reap
 from forkserve.models.fork import ForkModel
-from forkserve.supervisor import (
-    ACCEPT_PAUSE_SECONDS,
-    FORK_PAUSE_SECONDS,
-    SIGNALS,
-    Intent,
-    Supervisor,
-)
+from forkserve.signals import SIGNALS, Intent
+from forkserve.supervisor import ACCEPT_PAUSE_SECONDS, FORK_PAUSE_SECONDS, Supervisor
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
 
