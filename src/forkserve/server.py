@@ -27,9 +27,11 @@ def run_server(config: Config, app: App | None = None,
                reload_config: Callable[[], Config] | None = None) -> int:
     """Serve ``config`` (with ``app``, else the app it names) until stopped; return the status.
 
-    Everything an operator can get wrong is checked before any socket is bound: the app
-    (``ConfigError``), the access log file (``ConfigError``), then the addresses
-    (``ListenError``). Whatever was opened is closed again if a later step fails.
+    Everything an operator can get wrong is checked before any socket is bound, in this order:
+    the directory, hooks, the user to become, limits, TLS files, admission rules, the app, the
+    ``on_starting`` hook (each a ``ConfigError``); then the access log, the addresses
+    (``ListenError``), the pid file and the privilege drop. Whatever was opened is closed again
+    if a later step fails.
     """
     configure(config.log_level)
     # before anything imports user code or forks: these variables are for this process only
@@ -51,13 +53,8 @@ def run_server(config: Config, app: App | None = None,
     if config.metrics_bind is not None:
         require_metrics_client()
     with contextlib.ExitStack() as undo:
-        access_log = None
-        if config.access_log is not None:
-            try:
-                access_log = AccessLog(config.access_log, config.access_log_format)
-            except OSError as exc:
-                raise ConfigError("access_log", f"cannot open {config.access_log}: "
-                                  f"{exc.strerror}") from None
+        access_log = _open_access_log(config)
+        if access_log is not None:
             undo.callback(access_log.close)
         undo.callback(notifier.close)
         for item in inherited:
@@ -70,11 +67,7 @@ def run_server(config: Config, app: App | None = None,
             _write_pid_file(config.pid_file)
             undo.callback(pidfile.remove, config.pid_file, os.getpid())
         if identity is not None:
-            try:
-                privileges.drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
-            except OSError as exc:
-                raise ConfigError("user", f"cannot become {identity.name}: "
-                                          f"{exc.strerror}") from None
+            _drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 reload_config=reload_config, control=control,
                                 metrics=metrics, tls=context, admission=admission,
@@ -106,6 +99,23 @@ def _listeners(config: Config, inherited: list[systemd.InheritedSocket],
         else:
             extra.append(bind_all((address,), CONTROL_BACKLOG)[0])
     return listeners, extra[0], extra[1]
+
+
+def _open_access_log(config: Config) -> AccessLog | None:
+    if config.access_log is None:
+        return None
+    try:
+        return AccessLog(config.access_log, config.access_log_format)
+    except OSError as exc:
+        raise ConfigError("access_log", f"cannot open {config.access_log}: "
+                          f"{exc.strerror}") from None
+
+
+def _drop(identity: privileges.Identity, listeners: list[Listener]) -> None:
+    try:
+        privileges.drop(identity, listeners)
+    except OSError as exc:
+        raise ConfigError("user", f"cannot become {identity.name}: {exc.strerror}") from None
 
 
 def _chdir(config: Config) -> None:
