@@ -17,6 +17,9 @@ def write(path: str, pid: int) -> None:
     try:
         with open(tmp, "w", encoding="ascii") as fh:
             fh.write(f"{pid}\n")
+            # readable by anyone whatever the umask: `forkserve signal`, monitoring, and this
+            # master itself after it dropped privileges (it checks the pid before removing)
+            os.fchmod(fh.fileno(), 0o644)
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):

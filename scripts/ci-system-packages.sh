@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# ci-system-packages.sh - install the Debian packages that the tests need, when they are missing.
+#
+#   scripts/ci-system-packages.sh          (from .ci/run; as root, or a user with sudo)
+#
+# Idempotent: a package whose command is already installed is left alone, and `apt-get update`
+# runs only when something must be installed and apt does not know it yet (a fresh image has
+# empty lists) or the install failed on stale lists. Exits non-zero if a package could not be
+# installed; a test whose package is missing is skipped, with the reason, by pytest.
+set -euo pipefail
+
+# command | Debian package | the tests that need it
+PACKAGES=(
+    "haproxy|haproxy|tests/integration/test_haproxy.py"
+)
+# Debian installs daemons in sbin, which a non-root PATH may lack.
+SBIN=/usr/sbin:/usr/local/sbin:/sbin
+
+missing=()
+for entry in "${PACKAGES[@]}"; do
+    IFS='|' read -r cmd pkg _ <<<"$entry"
+    PATH="$PATH:$SBIN" command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "ci-system-packages: all present"
+    exit 0
+fi
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+        echo "ci-system-packages: need root or sudo to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    SUDO=(sudo -n)
+fi
+apt_get() { "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -q "$@"; }
+
+echo "ci-system-packages: installing ${missing[*]}"
+if ! apt-cache show "${missing[@]}" >/dev/null 2>&1; then
+    apt_get update
+fi
+if ! apt_get install -y --no-install-recommends "${missing[@]}"; then
+    apt_get update  # lists that name versions the mirror no longer has
+    apt_get install -y --no-install-recommends "${missing[@]}"
+fi
