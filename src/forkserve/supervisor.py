@@ -484,6 +484,8 @@ class Supervisor:
         self.notifier.stopping()
         self.update_accepting()
         for listener in self.listeners:
+            if not fast:
+                self.model.drain(listener)
             listener.close()
         pending = len(self.model.pids())
         if fast:

@@ -248,3 +248,19 @@ def test_max_connection_time_ends_a_busy_connection(server_factory: Factory,
     with server.connect() as s:  # the server goes on
         s.sendall(b"hi\n")
         assert recv_exactly(s, len(HELLO)) == HELLO
+
+
+def test_a_graceful_stop_serves_the_clients_already_queued(server_factory: Factory) -> None:
+    server = server_factory()
+    server.signal(signal.SIGSTOP)  # the master is busy: clients queue in the kernel backlog
+    try:
+        queued = [server.connect() for _ in range(5)]
+        for s in queued:
+            s.sendall(b"hi\n")
+        server.signal(signal.SIGTERM)
+    finally:
+        server.signal(signal.SIGCONT)
+    for s in queued:  # accepted before the listener closed, answered, not reset
+        with s:
+            assert recv_all(s) == HELLO
+    assert server.wait() == 0

@@ -51,6 +51,9 @@ class WithoutPool:
     def scale(self, delta: int) -> None:
         log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
+    def drain(self, listener: Listener) -> None:
+        pass  # the single model serves in the master: it cannot take more without waiting
+
 
 class Model(Protocol):
     name: str
@@ -60,6 +63,10 @@ class Model(Protocol):
     @property
     def full(self) -> bool:
         """True while the model can take no more connections (accepting pauses)."""
+
+    def drain(self, listener: Listener) -> None:
+        """A graceful stop is about to close ``listener``: serve what is queued on it, if
+        this model can without waiting (the fork model forks for it)."""
 
     def start(self) -> None:
         """Called once in the master before the first accept."""

@@ -82,7 +82,15 @@ class ForkModel(WithoutPool):
         return len(self.children) >= self.sup.config.max_children
 
     def on_readable(self, listener: Listener) -> None:
-        for _ in range(ACCEPT_BATCH):
+        self._take(listener, ACCEPT_BATCH)
+
+    def drain(self, listener: Listener) -> None:
+        """A graceful stop is about to close ``listener``: take what the kernel has queued
+        (bounded by the backlog and by room), so those clients are served, not reset."""
+        self._take(listener, self.sup.config.backlog)
+
+    def _take(self, listener: Listener, limit: int) -> None:
+        for _ in range(limit):
             if self.full and self.sup.config.on_full == "defer":
                 self.sup.update_accepting()
                 return

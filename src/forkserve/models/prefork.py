@@ -414,6 +414,9 @@ class PreforkModel:
         self.pool.target = pool_size(self.sup.config)
         log.info("reload: starting worker generation %d", self.pool.generation)
 
+    def drain(self, listener: Listener) -> None:
+        pass  # the workers accept, and each closes its own copy when told to stop
+
     def on_readable(self, listener: Listener) -> None:
         pass  # the master never watches the listeners in this model: the workers accept
 
