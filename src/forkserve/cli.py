@@ -1,4 +1,5 @@
-"""The ``forkserve`` command: ``serve``, ``exec``, ``client``, ``signal``, ``status``, ``settings``.
+"""The ``forkserve`` command: ``serve``, ``exec``, ``client``, ``signal``, ``status``,
+``settings``, ``bench``, ``demo``.
 
 Every operator error ends as one line on standard error and exit status 2, never a traceback.
 """
@@ -62,9 +63,10 @@ def add_exec_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     help="its arguments (after --)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="forkserve", description="A multi-process TCP server (fork, single).")
+        prog="forkserve", description="A multi-process TCP server: fork, prefork and single "
+        "models, and a program per connection (exec).")
     parser.add_argument("--version", action="version", version=f"forkserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -113,12 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
                                           "meaning, or the table of signals.")
     settings.add_argument("--signals", action="store_true",
                           help="print the table of signals the master handles instead")
+    if tools:  # not for serve/exec: a master forks, and every module it holds is copied
+        from . import bench, demo  # noqa: PLC0415
+
+        bench.add_parser(sub)  # each sets ``tool``: it prints its own errors, returns a status
+        demo.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(tools=not words or words[0] not in ("serve", "exec")).parse_args(words)
+    if getattr(args, "tool", None) is not None:
+        return int(args.tool(args))
     try:
         if args.command == "serve":
             given = {"app": args.app_spec} if args.app_spec else {}
