@@ -48,7 +48,7 @@ from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, LineTooLong
 from .hooks import Process
-from .preamble import open_connection
+from .preamble import Proxied, open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 
@@ -156,7 +156,8 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
         finish(signal.SIGTERM, None)
 
 
-def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> ChildExit:
+def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int,
+                    header: Proxied | None) -> ChildExit:
     ctx.close_master_fds()
     apply_limits(ctx.config)
     pid, start = os.getpid(), time.monotonic()
@@ -165,7 +166,7 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                 peer=peer)
     try:  # the handled signals stay blocked (as fork left them) until _reset_signals
-        conn = open_connection(sock, addr, ctx.config, ctx.tls)
+        conn = open_connection(sock, addr, ctx.config, ctx.tls, header=header)
     except (ClientError, OSError) as exc:
         log.info("%s: closed before the handler: %s", peer, exc)
         return ChildExit.OK
@@ -184,11 +185,12 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     return status
 
 
-def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int) -> NoReturn:
+def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int, *,
+              header: Proxied | None = None) -> NoReturn:
     """Serve one connection in a freshly forked child, then exit. Never returns."""
     status: int = ChildExit.HANDLER_ERROR
     try:
-        status = _serve_in_child(ctx, sock, addr, slot)
+        status = _serve_in_child(ctx, sock, addr, slot, header)
     except BaseException:
         with contextlib.suppress(BaseException):
             log.exception("child failed before or after its handler")

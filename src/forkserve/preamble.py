@@ -9,7 +9,10 @@ counted from the accept:
 1. PROXY protocol (``proxy_protocol``): the peer must be one of ``trusted_proxy`` (a unix
    socket peer is trusted: the socket file's permissions decide who connects), then its
    header is read with ``proxyproto.ProxyParser``, never a byte past it (``wanted``), so the
-   TLS handshake or the handler gets the stream exactly as the client sent it. A ``PROXY``
+   TLS handshake or the handler gets the stream exactly as the client sent it. The fork
+   model's master reads it itself, without waiting, before admission and the fork, and
+   hands the result over (``Proxied``); the single model and prefork workers read it before
+   admission too, so rules and limits count the real client. A ``PROXY``
    header for TCP over IPv4 or IPv6 replaces the peer and local addresses; ``LOCAL`` (the
    proxy's own health check) and ``UNKNOWN`` keep the socket's.
 2. TLS (``tls``): the server handshake.
@@ -27,11 +30,12 @@ import ipaddress
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 
 from .config import Config
 from .connection import Connection, format_address
 from .errors import ClientError, PeerGone
-from .proxyproto import ProxyParser
+from .proxyproto import ProxyHeader, ProxyParser
 from .scoreboard import SlotMonitor
 from .tls import HandshakeFailed, handshake
 
@@ -43,18 +47,42 @@ class UntrustedProxy(ClientError):
     """A peer outside ``trusted_proxy`` connected to a PROXY protocol listener."""
 
 
+@dataclass(frozen=True)
+class Proxied:
+    """What a PROXY header said: the client's address, the local one (None: the socket's),
+    and their family. The fork model's master reads headers itself (without waiting, before
+    admission and the fork) and hands this to the child."""
+
+    addr: object
+    local: object | None
+    family: int
+
+
+def check_trusted(sock: socket.socket, addr: object, config: Config) -> None:
+    """Raise ``UntrustedProxy`` unless the peer may send PROXY headers."""
+    if sock.family == socket.AF_UNIX:
+        return  # the socket file's permissions decide who connects
+    assert isinstance(addr, tuple)
+    ip = ipaddress.ip_address(addr[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if not any(ip in network for network in config.trusted_proxy):
+        raise UntrustedProxy(f"{ip} is not a trusted proxy (trusted_proxy)")
+
+
+def proxied(header: ProxyHeader, sock: socket.socket, addr: object) -> Proxied:
+    """The addresses to serve ``sock`` with, after ``header``."""
+    if header.replaces_peer:
+        return Proxied(header.source, header.destination, _FAMILY[header.family])
+    return Proxied(addr, None, sock.family)
+
+
 def proxy_addresses(sock: socket.socket, addr: object, config: Config,
                     deadline: float) -> tuple[object, object | None, int]:
-    """Read the PROXY header: (client address, local address or None, their family).
-
-    Raises ``ClientError``: an untrusted peer, a bad, late or missing header."""
-    if sock.family != socket.AF_UNIX:
-        assert isinstance(addr, tuple)
-        ip = ipaddress.ip_address(addr[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if not any(ip in network for network in config.trusted_proxy):
-            raise UntrustedProxy(f"{ip} is not a trusted proxy (trusted_proxy)")
+    """Read the PROXY header, waiting up to ``deadline``: (client address, local address or
+    None, their family). Raises ``ClientError``: an untrusted peer, a bad, late or missing
+    header."""
+    check_trusted(sock, addr, config)
     parser = ProxyParser()
     header = None
     try:
@@ -74,9 +102,8 @@ def proxy_addresses(sock: socket.socket, addr: object, config: Config,
         raise PeerGone(f"went away during its PROXY header: {exc}") from None
     finally:
         sock.settimeout(None)
-    if header.replaces_peer:
-        return header.source, header.destination, _FAMILY[header.family]
-    return addr, None, sock.family
+    named = proxied(header, sock, addr)
+    return named.addr, named.local, named.family
 
 
 def _left(limit: float, since: float) -> float | None:
@@ -86,7 +113,8 @@ def _left(limit: float, since: float) -> float | None:
 
 def open_connection(sock: socket.socket, addr: object, config: Config,
                     tls: ssl.SSLContext | None, *,
-                    monitor: SlotMonitor | None = None) -> Connection:
+                    monitor: SlotMonitor | None = None,
+                    header: Proxied | None = None) -> Connection:
     """The ``Connection`` for ``sock``. Raises ``ClientError`` or ``OSError``; on either,
     ``sock`` is closed."""
     accepted = time.monotonic()
@@ -99,7 +127,9 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
             monitor.waiting()  # the client's time: bounded by handshake_timeout
         local = None
         family: int = sock.family
-        if config.proxy_protocol:
+        if header is not None:  # read already (by the master, or by the caller)
+            addr, local, family = header.addr, header.local, header.family
+        elif config.proxy_protocol:
             addr, local, family = proxy_addresses(sock, addr, config, deadline)
         if tls is not None:
             sock = handshake(tls, sock, max(deadline - time.monotonic(), 0.001),

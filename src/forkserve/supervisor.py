@@ -530,6 +530,7 @@ class Supervisor:
         for server in self._loop_servers:
             server.close_in_child()
         self.gate.close_in_child()
+        self.model.close_in_child()
         self.notifier.close_in_child()
         self.upgrader.close_in_child()
         if self._upgrade_ready_fd is not None:

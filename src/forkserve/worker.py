@@ -53,7 +53,7 @@ from .gate import Gate
 from .hooks import Process
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord
-from .preamble import open_connection
+from .preamble import Proxied, open_connection, proxy_addresses
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 
@@ -210,25 +210,45 @@ class Worker:
                             exc.strerror, ACCEPT_PAUSE_SECONDS)
                 time.sleep(ACCEPT_PAUSE_SECONDS)
             return
+        header = None
+        if self.ctx.config.proxy_protocol:  # first: the rules must see the real client
+            header = self._read_header(sock, addr)
+            if header is None:
+                return
+            addr = header.addr
         gate = self.ctx.gate
         if gate is None:
-            self._serve(sock, addr)
+            self._serve(sock, addr, header)
             return
         gate.tick(time.monotonic())  # the rules file, polled as the master polls it
         admitted, key = gate.admit(sock, addr)  # the rules only: see gate.check_model
         if admitted:
             try:
-                self._serve(sock, addr)
+                self._serve(sock, addr, header)
             finally:
                 gate.release(key)
 
-    def _serve(self, sock: socket.socket, addr: object) -> None:
+    def _read_header(self, sock: socket.socket, addr: object) -> Proxied | None:
+        """The PROXY header (waiting up to handshake_timeout: the client's time)."""
+        peer = format_address(addr, sock.family)
+        self._state(SlotState.READING, peer=peer, conn_start=time.monotonic())
+        try:
+            named = proxy_addresses(sock, addr, self.ctx.config,
+                                    time.monotonic() + self.ctx.config.handshake_timeout)
+        except (ClientError, OSError) as exc:
+            log.info("%s: closed before the handler: %s", peer, exc)
+            sock.close()
+            self._state(SlotState.IDLE)
+            return None
+        return Proxied(*named)
+
+    def _serve(self, sock: socket.socket, addr: object, header: Proxied | None) -> None:
         config = self.ctx.config
         started = time.monotonic()
-        peer = format_address(addr, sock.family)
+        peer = format_address(addr, sock.family if header is None else header.family)
         self._state(SlotState.WRITING, peer=peer, conn_start=started)
         try:
-            conn = open_connection(sock, addr, config, self.ctx.tls,
+            conn = open_connection(sock, addr, config, self.ctx.tls, header=header,
                                    monitor=self.ctx.scoreboard.monitor(self.slot))
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s", peer, exc)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.integration.harness import Server, recv_all, run_cli, wait_until
+from tests.integration.harness import Server, recv_all, recv_exactly, run_cli, wait_until
 
 Factory = Callable[..., Server]
 
@@ -78,7 +78,7 @@ def test_a_bad_header_ends_the_connection_before_the_handler(
     except ConnectionResetError:
         answer = b""
     assert answer == b""
-    server.wait_for_log(rf"closed before the handler: {why}")
+    server.wait_for_log(rf"(closed before the handler|refused \S+): {why}")
 
 
 def test_an_untrusted_peer_is_refused_without_reading_its_header(
@@ -135,3 +135,26 @@ def test_proxy_protocol_needs_trusted_proxies() -> None:
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert "invalid --trusted-proxy: proxy_protocol needs the proxies' addresses" in err
+
+
+def v1_from(ip: str, port: int = 40000) -> bytes:
+    return f"PROXY TCP4 {ip} 192.0.2.1 {port} 443\r\n".encode()
+
+
+@pytest.mark.parametrize("model", ["fork", "single", "prefork"])
+def test_admission_rules_see_the_real_client(server_factory: Factory, model: str) -> None:
+    server = server_factory("--model", model, "--workers", "1", "--proxy-protocol",
+                            "--trusted-proxy", "127.0.0.1", "--deny", "203.0.113.0/24",
+                            "--refuse-message", "go away")
+    assert ask(server, v1_from("203.0.113.7")) == b"go away\n"
+    assert ask(server, v1_from("198.51.100.7")) == b"Hello from server!\n"
+
+
+def test_per_ip_limits_count_the_real_client(server_factory: Factory) -> None:
+    server = server_factory("--proxy-protocol", "--trusted-proxy", "127.0.0.1",
+                            "--max-per-ip", "1", "--refuse-message", "one at a time")
+    with server.connect() as held:  # from 198.51.100.7, through the same proxy address
+        held.sendall(v1_from("198.51.100.7") + b"hi\n")
+        assert recv_exactly(held, 19) == b"Hello from server!\n"
+        assert ask(server, v1_from("198.51.100.7", 40001)) == b"one at a time\n"
+        assert ask(server, v1_from("198.51.100.8")) == b"Hello from server!\n"

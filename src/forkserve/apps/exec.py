@@ -64,7 +64,7 @@ from ..child import ChildContext, set_parent_death_signal
 from ..connection import format_address
 from ..errors import ClientError, ConfigError
 from ..hooks import Process
-from ..preamble import proxy_addresses
+from ..preamble import Proxied, proxy_addresses
 from ..privileges import apply_limits
 from ..scoreboard import SlotState
 
@@ -232,7 +232,7 @@ def _install_fds(conn_fd: int, stderr_fd: int) -> None:
 
 
 def run_program(ctx: ChildContext, program: Program, sock: socket.socket, addr: object,
-                slot: int, *, stderr_fd: int) -> NoReturn:
+                slot: int, *, stderr_fd: int, header: Proxied | None = None) -> NoReturn:
     """In a freshly forked child: become ``program`` on ``sock``. Never returns."""
     try:
         ctx.close_master_fds()
@@ -244,7 +244,9 @@ def run_program(ctx: ChildContext, program: Program, sock: socket.socket, addr: 
         if os.getppid() != ctx.master_pid:  # the master died before prctl: nobody to serve
             os._exit(EXEC_FAILED)
         local, family = None, int(sock.family)
-        if ctx.config.proxy_protocol:  # the real client's addresses, the header consumed
+        if header is not None:  # the master read the PROXY header
+            addr, local, family = header.addr, header.local, header.family
+        elif ctx.config.proxy_protocol:  # the real client's addresses, the header consumed
             deadline = time.monotonic() + ctx.config.handshake_timeout
             try:
                 addr, local, family = proxy_addresses(sock, addr, ctx.config, deadline)

@@ -54,6 +54,9 @@ class WithoutPool:
     def drain(self, listener: Listener) -> None:
         pass  # the single model serves in the master: it cannot take more without waiting
 
+    def close_in_child(self) -> None:
+        pass  # nothing of the model's own to close in a child
+
 
 class Model(Protocol):
     name: str
@@ -67,6 +70,9 @@ class Model(Protocol):
     def drain(self, listener: Listener) -> None:
         """A graceful stop is about to close ``listener``: serve what is queued on it, if
         this model can without waiting (the fork model forks for it)."""
+
+    def close_in_child(self) -> None:
+        """In a forked child: close the model's own fds (the supervisor closes the rest)."""
 
     def start(self) -> None:
         """Called once in the master before the first accept."""

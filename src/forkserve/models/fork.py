@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Collection
@@ -20,10 +21,12 @@ from typing import TYPE_CHECKING, NoReturn
 from ..admission import ClientKey
 from ..child import ChildContext, run_child
 from ..connection import format_address
-from ..errors import ChildExit
+from ..errors import ChildExit, ClientError, PeerGone
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
+from ..preamble import Proxied, check_trusted, proxied
+from ..proxyproto import ProxyParser
 from ..scoreboard import Scoreboard
 from . import ModelStatus, WithoutPool
 
@@ -36,6 +39,16 @@ log = logging.getLogger("forkserve")
 ACCEPT_BATCH = 32
 #: fork() errors that mean "no resources right now" (RLIMIT_NPROC, pids.max, memory).
 FORK_CAPACITY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
+
+
+@dataclass
+class AwaitingHeader:
+    """An accepted connection whose PROXY header the master is reading."""
+
+    sock: socket.socket
+    addr: object
+    parser: ProxyParser
+    deadline: float
 
 
 @dataclass
@@ -61,6 +74,10 @@ class ForkModel(WithoutPool):
         self._context = self._make_context()
         self.accepted = 0
         self.handler_errors = 0
+        #: PROXY protocol: accepted sockets whose header is still being read, by fd.
+        self._awaiting: dict[int, AwaitingHeader] = {}
+        #: The header of the connection being forked now (read by ``_run_child``).
+        self._header: Proxied | None = None
 
     def _make_context(self) -> ChildContext:
         sup = self.sup
@@ -79,7 +96,8 @@ class ForkModel(WithoutPool):
 
     @property
     def full(self) -> bool:
-        return len(self.children) >= self.sup.config.max_children
+        # a connection waiting for its PROXY header holds the room its child will need
+        return len(self.children) + len(self._awaiting) >= self.sup.config.max_children
 
     def on_readable(self, listener: Listener) -> None:
         self._take(listener, ACCEPT_BATCH)
@@ -105,14 +123,90 @@ class ForkModel(WithoutPool):
             if self.full:  # on_full = refuse
                 self.sup.gate.refuse(sock, "full", format_address(addr, sock.family))
                 continue
-            admitted, key = self.sup.gate.admit(sock, addr)
-            if not admitted:
+            if self.sup.config.proxy_protocol:
+                self._await_header(sock, addr)
                 continue
-            child = self._spawn(sock, addr)
-            if child is None:
-                self.sup.gate.release(key)
+            if not self._admit_and_spawn(sock, addr, None):
                 return
-            child.key = key
+
+    def _admit_and_spawn(self, sock: socket.socket, addr: object,
+                         header: Proxied | None) -> bool:
+        """Admission (on the real client's address), then a child; False if forking failed."""
+        admitted, key = self.sup.gate.admit(sock, addr)
+        if not admitted:
+            return True
+        self._header = header
+        try:
+            child = self._spawn(sock, addr)
+        finally:
+            self._header = None
+        if child is None:
+            self.sup.gate.release(key)
+            return False
+        child.key = key
+        return True
+
+    # ------------------------------------------------------------------ PROXY headers
+
+    def _await_header(self, sock: socket.socket, addr: object) -> None:
+        """PROXY protocol: read the header here, without waiting, before admission and the
+        fork, so the rules and per-IP limits see the real client (see the module doc)."""
+        peer = format_address(addr, sock.family)
+        try:
+            check_trusted(sock, addr, self.sup.config)
+        except ClientError as exc:
+            self.sup.gate.refuse(sock, "proxy", f"{peer}: {exc}")
+            return
+        sock.setblocking(False)
+        fd = sock.fileno()
+        deadline = self.sup.kernel.monotonic() + self.sup.config.handshake_timeout
+        self._awaiting[fd] = AwaitingHeader(sock, addr, ProxyParser(), deadline)
+        self.sup.watch(fd, functools.partial(self._on_header_bytes, fd))
+
+    def _on_header_bytes(self, fd: int) -> None:
+        waiting = self._awaiting[fd]
+        try:
+            data = waiting.sock.recv(waiting.parser.wanted)
+            if not data:
+                raise PeerGone("closed before its PROXY header was complete")
+            header = waiting.parser.feed(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ClientError, OSError) as exc:
+            self._drop_awaiting(fd, str(exc))
+            return
+        if header is None:
+            return
+        del self._awaiting[fd]
+        self.sup.unwatch(fd)
+        named = proxied(header, waiting.sock, waiting.addr)
+        if not self._admit_and_spawn(waiting.sock, named.addr, named):
+            self.sup.update_accepting()
+
+    def _drop_awaiting(self, fd: int, why: str) -> None:
+        waiting = self._awaiting.pop(fd)
+        self.sup.unwatch(fd)
+        self.sup.gate.refuse(waiting.sock, "proxy",
+                             f"{format_address(waiting.addr, waiting.sock.family)}: {why}")
+        self.sup.update_accepting()
+
+    def next_deadline(self) -> float | None:
+        return min((w.deadline for w in self._awaiting.values()), default=None)
+
+    def manage(self) -> None:
+        if not self._awaiting:
+            return
+        now = self.sup.kernel.monotonic()
+        late = [fd for fd, w in self._awaiting.items() if w.deadline <= now]
+        for fd in late:
+            self._drop_awaiting(fd, f"no whole PROXY header within "
+                                    f"{self.sup.config.handshake_timeout:g} s")
+
+    def close_in_child(self) -> None:
+        """In a child: the sockets still waiting for their header are the master's."""
+        for waiting in self._awaiting.values():
+            waiting.sock.close()
+        self._awaiting.clear()
 
     def _spawn(self, sock: socket.socket, addr: object) -> Child | None:
         """Fork a child for ``sock``; None if forking failed (accepting is then paused)."""
@@ -130,13 +224,14 @@ class ForkModel(WithoutPool):
             return None
         sock.close()  # the child has its copy; the master must not keep one
         self.accepted += 1
-        child = self.children[pid] = Child(pid, slot, format_address(addr, sock.family),
+        family = sock.family if self._header is None else self._header.family
+        child = self.children[pid] = Child(pid, slot, format_address(addr, family),
                                            kernel.monotonic())
         return child
 
     def _run_child(self, sock: socket.socket, addr: object, slot: int) -> NoReturn:
         """In the new child: serve ``sock`` and exit (the exec model runs a program instead)."""
-        run_child(self._context, sock, addr, slot)
+        run_child(self._context, sock, addr, slot, header=self._header)
 
     def on_exit(self, exited: Exited) -> bool:
         child = self.children.pop(exited.pid, None)
@@ -177,6 +272,10 @@ class ForkModel(WithoutPool):
         )
 
     def close(self) -> None:
+        for fd in list(self._awaiting):
+            waiting = self._awaiting.pop(fd)
+            self.sup.unwatch(fd)
+            waiting.sock.close()
         with contextlib.suppress(BufferError):
             self.scoreboard.close()
 

@@ -188,11 +188,16 @@ class ExecModel(ForkModel):
 
     def _run_child(self, sock: socket.socket, addr: object, slot: int) -> NoReturn:
         assert isinstance(self.sup.app, Program)
-        run_program(self._context, self.sup.app, sock, addr, slot, stderr_fd=self._stderr_w)
+        run_program(self._context, self.sup.app, sock, addr, slot, stderr_fd=self._stderr_w,
+                    header=self._header)
 
     # ------------------------------------------------------------------ timeouts
 
     def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self._next_check(), super().next_deadline()) if d is not None]
+        return min(deadlines, default=None)
+
+    def _next_check(self) -> float | None:
         while self._checks:
             when, pid = self._checks[0]
             program = self.running.get(pid)
@@ -202,8 +207,9 @@ class ExecModel(ForkModel):
         return None
 
     def manage(self) -> None:
+        super().manage()  # PROXY headers past their deadline
         now = self.sup.kernel.monotonic()
-        while (when := self.next_deadline()) is not None and when <= now:
+        while (when := self._next_check()) is not None and when <= now:
             _, pid = heapq.heappop(self._checks)
             self._check(self.running[pid], now)
 

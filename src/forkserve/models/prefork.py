@@ -417,6 +417,9 @@ class PreforkModel:
     def drain(self, listener: Listener) -> None:
         pass  # the workers accept, and each closes its own copy when told to stop
 
+    def close_in_child(self) -> None:
+        pass  # the ready pipe's read end is closed by the worker itself
+
     def on_readable(self, listener: Listener) -> None:
         pass  # the master never watches the listeners in this model: the workers accept
 

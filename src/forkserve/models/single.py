@@ -32,7 +32,7 @@ from ..errors import ChildExit, ClientError, ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
-from ..preamble import open_connection
+from ..preamble import Proxied, open_connection, proxy_addresses
 from . import ModelStatus, WithoutPool
 
 if TYPE_CHECKING:
@@ -88,19 +88,29 @@ class SingleModel(WithoutPool):
         except OSError as exc:
             self.sup.accept_failed(exc)
             return
+        header = None
+        if self.sup.config.proxy_protocol:  # first: admission must see the real client
+            deadline = self.sup.kernel.monotonic() + self.sup.config.handshake_timeout
+            try:
+                header = Proxied(*proxy_addresses(sock, addr, self.sup.config, deadline))
+            except (ClientError, OSError) as exc:
+                self.sup.gate.refuse(sock, "proxy", f"{format_address(addr, sock.family)}: "
+                                                    f"{exc}")
+                return
+            addr = header.addr
         admitted, key = self.sup.gate.admit(sock, addr)
         if admitted:
             try:
-                self._serve(sock, addr)
+                self._serve(sock, addr, header)
             finally:
                 self.sup.gate.release(key)
 
-    def _serve(self, sock: socket.socket, addr: object) -> None:
+    def _serve(self, sock: socket.socket, addr: object, header: Proxied | None) -> None:
         config, kernel = self.sup.config, self.sup.kernel
         started = kernel.monotonic()
-        peer = format_address(addr, sock.family)
+        peer = format_address(addr, sock.family if header is None else header.family)
         try:
-            conn = open_connection(sock, addr, config, self.sup.tls)
+            conn = open_connection(sock, addr, config, self.sup.tls, header=header)
         except (ClientError, OSError) as exc:  # reset, or a failed TLS handshake
             log.info("%s: closed before the handler: %s", peer, exc)
             return
