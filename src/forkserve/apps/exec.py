@@ -47,15 +47,17 @@ socket itself.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
+import platform
 import re
 import shutil
 import signal
 import socket
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -216,6 +218,28 @@ def _default_signals() -> None:
             continue
         with contextlib.suppress(OSError, ValueError):  # the C library's reserved signals
             signal.signal(sig, signal.SIG_DFL)
+    _default_reserved_signals()
+
+
+#: rt_sigaction(2)'s system call number, where forkserve knows it.
+_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}.get(platform.machine())
+
+
+def _default_reserved_signals() -> None:
+    """Signals 32 and 33 are the C library's (NPTL's), so ``signal.signal`` refuses them, but a
+    parent may pass them on ignored (GNU make does), and an ignored disposition survives
+    execve: set them to SIG_DFL with the raw system call (a zeroed ``struct sigaction``)."""
+    if _RT_SIGACTION is None or _syscall is None:
+        return
+    action = (ctypes.c_ulong * 4)()  # handler SIG_DFL (0), no flags, no restorer, empty mask
+    for sig in range(32, signal.SIGRTMIN):
+        _syscall(_RT_SIGACTION, sig, ctypes.byref(action), None, 8)
+
+
+try:
+    _syscall: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).syscall
+except (OSError, AttributeError):
+    _syscall = None
 
 
 def _install_fds(conn_fd: int, stderr_fd: int) -> None:
