@@ -35,12 +35,11 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import hooks
 from .apps import App
@@ -51,6 +50,9 @@ from .hooks import Process
 from .preamble import Proxied, open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
 
 log = logging.getLogger("forkserve")
 

@@ -47,8 +47,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import ssl
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -118,7 +118,9 @@ class Connection:
         self._monitor = monitor
         #: The server's settings, read-only (``None`` outside a server).
         self.settings = settings
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        # (ssl is loaded only when TLS is on; without it no socket can be an SSLSocket)
+        ssl = sys.modules.get("ssl")
+        self._tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
         if self._tls:
             sock.settimeout(0.0)  # OpenSSL reports a kernel timeout instead of retrying ...
             os.set_blocking(sock.fileno(), True)  # ... which the blocking fd gives it
@@ -248,7 +250,10 @@ class Connection:
             try:
                 data = self.sock.recv(RECV_SIZE)
                 break
-            except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO expired
+            except OSError as exc:
+                if not (isinstance(exc, BlockingIOError) or self._want(exc, "read")):
+                    raise PeerGone(f"client went away: {exc.strerror or exc}") from None
+                # SO_RCVTIMEO expired
                 stop = self._stop_timeout
                 if self._tls and not _expired(began if stop is None else
                                               max(began, self._stop_began), wait):
@@ -257,8 +262,6 @@ class Connection:
                 if stop is not None:
                     return None
                 raise IdleTimeout("client sent nothing within the idle timeout") from None
-            except OSError as exc:
-                raise PeerGone(f"client went away: {exc.strerror or exc}") from None
         if monitor is not None:
             monitor.working()
         self.bytes_in += len(data)
@@ -287,6 +290,13 @@ class Connection:
             monitor.working()
         self.bytes_out += len(data)
 
+    def _want(self, exc: OSError, what: str) -> bool:
+        """Is ``exc`` OpenSSL's "want read" (or "want write"): the kernel timeout, for TLS?"""
+        if not self._tls:
+            return False
+        ssl = sys.modules["ssl"]
+        return isinstance(exc, ssl.SSLWantReadError if what == "read" else ssl.SSLWantWriteError)
+
     def _clamp(self, option: int, timeout: float | None) -> float:
         """Set ``option`` to ``timeout`` or what is left of ``max_time``, whichever is less;
         return it. Raises ``ConnectionExpired`` when nothing is left."""
@@ -308,7 +318,10 @@ class Connection:
         while view:
             try:
                 sent = self.sock.send(view)
-            except ssl.SSLWantWriteError:  # SO_SNDTIMEO expired, or a signal (rule 4)
+            except OSError as exc:
+                if not self._want(exc, "write"):
+                    raise
+                # SO_SNDTIMEO expired, or a signal (rule 4)
                 wait = self._write_timeout
                 if self._expires is not None:
                     wait = min(wait or MAX_TIMEOUT, max(self._expires - began, 0.0))

@@ -28,9 +28,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-import ssl
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .connection import Connection, format_address
@@ -38,6 +38,9 @@ from .errors import ClientError, PeerGone
 from .proxyproto import ProxyHeader, ProxyParser
 from .scoreboard import SlotMonitor
 from .tls import HandshakeFailed, handshake
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
 
 #: The family a PROXY header's addresses belong to.
 _FAMILY = {"TCP4": socket.AF_INET, "TCP6": socket.AF_INET6}

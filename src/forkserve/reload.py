@@ -14,9 +14,9 @@ change to them is reported and the running value kept.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import gate, hooks
 from .admission import Admission
@@ -27,6 +27,9 @@ from .handlers import load as load_handler
 from .logs import AccessLog
 from .privileges import check_limits
 from .tls import make_context
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
 
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
 RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",

@@ -37,13 +37,12 @@ import logging
 import os
 import selectors
 import signal
-import ssl
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import gate, hooks, models, pidfile, reload, systemd, upgrade
 from ._version import __version__
@@ -62,6 +61,9 @@ from .metrics import MetricsServer
 from .signals import _INTENTS, SIGNALS, Intent
 from .status import StatusServer, process_row
 from .upgrade import Upgrader
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
 
 log = logging.getLogger("forkserve")
 

@@ -20,13 +20,16 @@ Theory of operation
 from __future__ import annotations
 
 import socket
-import ssl
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .errors import ClientError, ConfigError
 
-#: ``client_cert`` -> the context's verify mode.
-VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+if TYPE_CHECKING:
+    import ssl
+
+# ``ssl`` is imported only when TLS is on: loading it (libssl, libcrypto) grows a master by
+# about 6 MB, which every fork of the fork model then pays for.
 
 
 class HandshakeFailed(ClientError):
@@ -42,6 +45,8 @@ def make_context(config: Config) -> ssl.SSLContext | None:
         if config.client_cert != "none":
             raise ConfigError("client_cert", "needs certfile and ca_certs")
         return None
+    import ssl  # noqa: PLC0415  (see above)
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
@@ -59,14 +64,14 @@ def make_context(config: Config) -> ssl.SSLContext | None:
     elif config.client_cert != "none":
         raise ConfigError("client_cert", f"{config.client_cert} needs ca_certs, the CAs "
                                          "that client certificates must come from")
-    context.verify_mode = VERIFY[config.client_cert]
+    context.verify_mode = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+                           "required": ssl.CERT_REQUIRED}[config.client_cert]
     return context
 
 
 def _reason(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return exc.strerror or str(exc)
+    reason = getattr(exc, "reason", None)  # an ssl.SSLError's
+    return str(reason or exc.strerror or exc)
 
 
 def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float, *,
@@ -76,6 +81,8 @@ def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float, *,
 
     Raises ``HandshakeFailed``; ``sock`` then belongs to the caller no more (it is closed).
     """
+    import ssl  # noqa: PLC0415  (loaded already: the context exists)
+
     sock.settimeout(timeout)
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:

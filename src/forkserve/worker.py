@@ -34,14 +34,13 @@ import random
 import select
 import signal
 import socket
-import ssl
 import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import hooks
 from .apps import App
@@ -56,6 +55,9 @@ from .logs import AccessLog, AccessRecord
 from .preamble import Proxied, open_connection, proxy_addresses
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
 
 log = logging.getLogger("forkserve")
 
