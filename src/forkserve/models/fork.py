@@ -179,6 +179,9 @@ class ForkModel(WithoutPool):
             return
         del self._awaiting[fd]
         self.sup.unwatch(fd)
+        if self.sup.stopping:  # too late to start a child the stop would not reach
+            waiting.sock.close()
+            return
         named = proxied(header, waiting.sock, waiting.addr)
         if not self._admit_and_spawn(waiting.sock, named.addr, named):
             self.sup.update_accepting()
