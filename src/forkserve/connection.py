@@ -247,6 +247,8 @@ class Connection:
             wait = self._stop_timeout if self._stop_timeout is not None else self._idle_timeout
             if self._expires is not None:
                 wait = self._clamp(socket.SO_RCVTIMEO, wait)
+                if self._stop_timeout is not None and self._stop_timeout < wait:
+                    wait = self._clamp(socket.SO_RCVTIMEO, self._stop_timeout)  # a stop came
             try:
                 data = self.sock.recv(RECV_SIZE)
                 break
@@ -275,10 +277,10 @@ class Connection:
         if monitor is not None:
             monitor.waiting()
         try:
-            if self._expires is not None:
-                self._clamp(socket.SO_SNDTIMEO, self._write_timeout)
             if self._tls:
                 self._send_tls(data)
+            elif self._expires is not None:
+                self._send_bounded(data)
             else:
                 self.sock.sendall(data)
         except BlockingIOError:  # SO_SNDTIMEO expired
@@ -289,6 +291,14 @@ class Connection:
         if monitor is not None:
             monitor.working()
         self.bytes_out += len(data)
+
+    def _send_bounded(self, data: bytes) -> None:
+        """``sendall`` under ``max_time``: each partial send waits at most what is left of it
+        (``sendall`` would go on for as long as a slow reader keeps taking a little)."""
+        view = memoryview(data)
+        while view:
+            self._clamp(socket.SO_SNDTIMEO, self._write_timeout)
+            view = view[self.sock.send(view):]
 
     def _want(self, exc: OSError, what: str) -> bool:
         """Is ``exc`` OpenSSL's "want read" (or "want write"): the kernel timeout, for TLS?"""
@@ -316,6 +326,8 @@ class Connection:
         view = memoryview(data)
         began = time.monotonic()
         while view:
+            if self._expires is not None:
+                self._clamp(socket.SO_SNDTIMEO, self._write_timeout)
             try:
                 sent = self.sock.send(view)
             except OSError as exc:
@@ -365,10 +377,20 @@ class Connection:
             return
         self._closed = True
         try:
+            if self._tls:
+                self._close_notify()
             if not self._eof:
                 self._linger()
         finally:
             self.sock.close()
+
+    def _close_notify(self) -> None:
+        """TLS: send close_notify, so the client can tell the end from a truncation. Whatever
+        OpenSSL says next (it would wait for the client's close_notify) is ignored."""
+        with contextlib.suppress(OSError, ValueError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(LINGER_SECONDS))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_POLL))
+            self.sock.unwrap()  # type: ignore[attr-defined]
 
     def _linger(self) -> None:
         sock = self.sock

@@ -47,6 +47,8 @@ RULES_POLL = 1.0
 LINGER_SECONDS = 2.0
 #: Refused sockets lingering at once in the master; more are closed at once.
 MAX_LINGERING = 256
+#: ... and what one may send while it lingers before it is closed anyway.
+LINGER_MAX_BYTES = 1 << 20
 
 
 def wanted(config: Config) -> bool:
@@ -89,8 +91,9 @@ class Gate:
         self._next_poll = clock() + RULES_POLL
         #: The master's loop, to linger in (None in a worker: it closes without waiting).
         self._host = host
-        #: fd -> (socket, deadline) of refused clients lingering
+        #: fd -> (socket, deadline) of refused clients lingering, and the bytes they sent since
         self._lingering: dict[int, tuple[socket.socket, float]] = {}
+        self._drained: dict[int, int] = {}
 
     def replace(self, admission: Admission | None, config: Config) -> None:
         """A reload: the new admission (its in-flight counts carried over) and settings."""
@@ -133,25 +136,32 @@ class Gate:
         self._host.watch(fd, functools.partial(self._on_lingering, fd))
 
     @staticmethod
-    def _drain(sock: socket.socket) -> bool:
-        """Read what is there without waiting; True once the client has closed."""
+    def _drain(sock: socket.socket) -> int | None:
+        """Read what is there without waiting: the bytes read, or None once the client has
+        closed (or reset)."""
+        total = 0
         try:
             for _ in range(16):
-                if not sock.recv(65536):
-                    return True
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                total += len(chunk)
         except (BlockingIOError, InterruptedError):
-            return False
+            return total
         except OSError:
-            return True
-        return False
+            return None
+        return total
 
     def _on_lingering(self, fd: int) -> None:
         sock, _ = self._lingering[fd]
-        if self._drain(sock):
-            self._end_lingering(fd)
+        drained = self._drain(sock)
+        self._drained[fd] = self._drained.get(fd, 0) + (drained or 0)
+        if drained is None or self._drained[fd] >= LINGER_MAX_BYTES:
+            self._end_lingering(fd)  # closed, or streaming at us: enough
 
     def _end_lingering(self, fd: int) -> None:
         sock, _ = self._lingering.pop(fd)
+        self._drained.pop(fd, None)
         if self._host is not None:
             self._host.unwatch(fd)
         sock.close()

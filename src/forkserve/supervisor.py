@@ -213,11 +213,13 @@ class Supervisor:
         """The control and metrics sockets, by their names for an upgrade's handover."""
         return [(name, lst) for name, lst in self._operator_listeners if lst is not None]
 
-    def begin_graceful_stop(self) -> None:
-        self._begin_stop(fast=False)
+    def begin_graceful_stop(self, *, handover: bool = False) -> None:
+        """``handover``: a new master serves the same sockets now (an upgrade): what the
+        kernel has queued is left to it, and systemd is not told the service stops."""
+        self._begin_stop(fast=False, handover=handover)
 
     def _finished(self) -> bool:
-        return self._stop is not None and not self.model.pids()
+        return self._stop is not None and not self.model.pids() and not self.model.pending()
 
     def _wait(self) -> None:
         for key, _ in self.selector.select(self._timeout()):
@@ -475,7 +477,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stopping
 
-    def _begin_stop(self, *, fast: bool) -> None:
+    def _begin_stop(self, *, fast: bool, handover: bool = False) -> None:
         now = self.kernel.monotonic()
         if self._stop is not None:
             if fast and not self._stop.fast:
@@ -483,10 +485,11 @@ class Supervisor:
                 self._kill_all(signal.SIGKILL)
             return
         self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout)
-        self.notifier.stopping()
+        if not handover:
+            self.notifier.stopping()
         self.update_accepting()
         for listener in self.listeners:
-            if not fast:
+            if not fast and not handover:
                 self.model.drain(listener)
             listener.close()
         pending = len(self.model.pids())

@@ -307,6 +307,16 @@ class Notifier:
                    watchdog_usec=_watchdog_usec(values["WATCHDOG_USEC"],
                                                 values["WATCHDOG_PID"], pid))
 
+    def environment(self) -> dict[str, str]:
+        """What a process replacing this one as systemd's main process needs to notify it
+        (``NOTIFY_SOCKET``, and ``WATCHDOG_USEC`` when the watchdog is on)."""
+        env: dict[str, str] = {}
+        if self.address is not None:
+            env["NOTIFY_SOCKET"] = self.address
+        if self._watchdog_usec is not None:
+            env["WATCHDOG_USEC"] = str(self._watchdog_usec)
+        return env
+
     @property
     def enabled(self) -> bool:
         """True when messages go somewhere (systemd gave a usable NOTIFY_SOCKET)."""

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import pidfile
+
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
@@ -61,7 +63,7 @@ class Upgrade:
     received: bytes = b""
 
 
-def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify_socket: str | None,
+def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify: dict[str, str],
           deadline: float) -> Upgrade:
     """Fork and exec the new master, handing it ``sockets`` ((name, fd) each). Raises
     ``OSError`` if the fork fails. Call with the master's signals blocked."""
@@ -73,14 +75,14 @@ def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify_socket: str | Non
         os.close(ready_w)
         raise
     if pid == 0:
-        _exec_new_master(sockets, ready_w, cwd, notify_socket)  # never returns
+        _exec_new_master(sockets, ready_w, cwd, notify)  # never returns
     os.close(ready_w)
     os.set_blocking(ready_r, False)
     return Upgrade(pid, ready_r, deadline)
 
 
 def _exec_new_master(sockets: Sequence[tuple[str, int]], ready_w: int, cwd: str,
-                     notify_socket: str | None) -> None:
+                     notify: dict[str, str]) -> None:
     """In the forked child: put the sockets on fds 3.., the ready pipe after them, exec."""
     try:
         # copies above every fd we are about to overwrite, then into place (dup2 makes the
@@ -96,8 +98,7 @@ def _exec_new_master(sockets: Sequence[tuple[str, int]], ready_w: int, cwd: str,
         env.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(moved)),
                    LISTEN_FDNAMES=":".join(name for name, _ in sockets),
                    **{READY_FD: str(ready_fd)})
-        if notify_socket is not None:
-            env["NOTIFY_SOCKET"] = notify_socket
+        env.update(notify)  # NOTIFY_SOCKET and WATCHDOG_USEC: the new master is systemd's next
         os.chdir(cwd)
         for sig in signal.valid_signals():  # what the master ignored stays ignored over exec
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
@@ -170,7 +171,7 @@ class Upgrader:
         sockets += [(name, listener.fileno()) for name, listener in sup.operator_listeners()]
         try:
             with sup.signals_blocked():
-                self.pending = spawn(sockets, cwd, sup.notifier.address,
+                self.pending = spawn(sockets, cwd, sup.notifier.environment(),
                                      sup.kernel.monotonic() + READY_TIMEOUT)
         except OSError as exc:
             log.error("upgrade: cannot fork the new master: %s; still serving", exc.strerror)
@@ -196,7 +197,7 @@ class Upgrader:
         for listener in (*sup.listeners, *(lst for _, lst in sup.operator_listeners())):
             listener.unix_inode = None  # the socket files are the new master's now
         log.info("upgrade: the new master (pid %d) serves; this one stops gracefully", pid)
-        sup.begin_graceful_stop()
+        sup.begin_graceful_stop(handover=True)
 
     def _abandon(self, why: str) -> None:
         assert self.pending is not None
@@ -205,6 +206,13 @@ class Upgrader:
         with contextlib.suppress(ProcessLookupError):
             self.sup.kernel.kill(pid, signal.SIGTERM)
         log.error("upgrade failed: %s; this master goes on serving", why)
+        path = self.sup.config.pid_file
+        if path is not None:  # the new master may have written its pid there already
+            try:
+                pidfile.write(path, self.sup.pid)
+            except OSError as exc:
+                log.warning("upgrade: could not restore the pid file %s: %s", path,
+                            exc.strerror)
 
     def _close_pipe(self) -> None:
         assert self.pending is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -264,3 +265,38 @@ def test_a_graceful_stop_serves_the_clients_already_queued(server_factory: Facto
         with s:
             assert recv_all(s) == HELLO
     assert server.wait() == 0
+
+
+def test_a_graceful_stop_serves_queued_clients_behind_a_proxy(server_factory: Factory) -> None:
+    server = server_factory("--proxy-protocol", "--trusted-proxy", "127.0.0.1")
+    server.signal(signal.SIGSTOP)
+    try:
+        queued = [server.connect() for _ in range(3)]
+        for s in queued:  # the proxy's header, then the client's request
+            s.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\nhi\n")
+        server.signal(signal.SIGTERM)
+    finally:
+        server.signal(signal.SIGCONT)
+    for s in queued:
+        with s:
+            assert recv_all(s) == HELLO
+    assert server.wait() == 0
+
+
+def test_max_connection_time_bounds_a_slow_reader(server_factory: Factory,
+                                                 tmp_path: Path) -> None:
+    (tmp_path / "flood.py").write_text(
+        "def handle(conn):\n    conn.readline()\n    conn.write(b'x' * (32 << 20))\n")
+    server = server_factory("flood:handle", "--chdir", str(tmp_path),
+                            "--max-connection-time", "1.5", "--write-timeout", "60")
+    with server.connect() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        s.sendall(b"go\n")
+        start = time.monotonic()
+        assert wait_until(lambda: len(server.children()) == 1, 5)
+        while server.children() and time.monotonic() - start < 20:
+            with contextlib.suppress(OSError):
+                s.recv(16384)  # takes a little, often: progress, but slow
+            time.sleep(0.05)
+        # (what the kernel buffered still trickles in after the child is gone)
+        assert time.monotonic() - start < 6, "the child ended near max_connection_time"

@@ -203,3 +203,16 @@ def test_idle_timeout_applies_under_tls(server_factory: Factory, pki: Pki) -> No
         assert rest == b""
         assert time.monotonic() - start < 8
     assert server.proc.poll() is None
+
+
+def test_the_server_ends_tls_with_close_notify(server_factory: Factory, pki: Pki) -> None:
+    server = server_factory(*tls_args(pki), "--app", "echo")
+    raw = server.connect(timeout=10)
+    context = pki.client()
+    with context.wrap_socket(raw, server_hostname="127.0.0.1",
+                             suppress_ragged_eofs=False) as s:  # a strict client
+        s.sendall(b"one\n")
+        assert recv_exactly(s, 4) == b"one\n"
+        # our close_notify ends the echo; unwrap() then waits for the server's, and raises
+        # an unexpected-EOF error if the server only closed the socket
+        s.unwrap().close()

@@ -68,11 +68,13 @@ def test_a_new_master_that_cannot_start_leaves_the_old_one_serving(server_factor
                                                                    tmp_path: Path) -> None:
     config = tmp_path / "forkserve.toml"
     config.write_text('app = "hello"\n')
-    server = server_factory("--config", str(config))
+    pid_file = tmp_path / "fs.pid"
+    server = server_factory("--config", str(config), "--pid-file", str(pid_file))
     config.write_text("max_line = -1\n")  # the new master will refuse to start
     server.signal(signal.SIGUSR2)
     server.wait_for_log(r"upgrade failed: the new master .* before it served")
     assert server.proc.poll() is None
+    assert pid_file.read_text() == f"{server.pid}\n", "the pid file names the master serving"
     with server.connect() as s:
         s.sendall(b"hi\n")
         assert recv_exactly(s, len(HELLO)) == HELLO

@@ -452,3 +452,16 @@ def test_sockets_from_systemd_socket_activate(tmp_path: Path) -> None:
     assert report["sockets"] == [{"name": "admin", "address": f"unix:{path}", "fd": 3,
                                   "inheritable": False, "blocking": False}]
     assert report["env"] == {"LISTEN_PID": None, "LISTEN_FDS": None, "LISTEN_FDNAMES": None}
+
+
+def test_the_environment_for_a_new_main_process_keeps_the_watchdog() -> None:
+    from forkserve.systemd import Notifier  # noqa: PLC0415
+
+    env = {"NOTIFY_SOCKET": "@forkserve-test", "WATCHDOG_USEC": "30000000"}
+    notifier = Notifier.from_environ(env, pid=os.getpid())
+    try:
+        assert notifier.environment() == {"NOTIFY_SOCKET": "@forkserve-test",
+                                          "WATCHDOG_USEC": "30000000"}
+    finally:
+        notifier.close()
+    assert Notifier(None).environment() == {}

@@ -57,6 +57,9 @@ class WithoutPool:
     def close_in_child(self) -> None:
         pass  # nothing of the model's own to close in a child
 
+    def pending(self) -> int:
+        return 0
+
 
 class Model(Protocol):
     name: str
@@ -73,6 +76,10 @@ class Model(Protocol):
 
     def close_in_child(self) -> None:
         """In a forked child: close the model's own fds (the supervisor closes the rest)."""
+
+    def pending(self) -> int:
+        """Connections held that no process serves yet (the fork model's PROXY headers being
+        read): a stop waits for them too."""
 
     def start(self) -> None:
         """Called once in the master before the first accept."""

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import logging
+import signal
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -179,12 +180,17 @@ class ForkModel(WithoutPool):
             return
         del self._awaiting[fd]
         self.sup.unwatch(fd)
-        if self.sup.stopping:  # too late to start a child the stop would not reach
-            waiting.sock.close()
-            return
         named = proxied(header, waiting.sock, waiting.addr)
+        before = set(self.children)
         if not self._admit_and_spawn(waiting.sock, named.addr, named):
             self.sup.update_accepting()
+        if self.sup.stopping:  # the stop's SIGTERM went out before this child existed
+            for pid in set(self.children) - before:
+                with contextlib.suppress(ProcessLookupError):
+                    self.sup.kernel.kill(pid, signal.SIGTERM)
+
+    def pending(self) -> int:
+        return len(self._awaiting)
 
     def _drop_awaiting(self, fd: int, why: str) -> None:
         waiting = self._awaiting.pop(fd)

@@ -420,6 +420,9 @@ class PreforkModel:
     def close_in_child(self) -> None:
         pass  # the ready pipe's read end is closed by the worker itself
 
+    def pending(self) -> int:
+        return 0  # the workers hold their own connections
+
     def on_readable(self, listener: Listener) -> None:
         pass  # the master never watches the listeners in this model: the workers accept
 
