@@ -158,6 +158,20 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
         finish(signal.SIGTERM, None)
 
 
+#: After ``max_connection_time`` (which Connection enforces at each read and write), the
+#: kernel's timer ends the process this much later: a client that trickles one TLS record a
+#: byte at a time never lets a read return, so only a timer bounds it.
+MAX_TIME_BACKSTOP = 5.0
+
+
+def arm_connection_timer(config: Config, started: float) -> None:
+    """Arm SIGALRM (default action: the process ends) as the backstop of
+    ``max_connection_time`` for a connection accepted at ``started``; a stop re-arms it."""
+    if config.max_connection_time:
+        left = config.max_connection_time - (time.monotonic() - started)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.0) + MAX_TIME_BACKSTOP)
+
+
 def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int,
                     header: Proxied | None) -> ChildExit:
     ctx.close_master_fds()
@@ -176,6 +190,7 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
         board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                     peer=conn.peer)
     _reset_signals(ctx, conn)
+    arm_connection_timer(ctx.config, start)
     set_title(f"forkserve: conn {conn.peer}")
     if not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot)):
         conn.close()

@@ -457,8 +457,9 @@ class Config:
     )
     max_connection_time: float = setting(
         0.0, Seconds(minimum=0.0),
-        "A connection open this long is ended at its next read or write, however busy "
-        "(0: no limit). exec: the program is killed.",
+        "A connection open this long is ended at its next read or write, however busy, and "
+        "its process 5 s later if it neither reads nor writes (0: no limit). exec: the "
+        "program is killed.",
     )
     graceful_timeout: float = setting(
         30.0, Seconds(minimum=0.0),

@@ -35,8 +35,9 @@ master itself (single model). Rules:
 5. ``max_time`` (``max_connection_time``) bounds a connection's whole life: each read and
    write lowers its kernel timeout to what is left of it (one more ``setsockopt`` per call,
    only when the setting is on), and the first one that would pass it raises
-   ``ConnectionExpired``. Time the handler spends computing is not cut short (that is the
-   watchdog's business); its next read or write ends the connection.
+   ``ConnectionExpired``: its next read or write ends the connection. A process that does
+   neither (a handler computing, a client trickling one TLS record a byte at a time) is
+   ended by the kernel's timer a few seconds later (``child.arm_connection_timer``).
 6. ``close()`` lingers when the server closes first: shut down the write side, drain what the
    client still sends for a moment, then close, so a final answer is not destroyed by the RST
    that closing with unread input would send (RFC 1122 4.2.2.13).

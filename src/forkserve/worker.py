@@ -44,7 +44,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import hooks
 from .apps import App
-from .child import CHILD_GRACE_MARGIN, serve_one, set_parent_death_signal, set_title
+from .child import (
+    CHILD_GRACE_MARGIN,
+    arm_connection_timer,
+    serve_one,
+    set_parent_death_signal,
+    set_title,
+)
 from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, WorkerExit
@@ -262,10 +268,14 @@ class Worker:
         self.serving = conn
         if self.stopping:
             conn.interrupt()
+        else:
+            arm_connection_timer(config, started)
         try:
             status = serve_one(self.ctx.app, conn)
         finally:
             self.serving = None
+            if config.max_connection_time and not self.stopping:
+                signal.setitimer(signal.ITIMER_REAL, 0)  # the backstop, not needed now
         self.served += 1
         self.errors += status == ChildExit.HANDLER_ERROR
         self.bytes_in += conn.bytes_in

@@ -300,3 +300,19 @@ def test_max_connection_time_bounds_a_slow_reader(server_factory: Factory,
             time.sleep(0.05)
         # (what the kernel buffered still trickles in after the child is gone)
         assert time.monotonic() - start < 6, "the child ended near max_connection_time"
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork"])
+def test_max_connection_time_has_a_hard_backstop(server_factory: Factory, tmp_path: Path,
+                                                 model: str) -> None:
+    (tmp_path / "stuck.py").write_text(
+        "import time\n\ndef handle(conn):\n    conn.readline()\n    time.sleep(60)\n")
+    server = server_factory("stuck:handle", "--chdir", str(tmp_path), "--model", model,
+                            "--workers", "1", "--max-connection-time", "1")
+    with server.connect() as s:
+        s.sendall(b"go\n")
+        start = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            assert recv_all(s) == b""  # never reads or writes again: the timer ends it
+        assert time.monotonic() - start < 15
+    server.wait_for_log(r"was killed by SIGALRM")
