@@ -11,7 +11,12 @@ import json
 import logging
 import sys
 from dataclasses import asdict, dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 
@@ -97,3 +102,14 @@ class AccessLog:
     def close(self) -> None:
         if self._stream is not sys.stderr:
             self._stream.close()
+
+
+def open_access_log(config: Config) -> AccessLog | None:
+    """The access log ``config`` asks for, or None. Raises ``ConfigError`` naming the file."""
+    if config.access_log is None:
+        return None
+    try:
+        return AccessLog(config.access_log, config.access_log_format)
+    except OSError as exc:
+        raise ConfigError("access_log", f"cannot open {config.access_log}: "
+                          f"{exc.strerror}") from None

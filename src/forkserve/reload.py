@@ -22,9 +22,8 @@ from . import gate, hooks
 from .admission import Admission
 from .apps import App
 from .config import Config
-from .errors import ConfigError
 from .handlers import load as load_handler
-from .logs import AccessLog
+from .logs import AccessLog, open_access_log
 from .privileges import check_limits
 from .tls import make_context
 
@@ -66,10 +65,4 @@ def prepare(running: Config, app: App, access_log: AccessLog | None,
 def _access_log(old: Config, new: Config, current: AccessLog | None) -> AccessLog | None:
     if (new.access_log, new.access_log_format) == (old.access_log, old.access_log_format):
         return current
-    if new.access_log is None:
-        return None
-    try:
-        return AccessLog(new.access_log, new.access_log_format)
-    except OSError as exc:
-        raise ConfigError("access_log", f"cannot open {new.access_log}: "
-                          f"{exc.strerror}") from None
+    return open_access_log(new)

@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .handlers import adapt
 from .handlers import load as load_handler
 from .listeners import Listener, bind_all
-from .logs import AccessLog, configure, log
+from .logs import configure, log, open_access_log
 from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
 from .tls import make_context as make_tls_context
@@ -53,7 +53,7 @@ def run_server(config: Config, app: App | None = None,
     if config.metrics_bind is not None:
         require_metrics_client()
     with contextlib.ExitStack() as undo:
-        access_log = _open_access_log(config)
+        access_log = open_access_log(config)
         if access_log is not None:
             undo.callback(access_log.close)
         undo.callback(notifier.close)
@@ -99,16 +99,6 @@ def _listeners(config: Config, inherited: list[systemd.InheritedSocket],
         else:
             extra.append(bind_all((address,), CONTROL_BACKLOG)[0])
     return listeners, extra[0], extra[1]
-
-
-def _open_access_log(config: Config) -> AccessLog | None:
-    if config.access_log is None:
-        return None
-    try:
-        return AccessLog(config.access_log, config.access_log_format)
-    except OSError as exc:
-        raise ConfigError("access_log", f"cannot open {config.access_log}: "
-                          f"{exc.strerror}") from None
 
 
 def _drop(identity: privileges.Identity, listeners: list[Listener]) -> None:

@@ -77,8 +77,6 @@ class ForkModel(WithoutPool):
         self.handler_errors = 0
         #: PROXY protocol: accepted sockets whose header is still being read, by fd.
         self._awaiting: dict[int, AwaitingHeader] = {}
-        #: The header of the connection being forked now (read by ``_run_child``).
-        self._header: Proxied | None = None
 
     def _make_context(self) -> ChildContext:
         sup = self.sup
@@ -136,11 +134,7 @@ class ForkModel(WithoutPool):
         admitted, key = self.sup.gate.admit(sock, addr)
         if not admitted:
             return True
-        self._header = header
-        try:
-            child = self._spawn(sock, addr)
-        finally:
-            self._header = None
+        child = self._spawn(sock, addr, header)
         if child is None:
             self.sup.gate.release(key)
             return False
@@ -217,7 +211,8 @@ class ForkModel(WithoutPool):
             waiting.sock.close()
         self._awaiting.clear()
 
-    def _spawn(self, sock: socket.socket, addr: object) -> Child | None:
+    def _spawn(self, sock: socket.socket, addr: object,
+               header: Proxied | None = None) -> Child | None:
         """Fork a child for ``sock``; None if forking failed (accepting is then paused)."""
         slot = self._free_slots.pop()
         kernel = self.sup.kernel
@@ -225,7 +220,7 @@ class ForkModel(WithoutPool):
             with self.sup.signals_blocked():
                 pid = kernel.fork()
                 if pid == 0:
-                    self._run_child(sock, addr, slot)  # never returns
+                    self._run_child(sock, addr, slot, header)  # never returns
         except OSError as exc:
             self._free_slots.append(slot)
             sock.close()  # this client is refused: better than a master that dies
@@ -233,14 +228,15 @@ class ForkModel(WithoutPool):
             return None
         sock.close()  # the child has its copy; the master must not keep one
         self.accepted += 1
-        family = sock.family if self._header is None else self._header.family
+        family = sock.family if header is None else header.family
         child = self.children[pid] = Child(pid, slot, format_address(addr, family),
                                            kernel.monotonic())
         return child
 
-    def _run_child(self, sock: socket.socket, addr: object, slot: int) -> NoReturn:
+    def _run_child(self, sock: socket.socket, addr: object, slot: int,
+                   header: Proxied | None) -> NoReturn:
         """In the new child: serve ``sock`` and exit (the exec model runs a program instead)."""
-        run_child(self._context, sock, addr, slot, header=self._header)
+        run_child(self._context, sock, addr, slot, header=header)
 
     def on_exit(self, exited: Exited) -> bool:
         child = self.children.pop(exited.pid, None)

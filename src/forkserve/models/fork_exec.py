@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ..apps.exec import Program, run_program
 from ..kernel import Exited
+from ..preamble import Proxied
 from ..traffic import Quiet, io_total, tcp_quiet
 from .fork import Child, ForkModel
 
@@ -159,7 +160,8 @@ class ExecModel(ForkModel):
 
     # ------------------------------------------------------------------ starting
 
-    def _spawn(self, sock: socket.socket, addr: object) -> Child | None:
+    def _spawn(self, sock: socket.socket, addr: object,
+               header: Proxied | None = None) -> Child | None:
         try:
             tcp_inode = None if sock.family == socket.AF_UNIX else os.fstat(sock.fileno()).st_ino
             read_fd, self._stderr_w = os.pipe2(os.O_CLOEXEC)
@@ -168,7 +170,7 @@ class ExecModel(ForkModel):
             self.sup.accept_failed(exc)
             return None
         try:
-            child = super()._spawn(sock, addr)
+            child = super()._spawn(sock, addr, header)
         finally:
             os.close(self._stderr_w)
             self._stderr_w = -1
@@ -186,10 +188,11 @@ class ExecModel(ForkModel):
         self.sup.watch(read_fd, relay.on_readable)
         return child
 
-    def _run_child(self, sock: socket.socket, addr: object, slot: int) -> NoReturn:
+    def _run_child(self, sock: socket.socket, addr: object, slot: int,
+                   header: Proxied | None) -> NoReturn:
         assert isinstance(self.sup.app, Program)
         run_program(self._context, self.sup.app, sock, addr, slot, stderr_fd=self._stderr_w,
-                    header=self._header)
+                    header=header)
 
     # ------------------------------------------------------------------ timeouts
 
