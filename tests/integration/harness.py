@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 READY = re.compile(r"^forkserve: listening on (\S+) \(model=(\w+), pid=(\d+)\)$")
 #: Generous bounds (DESIGN: 5x what is expected) so a loaded CI machine does not flake.
@@ -284,19 +285,17 @@ def recv_all(sock: socket.socket) -> bytes:
 HELLO = b"Hello from server!\n"
 
 
-class Load:
-    """Clients in threads doing connect, request, answer, close in a loop, counting failures."""
+class ClientThreads:
+    """``clients`` threads running ``_run`` (bounded by its own deadline) while the ``with``
+    block runs; leaving it stops them and checks that none is stuck."""
 
-    def __init__(self, server: Server, clients: int, *, lines: int = 1) -> None:
-        self.server = server
-        self.lines = lines
-        self.ok = 0
-        self.failures: list[tuple[float, str]] = []
+    def __init__(self, clients: int, *, join_timeout: float = 30.0) -> None:
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._join_timeout = join_timeout
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for t in self._threads:
             t.start()
         return self
@@ -304,7 +303,22 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            t.join(self._join_timeout)
+        assert not any(t.is_alive() for t in self._threads), "a client thread is stuck"
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Load(ClientThreads):
+    """Clients in threads doing connect, request, answer, close in a loop, counting failures."""
+
+    def __init__(self, server: Server, clients: int, *, lines: int = 1) -> None:
+        self.server = server
+        self.lines = lines
+        self.ok = 0
+        self.failures: list[tuple[float, str]] = []
+        super().__init__(clients)
 
     def _run(self) -> None:
         deadline = time.monotonic() + 50  # bounded even if nobody stops us

@@ -37,7 +37,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ from typing import BinaryIO
 
 import pytest
 
-from tests.integration.harness import Server, recv_all, session_procs, wait_until
+from tests.integration.harness import ClientThreads, Server, recv_all, session_procs, wait_until
 
 Factory = Callable[..., Server]
 
@@ -233,29 +232,15 @@ class Failure:
     error: str
 
 
-@dataclass
-class ProxiedLoad:
+class ProxiedLoad(ClientThreads):
     """Client threads doing connect, one line, the whole answer, close, through HAProxy, until
     stopped (or LOAD_SECONDS, or LOAD_MAX_PER_CLIENT each); every failure is kept."""
 
-    front: tuple[str, int]
-    answers: list[Answer] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> ProxiedLoad:
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CLIENTS)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(CLIENT_TIMEOUT * 2)
-        assert not any(t.is_alive() for t in self._threads), "a client thread is stuck"
+    def __init__(self, front: tuple[str, int]) -> None:
+        self.front = front
+        self.answers: list[Answer] = []
+        self.failures: list[Failure] = []
+        super().__init__(CLIENTS, join_timeout=CLIENT_TIMEOUT * 2)
 
     def served(self) -> Counter[str]:
         with self._lock:
