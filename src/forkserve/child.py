@@ -13,14 +13,16 @@ it is shared by the fork model (in a child) and the single model (in the master)
    pipe), so no client can ever reach this child but its own and the port is not held.
 3. Signals: the master's dispositions and its wakeup fd are undone, the mask is cleared.
    SIGTERM and SIGINT mean "finish gracefully": the handler calls ``Connection.interrupt``
-   (answer what was received, then end the input and close with lingering) and arms a timer
-   of ``graceful_timeout`` plus a margin, whose SIGALRM (default action) ends a handler that
-   will not finish. These two system calls are the whole signal handler: no logging, no
-   locks (a deliberate, documented exception to "handlers only record": the child has no
-   loop to record into, and a poll before every read would cost a system call on the hot
-   path). SIGQUIT ends the child at once (``os._exit``, no core dump); SIGHUP and SIGUSR1,
-   which an operator may send to the whole process group, are ignored (exec'd programs must
-   get them back at their defaults).
+   (answer what was received, then end the input and close with lingering) and arms a timer of
+   ``graceful_timeout`` plus a margin, whose SIGALRM (default action) ends a handler that will
+   not finish. These two system calls are the whole signal handler: no logging, no locks (a
+   deliberate, documented exception to "handlers only record": the child has no loop to record
+   into, and a poll before every read would cost a system call on the hot path). The price: a
+   SIGTERM that lands just before a blocking ``recv`` starts runs its handler only when the
+   ``recv`` returns, so the master sends SIGTERM once more ``STOP_REMINDER`` later to a child
+   still there; only the first one arms the timer. SIGQUIT ends the child at once (``os._exit``, no
+   core dump); SIGHUP and SIGUSR1, which an operator may send to the whole process group, are
+   ignored (exec'd programs must get them back at their defaults).
 4. Parent death: PR_SET_PDEATHSIG delivers SIGTERM when the master dies, plus a ``getppid``
    check for a master that died before the call (prctl(2)).
 5. The RNG: CPython's ``random`` reseeds itself in every fork child (``os.register_at_fork``),
@@ -61,6 +63,13 @@ LINE_TOO_LONG_ANSWER = b"ERR line too long\n"
 #: The child's own stop timer runs this much longer than the master's graceful deadline, so
 #: that a live master does the killing (and knows it had to).
 CHILD_GRACE_MARGIN = 1.0
+#: A process told to stop (SIGTERM) and still running is told once more this much later by the
+#: master. A signal that lands after Python's last check and before a blocking ``recv``
+#: starts runs its Python handler only when that ``recv`` returns, up to ``idle_timeout``
+#: later; the second SIGTERM interrupts the ``recv`` (EINTR), and the handler runs then.
+#: Once only: a kernel timeout in progress (a write's, the closing linger's) restarts when a
+#: signal interrupts it, so a periodic reminder would keep it from ever expiring.
+STOP_REMINDER = 1.0
 #: Signals that ask a child to finish gracefully.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Signals meant for the master that a child ignores when the whole group gets them.
@@ -141,10 +150,14 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
     for sig in ctx.master_signals:
         signal.signal(sig, signal.SIG_DFL)
     stop_after = ctx.config.graceful_timeout + CHILD_GRACE_MARGIN
+    armed = False
 
     def finish(signum: int, frame: object) -> None:
+        nonlocal armed
         conn.interrupt()
-        signal.setitimer(signal.ITIMER_REAL, stop_after)
+        if not armed:  # the master's reminders must not push the backstop back
+            armed = True
+            signal.setitimer(signal.ITIMER_REAL, stop_after)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, finish)

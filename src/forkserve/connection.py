@@ -349,7 +349,11 @@ class Connection:
     def interrupt(self) -> None:
         """Finish: answer what was received, then end the input. Safe in a signal handler.
 
-        An incomplete request still gets ``STOP_GRACE`` to arrive whole (rule 3)."""
+        An incomplete request still gets ``STOP_GRACE`` to arrive whole (rule 3). Once
+        ``close()`` has begun there is nothing to interrupt: its lingering is bounded on its
+        own, and cutting it short could reset a client still reading the last answer."""
+        if self._closed:
+            return
         if self._stop_timeout is None:
             self._stop_began = time.monotonic()
         self._apply_stop()

@@ -12,7 +12,8 @@ scoreboard). No file on disk, no system call per update.
 
 Layout of a slot (little-endian, ``SLOT_SIZE`` bytes): pid, generation, state letter,
 connections served, bytes in, bytes out, connection start and last heartbeat (monotonic
-seconds), and the peer address as up to ``PEER_BYTES`` bytes of text.
+seconds), and the peer address as up to ``PEER_BYTES`` bytes of text. One more slot after the
+processes' is the master's own: it announces a drain there (a graceful stop, see ``worker``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _STATE = struct.Struct("<c")
 _BEAT = struct.Struct("<d")
 
 _BY_LETTER = {state.value.encode(): state for state in SlotState}
+_DRAINING = SlotState.FINISHING.value.encode()
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,9 @@ class Scoreboard:
         if size < 1:
             raise ValueError("a scoreboard needs at least one slot")
         self.size = size
-        self._map = mmap.mmap(-1, size * SLOT_SIZE)
+        # one more slot after the processes' own: the master's word to all of them
+        self._map = mmap.mmap(-1, (size + 1) * SLOT_SIZE)
+        self._master_state_at = size * SLOT_SIZE + _STATE_AT
 
     def write(self, index: int, *, pid: int, state: SlotState, generation: int = 0,
               connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
@@ -103,6 +107,16 @@ class Scoreboard:
 
     def clear(self, index: int) -> None:
         self.write(index, pid=0, state=SlotState.FREE)
+
+    def announce_drain(self) -> None:
+        """The master is stopping for good and has let go of its listeners: the processes
+        that still hold them take what is queued there before they let go too."""
+        _STATE.pack_into(self._map, self._master_state_at, _DRAINING)
+
+    @property
+    def draining(self) -> bool:
+        """Has the master announced a drain? (One read of the shared mapping.)"""
+        return bool(_STATE.unpack_from(self._map, self._master_state_at)[0] == _DRAINING)
 
     def monitor(self, index: int) -> SlotMonitor:
         return SlotMonitor(self._map, index * SLOT_SIZE)

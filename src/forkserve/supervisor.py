@@ -24,8 +24,9 @@ errors of accept() and fork() pause accepting briefly and are logged at most onc
 
 Stopping (rule 17), a checklist with a deadline: close the listeners (new clients are refused,
 not left hanging in a queue nobody will read), ask every child to finish (SIGTERM: a child
-stops reading and writes what it owes), wait for them up to ``graceful_timeout``, SIGKILL what
-is left, reap, exit 1 if anything had to be killed, else 0. A fast stop (SIGQUIT) kills at once.
+stops reading and writes what it owes; repeated once ``STOP_REMINDER`` later, see ``child``), wait
+for them up to ``graceful_timeout``, SIGKILL what is left, reap, exit 1 if anything had to be
+killed, else 0. A fast stop (SIGQUIT) kills at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import os
 import selectors
 import signal
@@ -48,7 +50,7 @@ from . import gate, hooks, models, pidfile, reload, systemd, upgrade
 from ._version import __version__
 from .admission import Admission
 from .apps import App
-from .child import set_title
+from .child import STOP_REMINDER, set_title
 from .config import Config
 from .errors import ExitCode, ForkserveError
 from .gate import Gate
@@ -91,6 +93,10 @@ REPORT_INTERVAL = 1.0
 class Stop:
     fast: bool
     deadline: float
+    #: When SIGTERM went to the processes (``child.STOP_REMINDER``) ...
+    told_at: float
+    #: ... and whether it went again to those still running.
+    reminded: bool = False
     killed: bool = False
 
 
@@ -284,8 +290,11 @@ class Supervisor:
         deadlines = []
         if self._paused_until and self._stop is None:
             deadlines.append(self._paused_until)
-        if self._stop is not None and not self._stop.killed:
-            deadlines.append(self._stop.deadline)
+        stop = self._stop
+        if stop is not None and not stop.killed:
+            deadlines.append(stop.deadline)
+            if not stop.fast and self.model.pids():
+                deadlines.append(self._reminder_due(stop))  # (inf when none is due)
         for deadline in (self.model.next_deadline(), self.gate.next_deadline(),
                          self.heartbeat.next_deadline(), self.upgrader.next_deadline(),
                          *(server.next_deadline() for server in self._loop_servers)):
@@ -484,7 +493,7 @@ class Supervisor:
                 self._stop.fast = True
                 self._kill_all(signal.SIGKILL)
             return
-        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout)
+        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout, told_at=now)
         if not handover:
             self.notifier.stopping()
         self.update_accepting()
@@ -510,10 +519,20 @@ class Supervisor:
         if stop is None or stop.killed or stop.fast:
             return
         left = self.model.pids()
-        if left and self.kernel.monotonic() >= stop.deadline:
+        now = self.kernel.monotonic()
+        if left and now >= stop.deadline:
             stop.killed = True
             self.note_killed(f"graceful timeout: killing {len(left)} connection(s) still open")
             self._kill_all(signal.SIGKILL)
+        elif left and self._reminder_due(stop) <= now:
+            stop.reminded = True
+            self._kill_all(signal.SIGTERM)
+
+    def _reminder_due(self, stop: Stop) -> float:
+        """When SIGTERM goes again to what a graceful stop still waits for (inf: never)."""
+        if stop.reminded or not self.model.remind_stop:
+            return math.inf
+        return stop.told_at + STOP_REMINDER
 
     def note_killed(self, message: str) -> None:
         """Something had to be killed to stop: say so, and exit 1 at the end."""

@@ -132,3 +132,16 @@ def io_total(pid: int) -> int | None:
         return int(fields[b"rchar"]) + int(fields[b"wchar"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+def accept_queue(sock: socket.socket) -> int | None:
+    """How many clients wait in the accept queue of the listening TCP socket ``sock`` (for a
+    listener, Linux reports that count in ``tcpi_unacked``); ``None`` where the kernel does
+    not say (a unix socket, another system)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _UNACKED_AT + 4)
+    except (OSError, AttributeError):  # AttributeError: no TCP_INFO on this system
+        return None
+    return int(_U32.unpack_from(info, _UNACKED_AT)[0]) if len(info) >= _UNACKED_AT + 4 else None

@@ -11,7 +11,13 @@ Theory of operation
    a worker woken for a connection another worker took gets EAGAIN and waits again.
 4. Signal handlers only record (SIGTERM/SIGINT: finish; SIGQUIT: exit now), except that a stop
    while a connection is in service tells it to finish (``Connection.interrupt``, one
-   ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on.
+   ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on. A worker
+   retired from a pool that goes on, or busy, closes its listeners in the handler; at a stop
+   of the whole server (the master has announced a drain on the scoreboard and closed its
+   own copies) an idle one first serves what is queued on them, so that queued clients are
+   answered, not reset by the last close (if every worker is busy at the stop, they are). The
+   master sends SIGTERM once more to a worker still there (``child.STOP_REMINDER``): a
+   signal that lands just before a blocking ``recv`` starts runs its handler only then.
 5. When it is ready to accept it writes its slot number and pid to the ready pipe: the master
    rolls a reload forward only on workers that have said so, and tells a crash at boot from
    one later (by pid: a slot may have a new worker by the time the message is read).
@@ -29,6 +35,7 @@ import contextlib
 import errno
 import faulthandler
 import logging
+import math
 import os
 import random
 import select
@@ -52,7 +59,7 @@ from .child import (
     set_title,
 )
 from .config import Config
-from .connection import Connection, format_address
+from .connection import STOP_GRACE, Connection, format_address
 from .errors import ChildExit, ClientError, WorkerExit
 from .gate import Gate
 from .hooks import Process
@@ -61,6 +68,7 @@ from .logs import AccessLog, AccessRecord
 from .preamble import Proxied, open_connection, proxy_addresses
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+from .traffic import accept_queue
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
@@ -72,6 +80,9 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 #: After an accept() error that is not one connection's (EMFILE, ENOBUFS ...), this worker
 #: waits this long before it accepts again: never spin.
 ACCEPT_PAUSE_SECONDS = 0.1
+#: At a stop of the whole server, a worker takes clients queued on a listener that does not
+#: say how many wait (unix) for at most this long.
+DRAIN_SECONDS = STOP_GRACE
 #: The ready message: the worker's slot number and pid.
 READY = struct.Struct("<Ii")
 #: Signals meant for the master that a worker ignores when the whole group gets them.
@@ -118,6 +129,7 @@ class Worker:
         self.bytes_out = 0
         self.errors = 0
         self.stopping = False
+        self._draining = False
         self.serving: Connection | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.epoll()
@@ -165,18 +177,29 @@ class Worker:
             self._finish(signal.SIGTERM, None)
 
     def _finish(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM: record the stop; a connection in service is told to finish, and this
-        worker lets go of the listeners at once, so that once the master and the idle workers
-        have too, new clients are refused instead of queued for nobody."""
-        self.stopping = True
+        """SIGTERM: record the stop; a connection in service is told to finish. A worker
+        retired from a pool that goes on (reload, TTOU) lets go of the listeners at once: the
+        queue is the other workers'. At a stop of the whole server (the master has announced
+        a drain), an idle worker keeps them until it has taken what is queued there
+        (``_take_queued``), so those clients are answered instead of reset."""
         conn = self.serving
         if conn is not None:
             conn.interrupt()
             self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
-        for listener in self.ctx.listeners:
-            listener.sock.close()  # one close(2) each; also leaves this worker's epoll set
+        if self.stopping:
+            return  # the master's reminder (child.STOP_REMINDER): the rest is done
+        self.stopping = True
+        # a worker busy now cannot take the queue: the idle ones do, and it lets go at once,
+        # so that no client queues behind a connection that may take graceful_timeout
+        self._draining = conn is None and self.ctx.scoreboard.draining
+        if not self._draining:
+            self._close_listeners()
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
                          + CHILD_GRACE_MARGIN)
+
+    def _close_listeners(self) -> None:
+        for listener in self.ctx.listeners:
+            listener.sock.close()  # one close(2) each; also leaves this worker's epoll set
 
     # ------------------------------------------------------------------ loop
 
@@ -194,7 +217,22 @@ class Worker:
             self.ctx.scoreboard.beat(self.slot)
             if self._should_recycle():
                 break
+        if self._draining:
+            self._take_queued()
+            self._close_listeners()
         return WorkerExit.OK
+
+    def _take_queued(self) -> None:
+        """A stop of the whole server: serve the clients queued on the listeners, each on the
+        stop's terms (its first request answered, then the end). A TCP listener says how
+        many wait: no more than those are taken, so a stop under a steady stream of new
+        clients still ends; elsewhere (unix) at most ``backlog`` for ``DRAIN_SECONDS``."""
+        for listener in self.ctx.listeners:
+            queued = accept_queue(listener.sock)
+            deadline = time.monotonic() + DRAIN_SECONDS if queued is None else math.inf
+            for _ in range(self.ctx.config.backlog if queued is None else queued):
+                if time.monotonic() >= deadline or not self._accept(listener):
+                    break
 
     def _should_recycle(self) -> bool:
         if self.max_requests and self.served >= self.max_requests:
@@ -207,27 +245,29 @@ class Worker:
             return True
         return False
 
-    def _accept(self, listener: Listener) -> None:
+    def _accept(self, listener: Listener) -> bool:
+        """Take one connection and serve it; False if none was queued (or accept failed)."""
         try:
             sock, addr = listener.sock.accept()
         except BlockingIOError:
-            return  # another worker took it
+            return False  # another worker took it
         except OSError as exc:
-            if exc.errno not in _SKIP_ERRNOS:
-                log.warning("worker %d: accept failed: %s; pausing %.1f s", self.pid,
-                            exc.strerror, ACCEPT_PAUSE_SECONDS)
-                time.sleep(ACCEPT_PAUSE_SECONDS)
-            return
+            if exc.errno in _SKIP_ERRNOS:
+                return True  # that client is gone; the next one may be there
+            log.warning("worker %d: accept failed: %s; pausing %.1f s", self.pid,
+                        exc.strerror, ACCEPT_PAUSE_SECONDS)
+            time.sleep(ACCEPT_PAUSE_SECONDS)
+            return False
         header = None
         if self.ctx.config.proxy_protocol:  # first: the rules must see the real client
             header = self._read_header(sock, addr)
             if header is None:
-                return
+                return True
             addr = header.addr
         gate = self.ctx.gate
         if gate is None:
             self._serve(sock, addr, header)
-            return
+            return True
         gate.tick(time.monotonic())  # the rules file, polled as the master polls it
         admitted, key = gate.admit(sock, addr)  # the rules only: see gate.check_model
         if admitted:
@@ -235,6 +275,7 @@ class Worker:
                 self._serve(sock, addr, header)
             finally:
                 gate.release(key)
+        return True
 
     def _read_header(self, sock: socket.socket, addr: object) -> Proxied | None:
         """The PROXY header (waiting up to handshake_timeout: the client's time)."""

@@ -325,12 +325,14 @@ class Load(ClientThreads):
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 with self.server.connect(timeout=10) as s:
+                    port = s.getsockname()[1]  # (to find it in the server's access log)
                     s.sendall(b"ping\n" * self.lines)
                     answer = recv_exactly(s, len(HELLO) * self.lines)
                     s.shutdown(socket.SHUT_WR)
                     rest = s.recv(1)
                 if answer != HELLO * self.lines or rest != b"":
-                    raise AssertionError(f"truncated or extra: {answer!r} {rest!r}")
+                    raise AssertionError(f"truncated or extra: {answer!r} {rest!r} "
+                                         f"(client port {port})")
                 with self._lock:
                     self.ok += 1
             except (OSError, AssertionError) as exc:

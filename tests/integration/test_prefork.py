@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.integration.harness import (
     Load,
@@ -70,10 +73,18 @@ def test_a_killed_worker_is_replaced_within_a_second(server_factory: Factory) ->
     server.wait_for_log(rf"pid {victim} \(worker \d+\) was killed by SIGKILL")
 
 
+def records_of(access_log: Path, failures: list[tuple[float, str]]) -> list[str]:
+    """The access records of the clients named in ``failures`` (to tell why they failed)."""
+    ports = set(re.findall(r"client port (\d+)", str(failures)))
+    return [line for line in access_log.read_text().splitlines()
+            if any(f"127.0.0.1:{port} " in line for port in ports)]
+
+
 def test_hup_under_load_loses_nothing_and_replaces_every_worker(server_factory: Factory,
                                                                 tmp_path: Path) -> None:
     path = tmp_path / "forkserve.toml"
-    path.write_text('model = "prefork"\nworkers = 3\n')
+    access = tmp_path / "access.log"
+    path.write_text(f'model = "prefork"\nworkers = 3\naccess_log = "{access}"\n')
     server = server_factory("--config", str(path))
     first = wait_for_workers(server, 3)
     seen = set(first)
@@ -86,7 +97,8 @@ def test_hup_under_load_loses_nothing_and_replaces_every_worker(server_factory: 
                               and len(worker_pids(server)) == 3, 15), server.log_tail()
             seen |= worker_pids(server)
         time.sleep(0.3)
-    assert load.failures == [], load.failures[:5]
+    assert load.failures == [], (load.failures[:5], server.log_tail(),
+                                 records_of(access, load.failures[:5]))
     assert load.ok > 50
     assert not (worker_pids(server) & first)
     assert len(seen) >= 3 * 6
@@ -145,6 +157,27 @@ def test_graceful_stop_finishes_connections_in_flight(server_factory: Factory) -
         server.signal(signal.SIGTERM)
         assert recv_all(s) == HELLO * 100
     assert server.wait() == 0
+
+
+def test_a_stop_answers_the_clients_queued_for_the_workers(server_factory: Factory,
+                                                          tmp_path: Path) -> None:
+    # the one worker is still booting (a slow post_fork hook), so the clients wait in the
+    # accept queue when the stop comes: they are served, not reset by the listeners' close
+    (tmp_path / "slow.py").write_text("import time\n\ndef boot(process):\n"
+                                      "    time.sleep(1.5)\n")
+    server = server_factory("--chdir", str(tmp_path), "--model", "prefork", "--workers", "1",
+                            "--post-fork", "slow:boot")
+    clients = [server.connect() for _ in range(3)]
+    for s in clients:
+        s.sendall(b"hi\n")
+    assert worker_pids(server), "the worker is forked (its hook sleeps: not ready yet)"
+    server.signal(signal.SIGTERM)
+    for s in clients:
+        with s:
+            assert recv_all(s) == HELLO, "answered, then closed cleanly"
+    assert server.wait() == 0
+    with pytest.raises(ConnectionRefusedError):
+        server.connect().close()
 
 
 def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:

@@ -1,9 +1,14 @@
-"""Small parts: the rate limiter and the scoreboard."""
+"""Small parts: the rate limiter, the scoreboard, a listener's queue."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 from forkserve.logs import RateLimiter
 from forkserve.scoreboard import Scoreboard, SlotState
+from forkserve.traffic import accept_queue
 
 
 def test_rate_limiter_allows_one_report_per_interval_and_counts_the_rest() -> None:
@@ -37,3 +42,41 @@ def test_scoreboard_slots_round_trip_and_truncate_the_peer() -> None:
         assert board.read(2).pid == 0
     finally:
         board.close()
+
+
+def test_a_drain_announced_reaches_a_forked_process_and_leaves_the_slots_alone() -> None:
+    board = Scoreboard(2)
+    try:
+        for i in range(2):
+            board.write(i, pid=10 + i, state=SlotState.IDLE)
+        pid = os.fork()
+        if pid == 0:  # the worker's side: it reads what the master writes after the fork
+            deadline = time.monotonic() + 5
+            while not board.draining and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os._exit(0 if board.draining else 1)
+        assert not board.draining
+        board.announce_drain()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert [board.read(i).pid for i in range(2)] == [10, 11]
+    finally:
+        board.close()
+
+
+def test_accept_queue_counts_the_clients_a_tcp_listener_holds() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        assert accept_queue(listener) == 0
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        try:
+            assert accept_queue(listener) == 3
+            listener.accept()[0].close()
+            assert accept_queue(listener) == 2
+        finally:
+            for c in clients:
+                c.close()
+    a, b = socket.socketpair()
+    with a, b:
+        assert accept_queue(a) is None, "a unix socket does not say"

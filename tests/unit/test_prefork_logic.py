@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from forkserve.child import STOP_REMINDER
 from forkserve.config import Config
 from forkserve.errors import ConfigError, ExitCode, WorkerExit
 from forkserve.models.prefork import (
@@ -246,6 +247,29 @@ def test_reload_retires_old_workers_only_as_new_ones_are_ready(sup: Supervisor,
     assert [sig for _, sig in kernel.killed] == [signal.SIGTERM]
     ready(sup, new[1], new[2])
     assert sorted(pid for pid, _ in kernel.killed) == sorted(old)
+
+
+def test_a_retiring_worker_still_there_after_a_second_is_told_once_more(
+        sup: Supervisor, kernel: FakeKernel) -> None:
+    # (a SIGTERM landing just before a worker's blocking recv starts runs its handler only
+    # when that recv returns: a second one interrupts the recv)
+    ready(sup, *pool(sup).workers)
+    sup.model.scale(-1)
+    sup.model.scale(-1)
+    first, second = [pid for pid, _ in kernel.killed]
+    assert sup.model.next_deadline() == pytest.approx(kernel.now + STOP_REMINDER)
+    kernel.exit(first)
+    sup._reap()
+    kernel.now += STOP_REMINDER - 0.01
+    sup.model.manage()
+    assert len(kernel.killed) == 2, "not before the interval"
+    kernel.now += 0.01
+    sup.model.manage()
+    assert kernel.killed[2:] == [(second, signal.SIGTERM)], "only to the one still there"
+    kernel.now += 10 * STOP_REMINDER
+    sup.model.manage()
+    assert len(kernel.killed) == 3, "once: each signal restarts a kernel timeout in progress"
+    assert sup.model.next_deadline() is None
 
 
 def test_scaling_stays_between_one_and_max_workers(sup: Supervisor,

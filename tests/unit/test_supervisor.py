@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from forkserve.apps.exec import Program
+from forkserve.child import STOP_REMINDER
 from forkserve.config import Config
 from forkserve.kernel import Exited, reap
 from forkserve.models.fork import ForkModel
@@ -122,6 +124,42 @@ def test_graceful_stop_terms_waits_then_kills_at_the_deadline(sup: Supervisor,
     sup._reap()
     assert sup._finished()
     assert sup._killed, "exit status 1: something had to be killed"
+
+
+def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
+        sup: Supervisor, kernel: FakeKernel) -> None:
+    pids = [spawn(sup) for _ in range(2)]
+    sup._begin_stop(fast=False)
+    assert sup._timeout() == pytest.approx(STOP_REMINDER)
+    kernel.exit(pids[0])
+    sup._reap()
+    kernel.now += STOP_REMINDER
+    sup._advance_stop()
+    assert kernel.killed == [(pids[0], signal.SIGTERM), (pids[1], signal.SIGTERM),
+                             (pids[1], signal.SIGTERM)]
+    assert sup._timeout() == pytest.approx(10 - STOP_REMINDER), "then only the deadline"
+    kernel.now += 5
+    sup._advance_stop()
+    assert len(kernel.killed) == 3
+    kernel.exit(pids[1])
+    sup._reap()
+    assert sup._finished()
+    assert not sup._killed
+
+
+def test_exec_programs_get_one_sigterm_as_inetd_sends(kernel: FakeKernel) -> None:
+    config = Config(model="fork", graceful_timeout=10)
+    sup = Supervisor(config, Program("/bin/cat", ("cat",), {}), [], kernel=kernel)
+    try:
+        pid = spawn(sup)
+        sup._begin_stop(fast=False)
+        for _ in range(3):
+            kernel.now += STOP_REMINDER
+            sup._advance_stop()
+        assert kernel.killed == [(pid, signal.SIGTERM)]
+        assert sup._timeout() == pytest.approx(10 - 3 * STOP_REMINDER)
+    finally:
+        sup._close()
 
 
 def test_graceful_stop_without_stragglers_exits_0(sup: Supervisor, kernel: FakeKernel) -> None:

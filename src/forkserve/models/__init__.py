@@ -65,6 +65,10 @@ class Model(Protocol):
     name: str
     #: Whether the master accepts connections (fork, single) or the workers do (prefork).
     accepts: bool
+    #: Whether a stop repeats SIGTERM to its processes until they are gone: they run
+    #: forkserve's own code, whose handler a SIGTERM can miss for a while
+    #: (``child.STOP_REMINDER``). Not for programs (exec), which get one, as inetd sends.
+    remind_stop: bool
 
     @property
     def full(self) -> bool:

@@ -65,6 +65,7 @@ class Child:
 class ForkModel(WithoutPool):
     name = "fork"
     accepts = True
+    remind_stop = True
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.sup = supervisor

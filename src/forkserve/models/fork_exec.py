@@ -149,6 +149,8 @@ class Running:
 class ExecModel(ForkModel):
     """``forkserve exec``: the fork model whose children become ``supervisor.app``."""
 
+    remind_stop = False  # a program gets one SIGTERM at a stop, as from inetd or systemd
+
     def __init__(self, supervisor: Supervisor) -> None:
         super().__init__(supervisor)
         assert isinstance(supervisor.app, Program)

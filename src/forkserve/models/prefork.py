@@ -19,8 +19,9 @@ it keeps the pool at its target size and rolls it on reload.
   (a reload whose workers cannot boot), they keep serving and the failing slots back off,
   doubling up to ``BOOT_BACKOFF_MAX``.
 - Reload (SIGHUP): a new generation is forked with the new config; each old worker is retired
-  (SIGTERM: it finishes its connection and exits) only once a new one has said it is ready, so
-  the pool never shrinks and the shared accept queue never loses a connection.
+  (SIGTERM: it finishes its connection and exits; told once more ``STOP_REMINDER`` later if
+  it has not) only once a new one has said it is ready, so the pool never shrinks and the shared
+  accept queue never loses a connection.
 - Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``;
   a worker retired to shrink the pool is an idle one if any is (a busy one finishes its
   connection first, but an idle one costs nobody anything).
@@ -48,6 +49,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..child import STOP_REMINDER
 from ..config import Config
 from ..errors import ExitCode, WorkerExit
 from ..kernel import Exited
@@ -97,6 +99,10 @@ class WorkerInfo:
     timeout: float
     ready: bool = False
     retiring: bool = False
+    #: When SIGTERM went to it, while ``retiring``, and whether it went again since
+    #: (``child.STOP_REMINDER``).
+    told_at: float = 0.0
+    reminded: bool = False
     aborted_at: float | None = None
     killed_at: float | None = None
 
@@ -117,6 +123,7 @@ class PreforkModel:
     name = "prefork"
     #: The master never accepts: the workers do.
     accepts = False
+    remind_stop = True
     full = False
 
     def __init__(self, supervisor: Supervisor) -> None:
@@ -145,6 +152,7 @@ class PreforkModel:
             return
         self._retire_replaced()
         now = self.sup.kernel.monotonic()
+        self._remind_retiring(now)
         self._watchdog(now)
         self._adapt(now)
         while self._current_count() < self.pool.target:
@@ -157,6 +165,8 @@ class PreforkModel:
         if self.sup.stopping:
             return None
         deadlines = self._watchdog_deadlines()
+        deadlines += [w.told_at + STOP_REMINDER for w in self.workers.values()
+                      if w.retiring and not w.reminded]
         if self._adaptive:
             deadlines.append(self.pool.next_adapt)
         if self._current_count() < self.pool.target:
@@ -332,8 +342,19 @@ class PreforkModel:
 
     def _retire(self, worker: WorkerInfo) -> None:
         worker.retiring = True
+        worker.told_at = self.sup.kernel.monotonic()
         with contextlib.suppress(ProcessLookupError):
             self.sup.kernel.kill(worker.pid, signal.SIGTERM)
+
+    def _remind_retiring(self, now: float) -> None:
+        """SIGTERM once more to a retiring worker still there after ``STOP_REMINDER``: the
+        first one may wait in a blocking read for its handler to run (see ``child``)."""
+        for worker in self.workers.values():
+            if (worker.retiring and not worker.reminded
+                    and now >= worker.told_at + STOP_REMINDER):
+                worker.reminded = True
+                with contextlib.suppress(ProcessLookupError):
+                    self.sup.kernel.kill(worker.pid, signal.SIGTERM)
 
     def on_exit(self, exited: Exited) -> bool:
         if exited.pid not in self.workers:
@@ -415,7 +436,8 @@ class PreforkModel:
         log.info("reload: starting worker generation %d", self.pool.generation)
 
     def drain(self, listener: Listener) -> None:
-        pass  # the workers accept, and each closes its own copy when told to stop
+        # the workers accept: they serve what is queued before they let go of the listeners
+        self.scoreboard.announce_drain()
 
     def close_in_child(self) -> None:
         pass  # the ready pipe's read end is closed by the worker itself

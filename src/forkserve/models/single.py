@@ -53,6 +53,7 @@ class StopDeadline(BaseException):
 class SingleModel(WithoutPool):
     name = "single"
     accepts = True
+    remind_stop = True
     #: Never full: while it serves, it does not look at the listeners at all.
     full = False
 
