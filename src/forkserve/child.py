@@ -49,6 +49,7 @@ from .config import Config
 from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, LineTooLong
 from .hooks import Process
+from .kernel import SIG_DFL, SIG_IGN, pthread_sigmask, set_handler
 from .preamble import Proxied, open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
@@ -146,9 +147,10 @@ def _quit_now(signum: int, frame: object) -> None:
 
 
 def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
+    # (kernel.set_handler and kernel.pthread_sigmask: no enum conversions on this path)
     signal.set_wakeup_fd(-1)
     for sig in ctx.master_signals:
-        signal.signal(sig, signal.SIG_DFL)
+        set_handler(sig, SIG_DFL)
     stop_after = ctx.config.graceful_timeout + CHILD_GRACE_MARGIN
     armed = False
 
@@ -160,12 +162,12 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
             signal.setitimer(signal.ITIMER_REAL, stop_after)
 
     for sig in STOP_SIGNALS:
-        signal.signal(sig, finish)
+        set_handler(sig, finish)
     for sig in IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGQUIT, _quit_now)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        set_handler(sig, SIG_IGN)
+    set_handler(signal.SIGQUIT, _quit_now)
+    set_handler(signal.SIGALRM, SIG_DFL)
+    pthread_sigmask(signal.SIG_SETMASK, ())
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now
         finish(signal.SIGTERM, None)
@@ -205,7 +207,8 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     _reset_signals(ctx, conn)
     arm_connection_timer(ctx.config, start)
     set_title(f"forkserve: conn {conn.peer}")
-    if not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot)):
+    if (ctx.config.post_fork is not None
+            and not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot))):
         conn.close()
         return ChildExit.HANDLER_ERROR
     status = serve_one(ctx.app, conn)

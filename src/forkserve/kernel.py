@@ -7,11 +7,25 @@ failures, while the real-process tests exercise ``OsKernel``.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # (no stub: CPython's C half of signal)
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Protocol
+
+#: ``signal.pthread_sigmask`` and ``signal.signal`` without their Python wrappers, which turn
+#: every signal number in and out into an enum member (microseconds each). For the
+#: per-connection path: a forking master and a fresh child pay a copy-on-write page fault for
+#: every page those conversions touch (see docs/benchmarks.md).
+Handler = Callable[[int, FrameType | None], object] | int
+#: ``set_handler`` takes these (plain ints), not ``signal.SIG_DFL``/``SIG_IGN`` (enum members).
+SIG_DFL: int = _signal.SIG_DFL
+SIG_IGN: int = _signal.SIG_IGN
+pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = _signal.pthread_sigmask
+set_handler: Callable[[int, Handler], object] = _signal.signal
 
 
 class Kernel(Protocol):

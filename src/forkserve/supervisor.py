@@ -55,7 +55,7 @@ from .config import Config
 from .errors import ExitCode, ForkserveError
 from .gate import Gate
 from .hooks import ChildExited
-from .kernel import Exited, Kernel, OsKernel, reap
+from .kernel import Exited, Kernel, OsKernel, pthread_sigmask, reap
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
 from .loopserver import LoopServer
@@ -87,6 +87,30 @@ ACCEPT_PAUSE_SECONDS = 0.1
 FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
+
+
+#: The signals the master handles, as numbers.
+_HANDLED = tuple(route.signal.value for route in SIGNALS)
+
+
+class SignalsBlocked:
+    """``with SignalsBlocked(): fork()``: the master's handled signals are blocked inside.
+
+    A signal that arrived in a new child before it reset its dispositions would run the
+    master's handler there and be lost for the child; blocked, it stays pending until the
+    child has installed its own handlers and cleared the mask. A plain class over
+    ``kernel.pthread_sigmask``: ``signal.pthread_sigmask`` turns each number of the old mask
+    into an enum member, and every object the master touches right after a fork costs it a
+    copy-on-write page fault while the child shares the page (see docs/benchmarks.md).
+    """
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self) -> None:
+        self._previous = pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+
+    def __exit__(self, *exc: object) -> None:
+        pthread_sigmask(signal.SIG_SETMASK, self._previous)
 
 
 @dataclass
@@ -334,21 +358,11 @@ class Supervisor:
             self.model.interrupt(fast=intent is Intent.FAST_STOP)
 
     def handled_signals(self) -> tuple[int, ...]:
-        return tuple(route.signal.value for route in SIGNALS)
+        return _HANDLED
 
-    @contextlib.contextmanager
-    def signals_blocked(self) -> Iterator[None]:
-        """Hold the handled signals back around a fork.
-
-        A signal that arrived in a new child before it reset its dispositions would run the
-        master's handler there and be lost for the child; blocked, it stays pending until the
-        child has installed its own handlers and cleared the mask.
-        """
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.handled_signals())
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    def signals_blocked(self) -> SignalsBlocked:
+        """Hold the handled signals back around a fork (see ``SignalsBlocked``)."""
+        return SignalsBlocked()
 
     def _act_on_signals(self) -> None:
         self._urgent = False
@@ -409,8 +423,9 @@ class Supervisor:
     def _reap(self) -> None:
         for exited in reap(self.kernel):
             if self.model.on_exit(exited):
-                hooks.call(self.config, "child_exit",
-                           ChildExited(exited.pid, exited.describe(), exited.code))
+                if self.config.child_exit is not None:
+                    hooks.call(self.config, "child_exit",
+                               ChildExited(exited.pid, exited.describe(), exited.code))
             elif not self.upgrader.on_reaped(exited.pid, exited.describe()):
                 log.info("reaped pid %d, which is not one of ours (exit %d)",
                          exited.pid, exited.code)

@@ -248,13 +248,14 @@ class ForkModel(WithoutPool):
         self._free_slots.append(child.slot)
         self.sup.gate.release(child.key)
         self._report_exit(child, exited)
-        ours = slot.pid == exited.pid
-        self.sup.write_access(AccessRecord(
-            peer=slot.peer if ours and slot.peer else child.peer, pid=exited.pid,
-            duration_s=round(self.sup.kernel.monotonic() - child.started, 6),
-            bytes_in=slot.bytes_in if ours else 0, bytes_out=slot.bytes_out if ours else 0,
-            status=exited.describe(),
-        ))
+        if self.sup.access_log is not None:  # (nothing built per connection without one)
+            ours = slot.pid == exited.pid
+            self.sup.write_access(AccessRecord(
+                peer=slot.peer if ours and slot.peer else child.peer, pid=exited.pid,
+                duration_s=round(self.sup.kernel.monotonic() - child.started, 6),
+                bytes_in=slot.bytes_in if ours else 0, bytes_out=slot.bytes_out if ours else 0,
+                status=exited.describe(),
+            ))
         self.sup.update_accepting()
         return True
 
