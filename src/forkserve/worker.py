@@ -35,7 +35,6 @@ import contextlib
 import errno
 import faulthandler
 import logging
-import math
 import os
 import random
 import select
@@ -59,7 +58,7 @@ from .child import (
     set_title,
 )
 from .config import Config
-from .connection import STOP_GRACE, Connection, format_address
+from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, WorkerExit
 from .gate import Gate
 from .hooks import Process
@@ -80,9 +79,11 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 #: After an accept() error that is not one connection's (EMFILE, ENOBUFS ...), this worker
 #: waits this long before it accepts again: never spin.
 ACCEPT_PAUSE_SECONDS = 0.1
-#: At a stop of the whole server, a worker takes clients queued on a listener that does not
-#: say how many wait (unix) for at most this long.
-DRAIN_SECONDS = STOP_GRACE
+#: At a stop of the whole server, a worker takes the clients queued on the listeners for at
+#: most this long, and only until half of ``graceful_timeout`` after the stop: each may cost
+#: it a STOP_GRACE (a silent one) and a linger (one that does not close), one after the
+#: other; those still queued then are reset, as without a drain.
+DRAIN_SECONDS = 5.0
 #: The ready message: the worker's slot number and pid.
 READY = struct.Struct("<Ii")
 #: Signals meant for the master that a worker ignores when the whole group gets them.
@@ -130,6 +131,7 @@ class Worker:
         self.errors = 0
         self.stopping = False
         self._draining = False
+        self._stop_began = 0.0
         self.serving: Connection | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.epoll()
@@ -189,6 +191,7 @@ class Worker:
         if self.stopping:
             return  # the master's reminder (child.STOP_REMINDER): the rest is done
         self.stopping = True
+        self._stop_began = time.monotonic()
         # a worker busy now cannot take the queue: the idle ones do, and it lets go at once,
         # so that no client queues behind a connection that may take graceful_timeout
         self._draining = conn is None and self.ctx.scoreboard.draining
@@ -224,12 +227,14 @@ class Worker:
 
     def _take_queued(self) -> None:
         """A stop of the whole server: serve the clients queued on the listeners, each on the
-        stop's terms (its first request answered, then the end). A TCP listener says how
-        many wait: no more than those are taken, so a stop under a steady stream of new
-        clients still ends; elsewhere (unix) at most ``backlog`` for ``DRAIN_SECONDS``."""
+        stop's terms (its first request answered, then the end), within the bounds of
+        ``DRAIN_SECONDS``. A TCP listener says how many wait: no more than those are taken,
+        so that new clients arriving meanwhile do not keep the stop going; elsewhere (unix)
+        at most ``backlog``."""
+        deadline = min(time.monotonic() + DRAIN_SECONDS,
+                       self._stop_began + self.ctx.config.graceful_timeout / 2)
         for listener in self.ctx.listeners:
             queued = accept_queue(listener.sock)
-            deadline = time.monotonic() + DRAIN_SECONDS if queued is None else math.inf
             for _ in range(self.ctx.config.backlog if queued is None else queued):
                 if time.monotonic() >= deadline or not self._accept(listener):
                     break

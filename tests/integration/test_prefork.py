@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -178,6 +179,25 @@ def test_a_stop_answers_the_clients_queued_for_the_workers(server_factory: Facto
     assert server.wait() == 0
     with pytest.raises(ConnectionRefusedError):
         server.connect().close()
+
+
+def test_silent_queued_clients_cannot_hold_a_stop(server_factory: Factory,
+                                                  tmp_path: Path) -> None:
+    # the drain ends half of graceful_timeout after the stop (3 s): a silent client costs the
+    # worker a second of grace, then up to 2 s of lingering, so of three queued silent
+    # clients one or two are taken, and the stop still ends in time, with nothing killed
+    (tmp_path / "slow.py").write_text("import time\n\ndef boot(process):\n"
+                                      "    time.sleep(0.5)\n")
+    server = server_factory("--chdir", str(tmp_path), "--model", "prefork", "--workers", "1",
+                            "--post-fork", "slow:boot", "--graceful-timeout", "6")
+    clients = [server.connect() for _ in range(3)]
+    start = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0, "nothing had to be killed"
+    assert time.monotonic() - start < 5.5
+    for s in clients:
+        with s, contextlib.suppress(ConnectionResetError):  # queued past the drain
+            assert recv_all(s) == b""
 
 
 def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:
