@@ -316,3 +316,20 @@ def test_max_connection_time_has_a_hard_backstop(server_factory: Factory, tmp_pa
             assert recv_all(s) == b""  # never reads or writes again: the timer ends it
         assert time.monotonic() - start < 15
     server.wait_for_log(r"was killed by SIGALRM")
+
+
+def test_the_stop_reminder_does_not_cut_a_lingering_close_short(server_factory: Factory) -> None:
+    # the master sends SIGTERM once more a second after the stop (child.STOP_REMINDER); it
+    # must not end the child's lingering close, or what the client sends after its answer
+    # would be met by a reset (RFC 1122 4.2.2.13) instead of being drained
+    server = server_factory("--model", "fork")
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+        server.signal(signal.SIGTERM)
+        assert s.recv(1) == b"", "idle between requests: the input ends, the close lingers"
+        time.sleep(1.3)  # past the reminder (1 s), within the linger (2 s)
+        s.sendall(b"late\n")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b"", "drained, not reset"
+    assert server.wait() == 0
