@@ -7,6 +7,7 @@ import enum
 import signal
 from dataclasses import dataclass
 
+from .kernel import pthread_sigmask
 from .reload import RESTART_ONLY
 
 
@@ -64,3 +65,27 @@ def signal_table() -> str:
     rows += [f"| `{route.signal.name}` | {f'`{route.verb}`' if route.verb else ''} | "
              f"{route.doc} |" for route in SIGNALS]
     return "\n".join(rows) + "\n"
+
+
+#: The signals the master handles, as numbers.
+HANDLED = tuple(route.signal.value for route in SIGNALS)
+
+
+class SignalsBlocked:
+    """``with SignalsBlocked(): fork()``: the master's handled signals are blocked inside.
+
+    A signal that arrived in a new child before it reset its dispositions would run the
+    master's handler there and be lost for the child; blocked, it stays pending until the
+    child has installed its own handlers and cleared the mask. A plain class over
+    ``kernel.pthread_sigmask``: ``signal.pthread_sigmask`` turns each number of the old mask
+    into an enum member, and every object the master touches right after a fork costs it a
+    copy-on-write page fault while the child shares the page (see docs/benchmarks.md).
+    """
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self) -> None:
+        self._previous = pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+    def __exit__(self, *exc: object) -> None:
+        pthread_sigmask(signal.SIG_SETMASK, self._previous)

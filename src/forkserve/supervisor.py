@@ -55,12 +55,12 @@ from .config import Config
 from .errors import ExitCode, ForkserveError
 from .gate import Gate
 from .hooks import ChildExited
-from .kernel import Exited, Kernel, OsKernel, pthread_sigmask, reap
+from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
 from .loopserver import LoopServer
 from .metrics import MetricsServer
-from .signals import _INTENTS, SIGNALS, Intent
+from .signals import _INTENTS, HANDLED, SIGNALS, Intent, SignalsBlocked
 from .status import StatusServer, process_row
 from .upgrade import Upgrader
 
@@ -87,30 +87,6 @@ ACCEPT_PAUSE_SECONDS = 0.1
 FORK_PAUSE_SECONDS = 0.1
 #: At most one report per kind of trouble per this many seconds.
 REPORT_INTERVAL = 1.0
-
-
-#: The signals the master handles, as numbers.
-_HANDLED = tuple(route.signal.value for route in SIGNALS)
-
-
-class SignalsBlocked:
-    """``with SignalsBlocked(): fork()``: the master's handled signals are blocked inside.
-
-    A signal that arrived in a new child before it reset its dispositions would run the
-    master's handler there and be lost for the child; blocked, it stays pending until the
-    child has installed its own handlers and cleared the mask. A plain class over
-    ``kernel.pthread_sigmask``: ``signal.pthread_sigmask`` turns each number of the old mask
-    into an enum member, and every object the master touches right after a fork costs it a
-    copy-on-write page fault while the child shares the page (see docs/benchmarks.md).
-    """
-
-    __slots__ = ("_previous",)
-
-    def __enter__(self) -> None:
-        self._previous = pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
-
-    def __exit__(self, *exc: object) -> None:
-        pthread_sigmask(signal.SIG_SETMASK, self._previous)
 
 
 @dataclass
@@ -358,7 +334,7 @@ class Supervisor:
             self.model.interrupt(fast=intent is Intent.FAST_STOP)
 
     def handled_signals(self) -> tuple[int, ...]:
-        return _HANDLED
+        return HANDLED
 
     def signals_blocked(self) -> SignalsBlocked:
         """Hold the handled signals back around a fork (see ``SignalsBlocked``)."""
