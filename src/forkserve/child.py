@@ -11,20 +11,25 @@ it is shared by the fork model (in a child) and the single model (in the master)
    ``os._exit`` (the seed's child fell back into the accept loop; DESIGN decision 3).
 2. First it closes what belongs to the master (listeners, the master's selector and wakeup
    pipe), so no client can ever reach this child but its own and the port is not held.
-3. Signals: the master's dispositions and its wakeup fd are undone, the mask is cleared.
-   SIGTERM and SIGINT mean "finish gracefully": the handler calls ``Connection.interrupt``
-   (answer what was received, then end the input and close with lingering) and arms a timer of
-   ``graceful_timeout`` plus a margin, whose SIGALRM (default action) ends a handler that will
-   not finish. These two system calls are the whole signal handler: no logging, no locks (a
-   deliberate, documented exception to "handlers only record": the child has no loop to record
-   into, and a poll before every read would cost a system call on the hot path). The price: a
-   SIGTERM that lands just before a blocking ``recv`` starts runs its handler only when the
-   ``recv`` returns, so the master sends SIGTERM once more ``STOP_REMINDER`` later to a child
-   still there; only the first one arms the timer. SIGQUIT ends the child at once (``os._exit``, no
-   core dump); SIGHUP and SIGUSR1, which an operator may send to the whole process group, are
-   ignored (exec'd programs must get them back at their defaults).
+3. Signals, before anything waits on the client (the PROXY header, the TLS handshake): the
+   master's dispositions and its wakeup fd are undone, the child's own wakeup pipe is
+   installed (``stopsignal``: every wait on the client polls it too, so no stop is missed),
+   and the mask is cleared. SIGTERM and SIGINT mean "finish gracefully": the handler records
+   the stop, calls ``Connection.interrupt`` (answer what was received, then end the input and
+   close with lingering) and arms a timer of ``graceful_timeout`` plus a margin, whose SIGALRM
+   (default action) ends a handler that will not finish. These few system calls are the whole
+   signal handler: no logging, no locks (a deliberate, documented exception to "handlers only
+   record": the child has no loop to record into). A handler that reads the socket itself (a
+   socketserver one) does not poll the pipe, so the master still sends SIGTERM once more
+   ``STOP_REMINDER`` later to a child still there; only the first one arms the timer. SIGQUIT
+   ends the child at once (``os._exit``, no core dump); SIGHUP and SIGUSR1, which an operator
+   may send to the whole process group, are ignored (exec'd programs must get them back at
+   their defaults).
 4. Parent death: PR_SET_PDEATHSIG delivers SIGTERM when the master dies, plus a ``getppid``
-   check for a master that died before the call (prctl(2)).
+   check for a master that died before the call (prctl(2)). It is set in the child, after
+   every credential change (the master drops privileges before it forks; the kernel clears
+   the setting on any change of uid or gid). An orphan finishes without the grace for
+   incomplete requests (``stopsignal``): it is gone within milliseconds, not seconds.
 5. The RNG: CPython's ``random`` reseeds itself in every fork child (``os.register_at_fork``),
    and OpenSSL detects the fork itself; nothing to do here.
 """
@@ -53,6 +58,7 @@ from .kernel import SIG_DFL, SIG_IGN, pthread_sigmask, set_handler
 from .preamble import Proxied, open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+from .stopsignal import StopSignal
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
@@ -146,21 +152,37 @@ def _quit_now(signum: int, frame: object) -> None:
     os._exit(ChildExit.QUIT)  # a fast stop: nothing to finish, no core dump
 
 
-def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
+class _Finish:
+    """The child's SIGTERM/SIGINT handler: record the stop, tell the connection (once it
+    exists), arm the backstop timer once (the master's reminder must not push it back)."""
+
+    def __init__(self, stop: StopSignal, stop_after: float) -> None:
+        self.stop = stop
+        self.stop_after = stop_after
+        self.conn: Connection | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        first = self.stop.record()
+        if self.conn is not None:
+            self.conn.interrupt(self.stop.grace)
+        if first:
+            signal.setitimer(signal.ITIMER_REAL, self.stop_after)
+
+    def serving(self, conn: Connection) -> None:
+        """``conn`` is open: a stop that came during its handshake applies to it now."""
+        self.conn = conn
+        if self.stop.requested:
+            conn.interrupt(self.stop.grace)
+
+
+def _reset_signals(ctx: ChildContext) -> _Finish:
     # (kernel.set_handler and kernel.pthread_sigmask: no enum conversions on this path)
     signal.set_wakeup_fd(-1)
     for sig in ctx.master_signals:
         set_handler(sig, SIG_DFL)
-    stop_after = ctx.config.graceful_timeout + CHILD_GRACE_MARGIN
-    armed = False
-
-    def finish(signum: int, frame: object) -> None:
-        nonlocal armed
-        conn.interrupt()
-        if not armed:  # the master's reminders must not push the backstop back
-            armed = True
-            signal.setitimer(signal.ITIMER_REAL, stop_after)
-
+    stop = StopSignal(ctx.master_pid)
+    stop.install()
+    finish = _Finish(stop, ctx.config.graceful_timeout + CHILD_GRACE_MARGIN)
     for sig in STOP_SIGNALS:
         set_handler(sig, finish)
     for sig in IGNORED_SIGNALS:
@@ -171,6 +193,7 @@ def _reset_signals(ctx: ChildContext, conn: Connection) -> None:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now
         finish(signal.SIGTERM, None)
+    return finish
 
 
 #: After ``max_connection_time`` (which Connection enforces at each read and write), the
@@ -196,16 +219,18 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     board = ctx.scoreboard
     board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                 peer=peer)
-    try:  # the handled signals stay blocked (as fork left them) until _reset_signals
-        conn = open_connection(sock, addr, ctx.config, ctx.tls, header=header)
+    arm_connection_timer(ctx.config, start)  # (a stop re-arms it: see _Finish)
+    finish = _reset_signals(ctx)
+    try:
+        conn = open_connection(sock, addr, ctx.config, ctx.tls, header=header,
+                               stop=finish.stop)
     except (ClientError, OSError) as exc:
         log.info("%s: closed before the handler: %s", peer, exc)
         return ChildExit.OK
     if conn.peer != peer:  # the PROXY header named the real client
         board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                     peer=conn.peer)
-    _reset_signals(ctx, conn)
-    arm_connection_timer(ctx.config, start)
+    finish.serving(conn)
     set_title(f"forkserve: conn {conn.peer}")
     if (ctx.config.post_fork is not None
             and not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot))):

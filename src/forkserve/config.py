@@ -455,6 +455,12 @@ class Config:
         "A client that accepts no data for this long while an answer is being written is "
         "disconnected.",
     )
+    linger_timeout: float = setting(
+        2.0, Seconds(minimum=0.0),
+        "After the last answer, how long closing waits for the client to close its side "
+        "(lingering, so a reset cannot destroy an answer it has not read; Apache's 2 s). A "
+        "connection that was sent nothing closes at once; 0: never wait.",
+    )
     max_connection_time: float = setting(
         0.0, Seconds(minimum=0.0),
         "A connection open this long is ended at its next read or write, however busy, and "

@@ -18,11 +18,14 @@ master itself (single model). Rules:
    returns what the client has already sent, and the first read that would wait ends the
    input (``readline`` returns ``b""``). A request still incomplete is the exception: a
    connection that has received nothing yet (its client was accepted, and its first request
-   may be in flight) or holds part of a line waits up to ``STOP_GRACE`` for the rest, then
-   ends the same way; a connection that is idle between requests ends at once. Nothing
-   received whole is dropped, no answer is cut, and the connection then closes with
-   lingering, as below. A client that says nothing costs a stop ``STOP_GRACE``, not
-   ``graceful_timeout``.
+   may be in flight) or holds part of a line waits up to its ``grace`` (``STOP_GRACE``; none
+   for an orphan, see ``stopsignal``) for the rest, then ends the same way; a connection
+   that is idle between requests ends at once. Nothing received whole is dropped, no answer
+   is cut, and the connection then closes with lingering, as below. A client that says
+   nothing costs a stop ``STOP_GRACE``, not ``graceful_timeout``.
+   In a serving process with a ``StopSignal`` (fork children, prefork workers), every read
+   that may wait first polls the socket together with the process's signal wakeup pipe, so
+   a stop that lands just before the read starts still ends it at once (``stopsignal``).
    (``shutdown(SHUT_RD)`` was rejected: it fakes an end-of-stream, so the close could no
    longer tell when the client was done and would reset a client still sending, destroying
    answers in flight.)
@@ -39,8 +42,12 @@ master itself (single model). Rules:
    neither (a handler computing, a client trickling one TLS record a byte at a time) is
    ended by the kernel's timer a few seconds later (``child.arm_connection_timer``).
 6. ``close()`` lingers when the server closes first: shut down the write side, drain what the
-   client still sends for a moment, then close, so a final answer is not destroyed by the RST
-   that closing with unread input would send (RFC 1122 4.2.2.13).
+   client still sends for up to ``linger_timeout`` (its FIN ends it at once), then close, so
+   a final answer is not destroyed by the RST that closing with unread input would send (RFC
+   1122 4.2.2.13). A connection that was sent nothing is owed nothing: a reset can destroy
+   no answer, so it closes at once, after reading what is already there without waiting (a
+   silent client held by the idle timeout, or by a stop, costs its process no linger). A
+   socketserver handler writes the socket itself, unseen: its connections always linger.
 """
 
 from __future__ import annotations
@@ -58,20 +65,21 @@ from typing import TYPE_CHECKING
 from .errors import ConnectionExpired, IdleTimeout, LineTooLong, PeerGone
 from .framing import LineFramer
 from .scoreboard import SlotMonitor
+from .stopsignal import STOP_GRACE, StopSignal, Waiter, Woke
 
 if TYPE_CHECKING:
     from .config import Config
 
 #: Bytes asked of the kernel per read: large enough for many pipelined lines at once.
 RECV_SIZE = 65536
-#: How long ``close()`` drains a client that has not closed its side yet (nginx: 5 s).
+#: How long ``close()`` drains a client that has not closed its side yet, by default (the
+#: ``linger_timeout`` setting; Apache's 2 s).
 LINGER_SECONDS = 2.0
 #: ...and how much it reads at most while doing so, so lingering is bounded in bytes too.
 LINGER_MAX_BYTES = 1 << 20
-#: The receive timeout once a stop is asked for: reads return queued data, never wait.
+#: The receive timeout once a stop is asked for: reads return queued data, never wait
+#: (except for an incomplete request: ``stopsignal.STOP_GRACE``).
 STOP_POLL = 0.000_001
-#: ... except while a request is incomplete (nothing received yet, or part of a line).
-STOP_GRACE = 1.0
 #: Longest timeout the kernel's timeval takes without overflow that we will ever set.
 MAX_TIMEOUT = 1e6
 
@@ -106,15 +114,17 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_expires", "_framer", "_idle_timeout", "_monitor", "_pending",
-        "_rest", "_stop_began", "_stop_timeout", "_tls", "_write_timeout",
+        "_closed", "_eof", "_error", "_expires", "_framer", "_grace", "_idle_timeout",
+        "_linger_timeout", "_monitor", "_pending", "_raw", "_rest", "_stop_began",
+        "_stop_timeout", "_tls", "_waiter", "_write_timeout",
         "bytes_in", "bytes_out", "local", "peer", "settings", "sock",
     )
 
     def __init__(self, sock: socket.socket, *, max_line: int, idle_timeout: float | None,
                  write_timeout: float | None = None, peer: str | None = None,
                  local: str | None = None, monitor: SlotMonitor | None = None,
-                 settings: Config | None = None, max_time: float | None = None) -> None:
+                 settings: Config | None = None, max_time: float | None = None,
+                 linger_timeout: float = LINGER_SECONDS, stop: StopSignal | None = None) -> None:
         self.sock = sock
         self._monitor = monitor
         #: The server's settings, read-only (``None`` outside a server).
@@ -150,7 +160,13 @@ class Connection:
         #: Once a stop is asked for: the receive timeout in force, and when the stop came.
         self._stop_timeout: float | None = None
         self._stop_began = 0.0
+        self._grace = STOP_GRACE
         self._closed = False
+        self._linger_timeout = linger_timeout
+        #: Waits on the client that a stop ends at once (rule 3); None: the kernel timeouts only.
+        self._waiter: Waiter | None = None if stop is None else stop.waiter(sock.fileno())
+        #: The socket was handed to code that writes it unseen (rule 6).
+        self._raw = False
 
     # ------------------------------------------------------------------ reading
 
@@ -241,34 +257,60 @@ class Connection:
         monitor = self._monitor
         if monitor is not None:
             monitor.waiting()
-        if self._stop_timeout is not None:
-            self._apply_stop()  # the request may have become complete since: never wait then
-        began = time.monotonic() if self._tls or self._expires is not None else 0.0
+        idle_until = (None if self._idle_timeout is None
+                      else time.monotonic() + self._idle_timeout)
         while True:
-            wait = self._stop_timeout if self._stop_timeout is not None else self._idle_timeout
-            if self._expires is not None:
-                wait = self._clamp(socket.SO_RCVTIMEO, wait)
-                if self._stop_timeout is not None and self._stop_timeout < wait:
-                    wait = self._clamp(socket.SO_RCVTIMEO, self._stop_timeout)  # a stop came
+            if self._stop_timeout is not None:
+                self._apply_stop()  # the request may have become complete since: never wait then
+            wait = self._read_wait(idle_until)
+            began = time.monotonic()
+            if self._waiter is not None and not self._tls_buffered():
+                woke = self._waiter.wait(wait)
+                if woke is Woke.SIGNAL:
+                    continue  # a stop: look again, on its terms
+                if woke is Woke.TIMEOUT:
+                    self._raise_unless_stopping()
+                    return None
             try:
                 data = self.sock.recv(RECV_SIZE)
                 break
             except OSError as exc:
                 if not (isinstance(exc, BlockingIOError) or self._want(exc, "read")):
                     raise PeerGone(f"client went away: {exc.strerror or exc}") from None
-                # SO_RCVTIMEO expired
-                stop = self._stop_timeout
-                if self._tls and not _expired(began if stop is None else
-                                              max(began, self._stop_began), wait):
-                    continue  # a signal cut the wait short (rule 4)
-                self._check_expiry()
-                if stop is not None:
-                    return None
-                raise IdleTimeout("client sent nothing within the idle timeout") from None
+                # SO_RCVTIMEO expired; for TLS perhaps only a signal that cut the wait short
+                # (rule 4): then wait again, for what is left
+                if self._tls and not _expired(began, wait):
+                    continue
+                self._raise_unless_stopping()
+                return None
         if monitor is not None:
             monitor.working()
         self.bytes_in += len(data)
         return data
+
+    def _read_wait(self, idle_until: float | None) -> float | None:
+        """How long the next read may wait (None: forever); with ``max_time``, the kernel's
+        receive timeout is lowered to it too."""
+        if self._stop_timeout is not None:
+            wait: float | None = self._stop_timeout
+        elif idle_until is not None:
+            wait = max(idle_until - time.monotonic(), 0.0)
+        else:
+            wait = None
+        if self._expires is not None:
+            wait = self._clamp(socket.SO_RCVTIMEO, wait)
+        return wait
+
+    def _raise_unless_stopping(self) -> None:
+        """A read's wait ran out: at a stop, that ends the input; else raise ``IdleTimeout``
+        (or ``ConnectionExpired``)."""
+        self._check_expiry()
+        if self._stop_timeout is None:
+            raise IdleTimeout("client sent nothing within the idle timeout")
+
+    def _tls_buffered(self) -> bool:
+        """Decrypted bytes wait inside OpenSSL (a poll of the fd cannot see them)."""
+        return self._tls and bool(self.sock.pending())  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ writing
 
@@ -346,23 +388,24 @@ class Connection:
 
     # ------------------------------------------------------------------ ending
 
-    def interrupt(self) -> None:
+    def interrupt(self, grace: float = STOP_GRACE) -> None:
         """Finish: answer what was received, then end the input. Safe in a signal handler.
 
-        An incomplete request still gets ``STOP_GRACE`` to arrive whole (rule 3). Once
+        An incomplete request still gets ``grace`` seconds to arrive whole (rule 3). Once
         ``close()`` has begun there is nothing to interrupt: its lingering is bounded on its
         own, and cutting it short could reset a client still reading the last answer."""
         if self._closed:
             return
         if self._stop_timeout is None:
             self._stop_began = time.monotonic()
+        self._grace = min(self._grace, grace)
         self._apply_stop()
 
     def _apply_stop(self) -> None:
         incomplete = not self.bytes_in or bool(self._framer.buffered) or bool(self._rest)
-        timeout = STOP_GRACE if incomplete else STOP_POLL
+        timeout = STOP_POLL
         if incomplete:  # the grace counts from the stop, not from each read
-            timeout = max(STOP_POLL, STOP_GRACE - (time.monotonic() - self._stop_began))
+            timeout = max(STOP_POLL, self._grace - (time.monotonic() - self._stop_began))
         self._stop_timeout = timeout
         with contextlib.suppress(OSError):  # already closed: nothing to interrupt
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
@@ -372,7 +415,9 @@ class Connection:
 
         For handlers that use the socket directly (socketserver ones): their reads and writes
         do not pass through this object, so the watchdog cannot tell waiting from working;
-        their waits stay bounded by the idle and write timeouts."""
+        their waits stay bounded by the idle and write timeouts. What they write is unseen
+        here, so their close always lingers (rule 6)."""
+        self._raw = True
         if self._monitor is not None:
             self._monitor.waiting()
 
@@ -384,8 +429,12 @@ class Connection:
         try:
             if self._tls:
                 self._close_notify()
-            if not self._eof:
+            if self._eof:
+                pass  # the client closed first: nothing can come after
+            elif self._linger_timeout and (self.bytes_out or self._raw):
                 self._linger()
+            else:
+                self._drain_queued()  # owed nothing: but a close with unread input resets
         finally:
             self.sock.close()
 
@@ -393,20 +442,42 @@ class Connection:
         """TLS: send close_notify, so the client can tell the end from a truncation. Whatever
         OpenSSL says next (it would wait for the client's close_notify) is ignored."""
         with contextlib.suppress(OSError, ValueError):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(LINGER_SECONDS))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                 _timeval(self._linger_timeout))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_POLL))
             self.sock.unwrap()  # type: ignore[attr-defined]
 
+    def _drain_queued(self) -> None:
+        """Read (and drop) what the client has sent already, without waiting, so that the
+        close sends a FIN, not a reset."""
+        drained = 0
+        with contextlib.suppress(OSError, ValueError):  # (ValueError: TLS still on)
+            while drained < LINGER_MAX_BYTES:
+                chunk = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                if not chunk:
+                    return
+                drained += len(chunk)
+
     def _linger(self) -> None:
+        """Shut the write side, then read (and drop) what the client still sends until it
+        closes its side, for ``linger_timeout`` and ``LINGER_MAX_BYTES`` at most. A stop does
+        not cut it short (see ``interrupt``)."""
         sock = self.sock
         if self._monitor is not None:
             self._monitor.waiting()  # the client's time now, not the server's
+        deadline = time.monotonic() + self._linger_timeout
         try:
             sock.shutdown(socket.SHUT_WR)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(LINGER_SECONDS))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            _timeval(self._linger_timeout))
             drained = 0
-            deadline = time.monotonic() + LINGER_SECONDS
-            while drained < LINGER_MAX_BYTES and time.monotonic() < deadline:
+            while drained < LINGER_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
+                if self._waiter is not None:
+                    woke = self._waiter.wait(left)
+                    if woke is Woke.SIGNAL:
+                        continue
+                    if woke is Woke.TIMEOUT:
+                        break
                 chunk = sock.recv(RECV_SIZE)
                 if not chunk:
                     break

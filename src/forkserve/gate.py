@@ -12,8 +12,9 @@ reason. Unix-socket peers have no address and are always admitted.
 
 A refused socket is closed the way ``Connection.close`` closes: the message, then the write
 side shut down, then what the client sends is read and dropped until it closes too, for at
-most ``LINGER_SECONDS``, so the message is not destroyed by the reset that closing a socket
-with unread input sends. In the master this is done from its loop (a watched fd per refused
+most ``linger_timeout``, so the message is not destroyed by the reset that closing a socket
+with unread input sends; without a message the client is owed nothing, and the socket is
+closed at once. In the master this is done from its loop (a watched fd per refused
 client, at most ``MAX_LINGERING``; past that, or in a prefork worker, which must not wait, the
 socket is closed after one read that does not wait).
 
@@ -43,8 +44,6 @@ log = logging.getLogger("forkserve")
 
 #: How often the rules file's signature is looked at.
 RULES_POLL = 1.0
-#: A refused client has this long to close its side after the message.
-LINGER_SECONDS = 2.0
 #: Refused sockets lingering at once in the master; more are closed at once.
 MAX_LINGERING = 256
 #: ... and what one may send while it lingers before it is closed anyway.
@@ -127,12 +126,13 @@ class Gate:
         except OSError:
             sock.close()
             return
-        if self._host is None or len(self._lingering) >= MAX_LINGERING:
+        owed_nothing = message is None or not self.config.linger_timeout
+        if owed_nothing or self._host is None or len(self._lingering) >= MAX_LINGERING:
             self._drain(sock)
             sock.close()
             return
         fd = sock.fileno()
-        self._lingering[fd] = (sock, self._clock() + LINGER_SECONDS)
+        self._lingering[fd] = (sock, self._clock() + self.config.linger_timeout)
         self._host.watch(fd, functools.partial(self._on_lingering, fd))
 
     @staticmethod

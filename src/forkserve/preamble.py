@@ -37,6 +37,7 @@ from .connection import Connection, format_address
 from .errors import ClientError, PeerGone
 from .proxyproto import ProxyHeader, ProxyParser
 from .scoreboard import SlotMonitor
+from .stopsignal import StopSignal, ready_by
 from .tls import HandshakeFailed, handshake
 
 if TYPE_CHECKING:
@@ -81,19 +82,19 @@ def proxied(header: ProxyHeader, sock: socket.socket, addr: object) -> Proxied:
 
 
 def proxy_addresses(sock: socket.socket, addr: object, config: Config,
-                    deadline: float) -> tuple[object, object | None, int]:
-    """Read the PROXY header, waiting up to ``deadline``: (client address, local address or
-    None, their family). Raises ``ClientError``: an untrusted peer, a bad, late or missing
-    header."""
+                    deadline: float, stop: StopSignal | None = None,
+                    ) -> tuple[object, object | None, int]:
+    """Read the PROXY header, waiting up to ``deadline`` (or the end of a ``stop``'s grace):
+    (client address, local address or None, their family). Raises ``ClientError``: an
+    untrusted peer, a bad, late or missing header."""
     check_trusted(sock, addr, config)
     parser = ProxyParser()
     header = None
+    sock.settimeout(None)  # each wait is a poll that a stop ends; a recv after it never waits
     try:
         while header is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if not ready_by(sock.fileno(), deadline, stop):
                 raise TimeoutError
-            sock.settimeout(left)
             data = sock.recv(parser.wanted)
             if not data:
                 raise PeerGone("closed before its PROXY header was complete")
@@ -103,8 +104,6 @@ def proxy_addresses(sock: socket.socket, addr: object, config: Config,
                               "s") from None
     except ConnectionError as exc:
         raise PeerGone(f"went away during its PROXY header: {exc}") from None
-    finally:
-        sock.settimeout(None)
     named = proxied(header, sock, addr)
     return named.addr, named.local, named.family
 
@@ -117,9 +116,11 @@ def _left(limit: float, since: float) -> float | None:
 def open_connection(sock: socket.socket, addr: object, config: Config,
                     tls: ssl.SSLContext | None, *,
                     monitor: SlotMonitor | None = None,
-                    header: Proxied | None = None) -> Connection:
+                    header: Proxied | None = None,
+                    stop: StopSignal | None = None) -> Connection:
     """The ``Connection`` for ``sock``. Raises ``ClientError`` or ``OSError``; on either,
-    ``sock`` is closed."""
+    ``sock`` is closed. With ``stop`` (a serving process's), a stop ends the waits for the
+    PROXY header and the TLS handshake after its grace, and the connection's reads at once."""
     accepted = time.monotonic()
     deadline = accepted + config.handshake_timeout
     with contextlib.suppress(OSError):
@@ -133,16 +134,16 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
         if header is not None:  # read already (by the master, or by the caller)
             addr, local, family = header.addr, header.local, header.family
         elif config.proxy_protocol:
-            addr, local, family = proxy_addresses(sock, addr, config, deadline)
+            addr, local, family = proxy_addresses(sock, addr, config, deadline, stop)
         if tls is not None:
-            sock = handshake(tls, sock, max(deadline - time.monotonic(), 0.001),
-                             budget=config.handshake_timeout)
+            sock = handshake(tls, sock, deadline, budget=config.handshake_timeout, stop=stop)
         return Connection(sock, max_line=config.max_line, idle_timeout=config.idle_timeout,
                           write_timeout=config.write_timeout,
                           peer=format_address(addr, family),
                           local=None if local is None else format_address(local, family),
                           monitor=monitor, settings=config,
-                          max_time=_left(config.max_connection_time, accepted))
+                          max_time=_left(config.max_connection_time, accepted),
+                          linger_timeout=config.linger_timeout, stop=stop)
     except BaseException:
         sock.close()
         raise

@@ -19,11 +19,13 @@ Theory of operation
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import TYPE_CHECKING
 
 from .config import Config
 from .errors import ClientError, ConfigError
+from .stopsignal import StopSignal, ready_by
 
 if TYPE_CHECKING:
     import ssl
@@ -74,22 +76,33 @@ def _reason(exc: OSError) -> str:
     return str(reason or exc.strerror or exc)
 
 
-def handshake(context: ssl.SSLContext, sock: socket.socket, timeout: float, *,
-              budget: float | None = None) -> ssl.SSLSocket:
-    """Wrap ``sock`` and complete the server handshake within ``timeout`` seconds (what is
-    left of ``budget``, the setting an error message names).
+def handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float, *,
+              budget: float, stop: StopSignal | None = None) -> ssl.SSLSocket:
+    """Wrap ``sock`` and complete the server handshake by ``deadline`` (monotonic; ``budget``
+    is the setting an error message names), or sooner once a ``stop`` has come (its grace).
 
     Raises ``HandshakeFailed``; ``sock`` then belongs to the caller no more (it is closed).
     """
     import ssl  # noqa: PLC0415  (loaded already: the context exists)
 
-    sock.settimeout(timeout)
+    sock.setblocking(False)  # each wait is a poll that a stop ends (see stopsignal)
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
-        tls.do_handshake()
-    except TimeoutError:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            if not ready_by(tls.fileno(), deadline, stop, events=events):
+                why = "the server is stopping" if stop is not None and stop.requested else ""
+                raise HandshakeFailed(f"no TLS handshake within {budget:g} s"
+                                      + (f" ({why})" if why else ""))
+    except HandshakeFailed:
         tls.close()
-        raise HandshakeFailed(f"no TLS handshake within {budget or timeout:g} s") from None
+        raise
     except ssl.SSLError as exc:
         tls.close()
         raise HandshakeFailed(f"TLS handshake failed: {exc.reason or exc}") from None

@@ -7,17 +7,21 @@ Theory of operation
    pipes' read ends).
 3. It has one loop, like the master: an epoll set with the listeners, registered with
    ``EPOLLEXCLUSIVE`` so that a new connection wakes one idle worker, not all of them (the
-   thundering herd), and the worker's own signal wakeup fd. The listeners are non-blocking:
-   a worker woken for a connection another worker took gets EAGAIN and waits again.
+   thundering herd), and the worker's own signal wakeup fd (``stopsignal.StopSignal``, which
+   every wait on a client polls too: a stop is never missed). The listeners are
+   non-blocking: a worker woken for a connection another worker took gets EAGAIN and waits
+   again.
 4. Signal handlers only record (SIGTERM/SIGINT: finish; SIGQUIT: exit now), except that a stop
    while a connection is in service tells it to finish (``Connection.interrupt``, one
    ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on. A worker
    retired from a pool that goes on, or busy, closes its listeners in the handler; at a stop
    of the whole server (the master has announced a drain on the scoreboard and closed its
    own copies) an idle one first serves what is queued on them, so that queued clients are
-   answered, not reset by the last close (if every worker is busy at the stop, they are). The
-   master sends SIGTERM once more to a worker still there (``child.STOP_REMINDER``): a
-   signal that lands just before a blocking ``recv`` starts runs its handler only then.
+   answered, not reset by the last close (if every worker is busy at the stop, they are). An
+   orphan (its master died: PR_SET_PDEATHSIG) lets go of the listeners at once, so the port
+   is free for a new server, and waits for no incomplete request. The master sends SIGTERM
+   once more to a worker still there (``child.STOP_REMINDER``), for handlers that read the
+   socket themselves.
 5. When it is ready to accept it writes its slot number and pid to the ready pipe: the master
    rolls a reload forward only on workers that have said so, and tells a crash at boot from
    one later (by pid: a slot may have a new worker by the time the message is read).
@@ -67,6 +71,7 @@ from .logs import AccessLog, AccessRecord
 from .preamble import Proxied, open_connection, proxy_addresses
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+from .stopsignal import StopSignal, drain
 from .traffic import accept_queue
 
 if TYPE_CHECKING:
@@ -133,7 +138,7 @@ class Worker:
         self._draining = False
         self._stop_began = 0.0
         self.serving: Connection | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stop = StopSignal(ctx.master_pid)
         self.poller = select.epoll()
         self._listeners = {lst.fileno(): lst for lst in ctx.listeners}
 
@@ -148,7 +153,7 @@ class Worker:
         # registered by then, not after
         for fd in self._listeners:
             self.poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        self.poller.register(self._wake_r, select.EPOLLIN)
+        self.poller.register(self.stop.fd, select.EPOLLIN)
         self._install_signals()
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints the stack
         set_title(f"forkserve: worker {self.slot} (gen {self.generation})")
@@ -172,7 +177,7 @@ class Worker:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, _quit_now)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.stop.install()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != self.ctx.master_pid:
@@ -183,18 +188,21 @@ class Worker:
         retired from a pool that goes on (reload, TTOU) lets go of the listeners at once: the
         queue is the other workers'. At a stop of the whole server (the master has announced
         a drain), an idle worker keeps them until it has taken what is queued there
-        (``_take_queued``), so those clients are answered instead of reset."""
+        (``_take_queued``), so those clients are answered instead of reset. An orphan has no
+        server to drain for: it lets go at once."""
+        first = self.stop.record()
         conn = self.serving
         if conn is not None:
-            conn.interrupt()
+            conn.interrupt(self.stop.grace)
             self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
-        if self.stopping:
+        if not first:
             return  # the master's reminder (child.STOP_REMINDER): the rest is done
         self.stopping = True
-        self._stop_began = time.monotonic()
+        self._stop_began = self.stop.began
         # a worker busy now cannot take the queue: the idle ones do, and it lets go at once,
         # so that no client queues behind a connection that may take graceful_timeout
-        self._draining = conn is None and self.ctx.scoreboard.draining
+        self._draining = (conn is None and self.ctx.scoreboard.draining
+                          and not self.stop.orphaned)
         if not self._draining:
             self._close_listeners()
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
@@ -213,8 +221,8 @@ class Worker:
             if not events:
                 self._state(SlotState.IDLE)
             for fd, _ in events:
-                if fd == self._wake_r:
-                    _drain(self._wake_r)
+                if fd == self.stop.fd:
+                    drain(self.stop.fd)
                 elif not self.stopping:
                     self._accept(self._listeners[fd])
             self.ctx.scoreboard.beat(self.slot)
@@ -288,7 +296,8 @@ class Worker:
         self._state(SlotState.READING, peer=peer, conn_start=time.monotonic())
         try:
             named = proxy_addresses(sock, addr, self.ctx.config,
-                                    time.monotonic() + self.ctx.config.handshake_timeout)
+                                    time.monotonic() + self.ctx.config.handshake_timeout,
+                                    self.stop)
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s", peer, exc)
             sock.close()
@@ -303,7 +312,8 @@ class Worker:
         self._state(SlotState.WRITING, peer=peer, conn_start=started)
         try:
             conn = open_connection(sock, addr, config, self.ctx.tls, header=header,
-                                   monitor=self.ctx.scoreboard.monitor(self.slot))
+                                   monitor=self.ctx.scoreboard.monitor(self.slot),
+                                   stop=self.stop)
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s", peer, exc)
             self._state(SlotState.IDLE)
@@ -313,7 +323,7 @@ class Worker:
             self._state(SlotState.WRITING, peer=peer, conn_start=started)
         self.serving = conn
         if self.stopping:
-            conn.interrupt()
+            conn.interrupt(self.stop.grace)
         else:
             arm_connection_timer(config, started)
         try:
@@ -346,12 +356,6 @@ def resident_mb() -> float:
     """This process's resident set size in MB (one read of /proc/self/statm)."""
     with open("/proc/self/statm", "rb") as fh:
         return int(fh.read().split()[1]) * _PAGE_MB
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
-            pass
 
 
 def _quit_now(signum: int, frame: FrameType | None) -> None:
