@@ -33,6 +33,7 @@ import os
 import socket
 import socketserver
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,8 +72,13 @@ def import_object(spec: str, *, chdir: str | None = None) -> object:
     return _import(module_name, attr, chdir)
 
 
+def app_dir(chdir: str | None = None) -> str:
+    """The directory put first on the import path for apps and hooks (``--chdir`` or cwd)."""
+    return os.path.abspath(chdir) if chdir else os.getcwd()
+
+
 def _import(module_name: str, attr: str, chdir: str | None) -> object:
-    path = os.path.abspath(chdir) if chdir else os.getcwd()
+    path = app_dir(chdir)
     if path not in sys.path:
         sys.path.insert(0, path)
     try:
@@ -81,10 +87,9 @@ def _import(module_name: str, attr: str, chdir: str | None) -> object:
         if getattr(exc, "name", None) == module_name:
             raise ConfigError("app", f"cannot import {module_name!r} (looked in {path} and "
                                      "the Python path)") from None
-        raise ConfigError("app", f"importing {module_name!r} failed: {exc}") from None
+        raise ConfigError("app", _import_failed(module_name, exc, path)) from None
     except (Exception, SystemExit) as exc:  # the module itself raised (or exit()ed) importing
-        raise ConfigError("app", f"importing {module_name!r} failed: "
-                                 f"{type(exc).__name__}: {exc}") from None
+        raise ConfigError("app", _import_failed(module_name, exc, path)) from None
     obj: object = module
     for part in attr.split("."):
         try:
@@ -92,6 +97,30 @@ def _import(module_name: str, attr: str, chdir: str | None) -> object:
         except AttributeError:
             raise ConfigError("app", f"{module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _import_failed(module_name: str, exc: BaseException, base: str) -> str:
+    """One line saying what broke the import and where: ``importing 'myapp' failed:
+    SyntaxError: invalid syntax (myapp.py, line 3)``; no traceback (the operator's log and a
+    reload's error line stay one line each)."""
+    if isinstance(exc, SyntaxError):  # (its own str() names only the file's base name)
+        what, where = exc.msg, (exc.filename, exc.lineno)
+    else:
+        what, where = str(exc), _where(exc, base)
+    if where[0] is None:
+        return f"importing {module_name!r} failed: {type(exc).__name__}: {what}"
+    shown = os.path.relpath(where[0], base) if where[0].startswith(base + os.sep) else where[0]
+    return (f"importing {module_name!r} failed: {type(exc).__name__}: {what} "
+            f"({shown}, line {where[1]})")
+
+
+def _where(exc: BaseException, base: str) -> tuple[str | None, int | None]:
+    """Where ``exc`` was raised: the innermost line of the user's own code (under ``base``),
+    else the innermost line outside the import machinery."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<frozen ")]
+    own = [f for f in frames if f.filename.startswith(base + os.sep)] or frames[-1:]
+    return (own[-1].filename, own[-1].lineno) if own else (None, None)
 
 
 def adapt(obj: object, name: str = "the app") -> App:

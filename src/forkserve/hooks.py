@@ -5,8 +5,8 @@ Theory of operation
 A hook is a setting like any other: ``MODULE:ATTR`` in the TOML file or on the command line, or
 the callable itself through ``forkserve.serve(..., post_fork=func)``. Names are resolved in the
 master after ``chdir`` and before any socket is bound (``resolve``), so a typo costs one line
-and exit status 2, as a bad app name does; a reload resolves the new names the same way and
-keeps the running ones if that fails.
+and exit status 2, as a bad app name does; a reload resolves the names again the same way
+(their modules imported afresh, see ``reload``) and keeps the running ones if that fails.
 
 Each hook runs in one process, and an exception in it is logged with its traceback and is
 fatal only where this table says so:

@@ -6,7 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 
-from . import gate, hooks, pidfile, privileges, systemd, upgrade
+from . import gate, hooks, pidfile, privileges, reload, systemd, upgrade
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -40,6 +40,7 @@ def run_server(config: Config, app: App | None = None,
     upgrade_ready_fd = upgrade.take_ready_fd()
     started_in = os.getcwd()
     _chdir(config)
+    origin = reload.Origin(config, reload_config, app_by_name=app is None)
     config = hooks.resolve(config)
     identity = privileges.resolve_identity(config)
     privileges.check_limits(config)
@@ -69,7 +70,7 @@ def run_server(config: Config, app: App | None = None,
         if identity is not None:
             _drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
-                                reload_config=reload_config, control=control,
+                                origin=origin, control=control,
                                 metrics=metrics, tls=context, admission=admission,
                                 notifier=notifier, cwd=started_in,
                                 upgrade_ready_fd=upgrade_ready_fd)

@@ -40,9 +40,17 @@ SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGQUIT, Intent.FAST_STOP, "quit",
                 "Fast stop: kill every child at once and exit."),
     SignalRoute(signal.SIGHUP, Intent.RELOAD, "reload",
-                "Reload: re-read the config file; new connections get the new settings, those "
-                "in flight keep theirs (prefork: a new generation of workers replaces the "
-                "old one). A file that does not validate changes nothing (the log says why); "
+                "Reload, always, with or without a config file: re-read the file if there is "
+                "one (else reuse the settings given at start), import the app's code again in "
+                "the master (its package, its hooks' modules and the `.py` modules under the "
+                "app directory; not built-in apps, an app object given to `serve()` or an "
+                "`exec` program), and fork from them: prefork starts a new generation of "
+                "workers and retires an old worker as each new one is ready; fork and single "
+                "serve the next connections with them; connections in flight finish on the "
+                "old code. The master always preloads the app (there is no `--preload` "
+                "switch), so a file that does not validate or a new version that fails to "
+                "import changes nothing: the old processes keep serving and the log says why "
+                "in one line. "
                 + ", ".join(f"`{name}`" for name in RESTART_ONLY) + " need a restart."),
     SignalRoute(signal.SIGTTIN, Intent.MORE, "more",
                 "prefork: one worker more (up to `max_workers`)."),

@@ -105,7 +105,7 @@ class Supervisor:
 
     def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
                  access_log: AccessLog | None = None, kernel: Kernel | None = None,
-                 reload_config: Callable[[], Config] | None = None,
+                 origin: reload.Origin | None = None,
                  control: Listener | None = None, metrics: Listener | None = None,
                  tls: ssl.SSLContext | None = None,
                  admission: Admission | None = None,
@@ -118,7 +118,8 @@ class Supervisor:
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
         self.access_log = access_log
-        self._reload_config = reload_config
+        #: Where a reload finds the settings and the app again.
+        self._origin = origin or reload.Origin(config)
         #: The operators' servers in this loop: the status socket and the metrics endpoint.
         self._loop_servers: list[LoopServer] = []
         if control is not None:
@@ -361,7 +362,8 @@ class Supervisor:
     # ------------------------------------------------------------------ reload
 
     def _reload(self) -> None:
-        """Re-read the config; apply it to new connections, or keep the old one and say why."""
+        """Settings and app code again, new processes forked from them (see ``reload``); or
+        keep the running ones and say why."""
         self.notifier.reloading()
         outcome = "reload failed: still serving with the running config"
         try:
@@ -371,14 +373,11 @@ class Supervisor:
             self.notifier.ready(outcome)  # systemd's reload ends with READY=1, whatever it was
 
     def _apply_reload(self) -> bool:
-        if self._reload_config is None:
-            log.info("reload: there is no config file to re-read; nothing changed")
-            return False
         try:
-            new = reload.prepare(self.config, self.app, self.access_log, self._reload_config,
+            new = reload.prepare(self.config, self.app, self.access_log, self._origin,
                                  self.gate.admission)
         except ForkserveError as exc:
-            log.error("reload failed, still serving with the running config: %s", exc)
+            log.error("reload failed, still serving with the running code and config: %s", exc)
             return False
         if new.kept:
             log.warning("reload: %s can only change with a restart; kept the running value",
@@ -389,8 +388,8 @@ class Supervisor:
         self.tls = new.tls
         self.gate.replace(new.admission, new.config)
         configure(new.config.log_level)
-        self.model.reconfigure()
-        log.info("reloaded the config: new connections use it")
+        reload.refreeze()
+        log.info("%s; %s", new.summary, self.model.reconfigure())
         hooks.call(self.config, "on_reload", self.config)
         return True
 

@@ -66,7 +66,8 @@ def test_one_crash_does_not_touch_the_other_connections(server_factory: Factory)
     ("examples.upper:forkserve", "is not a handler"),
     ("socketserver:DatagramRequestHandler", "datagram handlers are not supported"),
     ("os:getcwd", "must take one argument, the connection"),
-    ("tests.integration.broken_app:handle", "importing 'tests.integration.broken_app' failed"),
+    ("tests.integration.broken_app:handle", "importing 'tests.integration.broken_app' failed: "
+     "RuntimeError: this module is broken on purpose (tests/integration/broken_app.py, line 3)"),
 ])
 def test_bad_app_names_fail_before_binding(spec: str, message: str) -> None:
     with socket.socket() as probe:

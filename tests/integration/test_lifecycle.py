@@ -173,7 +173,7 @@ def test_group_signals_meant_for_the_master_do_not_kill_children(server_factory:
         os.killpg(server.pid, signal.SIGUSR1)  # what `pkill -USR1 -g` or a shell would do
         os.killpg(server.pid, signal.SIGHUP)
         server.wait_for_log("reopened the access log")
-        server.wait_for_log("reload: there is no config file")
+        server.wait_for_log("reload: hello is built in: nothing to re-import; new children use it")
         s.sendall(b"still served\n")
         assert recv_exactly(s, len(HELLO)) == HELLO
     assert server.proc.poll() is None

@@ -203,12 +203,12 @@ def test_hup_reloads_the_config_file_and_a_broken_one_changes_nothing(
         assert recv_exactly(before, len(HELLO)) == HELLO
     path.write_text("max_line = -1\n")
     server.signal(signal.SIGHUP)
-    server.wait_for_log(r"reload failed, still serving with the running config: "
+    server.wait_for_log(r"reload failed, still serving with the running code and config: "
                         r"invalid max_line in .*: must be at least 1")
     (tmp_path / "quitter.py").write_text("import sys\nsys.exit('no config here')\n")
     path.write_text('app = "quitter:handle"\n')
     server.signal(signal.SIGHUP)  # an app that exits while importing: not the master's exit
-    server.wait_for_log(r"reload failed, still serving with the running config: .*"
+    server.wait_for_log(r"reload failed, still serving with the running code and config: .*"
                         r"importing 'quitter' failed: SystemExit: no config here")
     with server.connect() as s:
         s.sendall(b"echo\n")

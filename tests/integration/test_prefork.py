@@ -81,12 +81,17 @@ def records_of(access_log: Path, failures: list[tuple[float, str]]) -> list[str]
             if any(f"127.0.0.1:{port} " in line for port in ports)]
 
 
-def test_hup_under_load_loses_nothing_and_replaces_every_worker(server_factory: Factory,
-                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize("config_file", [True, False], ids=["config-file", "no-config-file"])
+def test_hup_under_load_loses_nothing_and_replaces_every_worker(
+        server_factory: Factory, tmp_path: Path, config_file: bool) -> None:
     path = tmp_path / "forkserve.toml"
     access = tmp_path / "access.log"
     path.write_text(f'model = "prefork"\nworkers = 3\naccess_log = "{access}"\n')
-    server = server_factory("--config", str(path))
+    if config_file:
+        server = server_factory("--config", str(path))
+    else:  # HUP rolls the pool all the same (DESIGN decision 16)
+        server = server_factory("--model", "prefork", "--workers", "3", "--access-log",
+                                str(access))
     first = wait_for_workers(server, 3)
     seen = set(first)
     with Load(server, 50, lines=3) as load:

@@ -88,8 +88,9 @@ class Model(Protocol):
     def start(self) -> None:
         """Called once in the master before the first accept."""
 
-    def reconfigure(self) -> None:
-        """The supervisor's ``config`` or ``app`` was reloaded: use them from now on."""
+    def reconfigure(self) -> str:
+        """The supervisor's ``config`` and ``app`` were reloaded: fork from them from now on.
+        Returns what happens now, for the reload's log line."""
 
     def manage(self) -> None:
         """Called after every turn of the master's loop: keep the processes up to target."""

@@ -90,9 +90,11 @@ class ForkModel(WithoutPool):
     def start(self) -> None:
         pass
 
-    def reconfigure(self) -> None:
-        """The supervisor's config or app changed: children forked from now on use them."""
+    def reconfigure(self) -> str:
+        """The supervisor's config and app were reloaded: children forked from now on use
+        them (those running keep what they were forked with)."""
         self._context = self._make_context()
+        return "new children use it"
 
     @property
     def full(self) -> bool:

@@ -18,10 +18,11 @@ it keeps the pool at its target size and rolls it on reload.
   instead of forking forever (gunicorn's WORKER_BOOT_ERROR). While ready workers still serve
   (a reload whose workers cannot boot), they keep serving and the failing slots back off,
   doubling up to ``BOOT_BACKOFF_MAX``.
-- Reload (SIGHUP): a new generation is forked with the new config; each old worker is retired
-  (SIGTERM: it finishes its connection and exits; told once more ``STOP_REMINDER`` later if
-  it has not) only once a new one has said it is ready, so the pool never shrinks and the shared
-  accept queue never loses a connection.
+- Reload (SIGHUP, with or without a config file): a new generation is forked with the new
+  config and the app's code imported again (``reload``); each old worker is retired (SIGTERM:
+  it finishes its connection and exits; told once more ``STOP_REMINDER`` later if it has not)
+  only once a new one has said it is ready, so the pool never shrinks and the shared accept
+  queue never loses a connection.
 - Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``;
   a worker retired to shrink the pool is an idle one if any is (a busy one finishes its
   connection first, but an idle one costs nobody anything).
@@ -429,11 +430,11 @@ class PreforkModel:
         for worker in current[: max(0, len(current) - target)]:
             self._retire(worker)
 
-    def reconfigure(self) -> None:
+    def reconfigure(self) -> str:
         """A reload: fork a new generation; old workers retire as new ones become ready."""
         self.pool.generation += 1
         self.pool.target = pool_size(self.sup.config)
-        log.info("reload: starting worker generation %d", self.pool.generation)
+        return f"starting worker generation {self.pool.generation}"
 
     def drain(self, listener: Listener) -> None:
         # the workers accept: they serve what is queued before they let go of the listeners

@@ -149,8 +149,9 @@ class SingleModel(WithoutPool):
             conn.close()
         return "killed"
 
-    def reconfigure(self) -> None:
-        pass  # each connection reads the supervisor's config when it starts
+    def reconfigure(self) -> str:
+        # each connection reads the supervisor's config and app when it starts
+        return "the next connection uses it"
 
     def on_exit(self, exited: Exited) -> bool:
         return False  # this model forks nothing
