@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import pytest
 from tests.integration.harness import (
     Load,
     Server,
+    cpu_seconds,
     proc_info,
     recv_all,
     recv_exactly,
@@ -23,6 +26,7 @@ from tests.integration.harness import (
     started_at,
     wait_until,
 )
+from tests.integration.test_status import free_port, scrape, status
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -329,3 +333,54 @@ def test_workers_that_fail_while_booting_stop_the_master_with_status_3(
     forks = {line.split("(pid ")[1].split(")")[0] for line in server.lines
              if "failed while booting" in line}
     assert 3 <= len(forks) < 10, "the master gave up instead of forking forever"
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The fd number ``pid``'s next accept() would get."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
+
+
+#: How long the test keeps every worker out of fds: past one REPORT_INTERVAL (5 s), so that
+#: the log has its second line, with the count of what it held back.
+EMFILE_SECONDS = 7.0
+
+
+def test_a_pool_out_of_fds_logs_as_one_server_and_counts_its_pauses(
+        server_factory: Factory, tmp_path: Path) -> None:
+    control, port = tmp_path / "fs.ctl", free_port()
+    server = server_factory("--model", "prefork", "--workers", "4", "--control",
+                            f"unix:{control}", "--metrics-bind", f"127.0.0.1:{port}")
+    pids = wait_for_workers(server, 4)
+    assert wait_until(lambda: status(control)["idle"] == 4, 10)
+    old = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in pids}
+    clients: list[socket.socket] = []
+    try:
+        for pid in pids:  # every worker's next accept() gets EMFILE
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), old[pid][1]))
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        start = time.monotonic()
+        while time.monotonic() - start < EMFILE_SECONDS and len(clients) < 150:
+            clients.append(server.connect())  # queued: wakes a worker, whose accept fails
+            time.sleep(0.05)
+        server.wait_for_log(r"more since the last report", timeout=5)
+        cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in pids}
+        pauses = status(control)["counters"]["accept_pauses"]["EMFILE"]
+    finally:
+        for pid in pids:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, old[pid])
+    reports = [line for line in server.lines if "accept failed" in line]
+    # before: each worker logged each of its pauses, ten a second: 200 lines in 5 s
+    assert 2 <= len(reports) <= 3, "\n".join(reports[:10])
+    assert all("workers: accept failed: Too many open files (EMFILE)" in r for r in reports)
+    held = int(re.findall(r"\((\d+) more since the last report\)", "\n".join(reports))[0])
+    assert held >= 20, "the held-back pauses of every worker are counted"
+    assert pauses > held, "status counts every pause, logged or not"
+    scraped = scrape(port)[1]['forkserve_accept_pauses_total{errno="EMFILE"}']
+    assert scraped >= pauses
+    assert max(cpu.values()) < 0.15 * EMFILE_SECONDS, f"a worker spins on EMFILE: {cpu}"
+    for s in clients[:3]:  # queued clients are served once fds are free again
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    for s in clients:
+        s.close()

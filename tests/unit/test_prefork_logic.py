@@ -3,6 +3,8 @@ the watchdog and the adaptive pool judge only what they should."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -19,9 +21,9 @@ from forkserve.models.prefork import (
     RESPAWN_INTERVAL,
     PreforkModel,
 )
+from forkserve.poolpipe import Kind, Message
 from forkserve.scoreboard import SlotState
-from forkserve.supervisor import Supervisor
-from forkserve.worker import READY
+from forkserve.supervisor import REPORT_INTERVAL, Supervisor
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
 
@@ -43,8 +45,8 @@ def pool(sup: Supervisor) -> PreforkModel:
 def ready(sup: Supervisor, *pids: int) -> None:
     model = pool(sup)
     for pid in pids:
-        os.write(model._ready_w, READY.pack(model.workers[pid].slot, pid))
-    model._on_ready()
+        os.write(model._ready_w, Message(Kind.READY, model.workers[pid].slot, pid).encode())
+    model._on_pipe()
 
 
 def show(sup: Supervisor, pid: int, state: SlotState, *, beat: float | None = None) -> None:
@@ -120,7 +122,7 @@ def test_a_ready_message_read_after_the_exit_is_not_a_boot_failure(sup: Supervis
                                                                    kernel: FakeKernel) -> None:
     pid = next(iter(pool(sup).workers))
     model = pool(sup)
-    os.write(model._ready_w, READY.pack(model.workers[pid].slot, pid))  # not read yet
+    os.write(model._ready_w, Message(Kind.READY, model.workers[pid].slot, pid).encode())
     kernel.exit(pid, WorkerExit.OK)  # recycled at once
     sup._reap()
     assert model.pool.boot_failures == 0
@@ -326,3 +328,20 @@ def test_adaptive_pool_waits_for_new_workers_to_be_ready(kernel: FakeKernel) -> 
 def test_max_spare_must_be_above_min_spare() -> None:
     with pytest.raises(ConfigError, match="max_spare"):
         Config(model="prefork", min_spare=3, max_spare=3)
+
+
+def test_the_pools_accept_pauses_are_counted_and_logged_as_one_servers(
+        sup: Supervisor, kernel: FakeKernel, caplog: pytest.LogCaptureFixture) -> None:
+    model = pool(sup)
+    with caplog.at_level(logging.WARNING, logger="forkserve"):
+        for _ in range(int(REPORT_INTERVAL) + 1):  # each worker tells of 10 pauses a second
+            for pid, worker in model.workers.items():
+                os.write(model._ready_w, Message(Kind.ACCEPT_PAUSED, worker.slot, pid,
+                                                 errno.EMFILE, 10).encode())
+            model._on_pipe()
+            kernel.now += 1.0
+    lines = [r.getMessage() for r in caplog.records]
+    pause = "workers: accept failed: Too many open files (EMFILE); pausing accepts for 0.1 s"
+    assert lines == [f"{pause} (9 more since the last report)",
+                     f"{pause} ({3 * 10 * 5 - 1} more since the last report)"]
+    assert sup.counters["accept_pauses", "EMFILE"] == 3 * 10 * 6

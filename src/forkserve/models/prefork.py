@@ -11,8 +11,11 @@ it keeps the pool at its target size and rolls it on reload.
 - Replacing: a worker that exits is replaced at once, unless its slot was forked less than
   ``RESPAWN_INTERVAL`` ago (a crash loop at run time), in which case the new one waits for the
   rest of the interval: at most ``target`` forks per interval, however fast workers crash.
+- Pool pipe (``poolpipe``): workers say they are ready, and tell of their accept errors, which
+  the master counts (``accept_pauses``) and logs through its one rate limiter: the log of a
+  pool out of fds is the log of one process, whatever the number of workers.
 - Boot failures: a worker that exits before it wrote its ready message failed while booting
-  (the ready pipe is drained before an exit is judged, so a worker that was ready and left at
+  (the pool pipe is drained before an exit is judged, so a worker that was ready and left at
   once is not mistaken for one). ``BOOT_FAILURES_TO_HALT`` of those in a row, with no worker
   ready in between and none left serving, stop the master gracefully with exit status 3
   instead of forking forever (gunicorn's WORKER_BOOT_ERROR). While ready workers still serve
@@ -54,8 +57,9 @@ from ..config import Config
 from ..errors import ExitCode, WorkerExit
 from ..kernel import Exited
 from ..listeners import Listener
+from ..poolpipe import Inbox, Kind, Message
 from ..scoreboard import Scoreboard, Slot, SlotState
-from ..worker import READY, WorkerContext, run_worker
+from ..worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
 from . import ModelStatus
 
 if TYPE_CHECKING:
@@ -138,12 +142,14 @@ class PreforkModel:
         self.errors_by_gone = 0
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
-        self._buffer = b""
+        # the write end too (one open file for every worker): see poolpipe
+        os.set_blocking(self._ready_w, False)
+        self._inbox = Inbox()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.sup.watch(self._ready_r, self._on_ready)
+        self.sup.watch(self._ready_r, self._on_pipe)
         self.manage()
 
     def manage(self) -> None:
@@ -312,22 +318,26 @@ class PreforkModel:
 
     # ------------------------------------------------------------------ events
 
-    def _on_ready(self) -> None:
-        self._read_ready()
+    def _on_pipe(self) -> None:
+        self._read_pipe()
         self._retire_replaced()
 
-    def _read_ready(self) -> None:
-        """Mark the workers whose ready message is in the pipe (all of it) as ready."""
+    def _read_pipe(self) -> None:
+        """Act on every message in the pool pipe (all of it)."""
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(self._ready_r, 65536):
-                self._buffer += chunk
-        whole = len(self._buffer) - len(self._buffer) % READY.size
-        chunk, self._buffer = self._buffer[:whole], self._buffer[whole:]
-        for _slot, pid in READY.iter_unpack(chunk):
-            worker = self.workers.get(pid)
+                for message in self._inbox.feed(chunk):
+                    self._received(message)
+
+    def _received(self, message: Message) -> None:
+        if message.kind is Kind.READY:
+            worker = self.workers.get(message.pid)
             if worker is not None:
                 worker.ready = True
                 self.pool.boot_failures = 0
+        elif message.kind is Kind.ACCEPT_PAUSED:
+            self.sup.accept_paused(message.errno, message.count, by="workers: ",
+                                   pause=ACCEPT_PAUSE_SECONDS)
 
     def _retire_replaced(self) -> None:
         """Keep at most ``target - ready new`` old workers serving: each new worker that is
@@ -361,7 +371,7 @@ class PreforkModel:
             return False
         # a ready message still in the pipe was written before this exit; retiring waits for
         # manage(), once every exit of this batch is known
-        self._read_ready()
+        self._read_pipe()
         worker = self.workers.pop(exited.pid)
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
