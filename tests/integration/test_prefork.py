@@ -8,6 +8,7 @@ import re
 import resource
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -384,3 +385,52 @@ def test_a_pool_out_of_fds_logs_as_one_server_and_counts_its_pauses(
         assert recv_exactly(s, len(HELLO)) == HELLO
     for s in clients:
         s.close()
+
+
+#: Generous (DESIGN: 5x what is expected): the pool grows by 1, 2, 4 ... a second, and the
+#: first worker more comes at once, so a well-behaved client waits a second or two at most.
+ANSWER_WITHIN = 10.0
+
+
+def answers_while_silent_clients_stay(server: Server, silent: int, clients: int,
+                                      timeout: float = ANSWER_WITHIN) -> list[float | None]:
+    """Connect ``silent`` clients that send nothing, then ``clients`` at once that ask one
+    line each; how long each of those waited for its answer (None: none within
+    ``timeout``)."""
+    holders = [server.connect() for _ in range(silent)]
+    waited: list[float | None] = [None] * clients
+
+    def ask(i: int) -> None:
+        start = time.monotonic()
+        with contextlib.suppress(OSError), server.connect(timeout=timeout) as s:
+            s.sendall(b"hi\n")
+            if recv_exactly(s, len(HELLO)) == HELLO:
+                waited[i] = time.monotonic() - start
+
+    try:
+        time.sleep(0.5)  # the silent ones are taken first
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(2 * timeout)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        for s in holders:
+            s.close()
+    return waited
+
+
+def test_five_silent_clients_cannot_starve_the_default_pool(server_factory: Factory) -> None:
+    # before: a fixed pool of 2 x CPUs (4 here): five silent clients took every worker and
+    # ten well-behaved ones got nothing for as long as the five stayed
+    server = server_factory("--model", "prefork")  # nothing else: the default pool
+    assert wait_until(lambda: len(worker_pids(server)) >= 4, 10), server.log_tail()
+    waited = answers_while_silent_clients_stay(server, silent=5, clients=10)
+    assert all(w is not None for w in waited), f"unanswered: {waited}\n{server.log_tail()}"
+    server.wait_for_log(r"workers: \d+ idle \(min_spare 5\): growing the pool to \d+")
+    fixed = server_factory("--model", "prefork", "--workers", "4")  # what the operator asked
+    wait_for_workers(fixed, 4)
+    assert answers_while_silent_clients_stay(fixed, silent=5, clients=1, timeout=3) == [None]
+    assert len(worker_pids(fixed)) == 4, "--workers N alone: a fixed pool, as documented"
+    assert "growing the pool" not in fixed.log()

@@ -14,6 +14,7 @@ import pytest
 from forkserve.child import STOP_REMINDER
 from forkserve.config import Config
 from forkserve.errors import ConfigError, ExitCode, WorkerExit
+from forkserve.models.adaptive import ADAPT_INTERVAL
 from forkserve.models.prefork import (
     ABORT_GRACE,
     BOOT_FAILURES_TO_HALT,
@@ -345,3 +346,45 @@ def test_the_pools_accept_pauses_are_counted_and_logged_as_one_servers(
     assert lines == [f"{pause} (9 more since the last report)",
                      f"{pause} ({3 * 10 * 5 - 1} more since the last report)"]
     assert sup.counters["accept_pauses", "EMFILE"] == 3 * 10 * 6
+
+
+@pytest.fixture
+def default_pool(kernel: FakeKernel) -> Iterator[Supervisor]:
+    """A prefork server with every pool setting at its default."""
+    supervisor = Supervisor(Config(model="prefork"), never_called, [], kernel=kernel)
+    supervisor.model.start()
+    yield supervisor
+    supervisor._close()
+
+
+def settle(sup: Supervisor, state: SlotState) -> None:
+    """Every worker ready and showing ``state``; a second later, the pool is judged."""
+    ready(sup, *[pid for pid, w in pool(sup).workers.items() if not w.ready])
+    for pid in pool(sup).workers:
+        show(sup, pid, state)
+    sup.kernel.now += ADAPT_INTERVAL  # type: ignore[attr-defined]
+    sup.model.manage()
+
+
+def test_the_default_pool_grows_past_workers_held_by_silent_clients(
+        default_pool: Supervisor) -> None:
+    assert len(pool(default_pool).workers) == 5, "Apache's StartServers"
+    targets = []
+    for _ in range(4):  # every worker holds a client that sends nothing
+        settle(default_pool, SlotState.READING)
+        targets.append(pool(default_pool).pool.target)
+    assert targets == [6, 8, 12, 20]
+
+
+def test_a_reload_keeps_the_size_the_load_gave_an_adaptive_pool(
+        default_pool: Supervisor) -> None:
+    model = pool(default_pool)
+    settle(default_pool, SlotState.READING)
+    settle(default_pool, SlotState.READING)
+    assert model.pool.target == 8
+    model.reconfigure()
+    assert model.pool.target == 8, "not back to 5 under the load that made it 8"
+    default_pool.config = default_pool.config.replace(workers=3)
+    model.reconfigure()
+    assert model.pool.target == 3, "a pool the operator fixes has the size asked for"
+    assert not model.adapter.plan.adaptive
