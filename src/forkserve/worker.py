@@ -20,7 +20,8 @@ Theory of operation
    signal that lands just before a blocking ``recv`` starts runs its handler only then.
 5. When it is ready to accept it says so through the pool pipe (``poolpipe``), and keeps the
    pipe to tell the master what it must not log alone: its accept errors (the master counts
-   them and logs them at the rate of the whole server).
+   them and logs them at the rate of the whole server), and that it took a connection while
+   the master rests.
 6. Heartbeat: every turn of its loop (a connection served, a wake-up for a connection another
    worker took, an accept error's pause) and every ``timeout / 2`` while idle, the worker
    stamps its slot, so the master's watchdog only ever fires on a worker that is stuck.
@@ -341,6 +342,11 @@ class Worker:
                                   state=state, connections=self.served, bytes_in=self.bytes_in,
                                   bytes_out=self.bytes_out, conn_start=conn_start,
                                   heartbeat=time.monotonic(), peer=peer, errors=self.errors)
+        # (after the slot is written: see Scoreboard.want_wake)
+        if state is not SlotState.IDLE and self.ctx.scoreboard.take_wake():
+            # (a full pipe wakes the master anyway: any message ends its rest)
+            with contextlib.suppress(BrokenPipeError):
+                self._tell(Message(Kind.BUSY, self.slot, self.pid))
 
     # ------------------------------------------------------------------ the pool pipe
 

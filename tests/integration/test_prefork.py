@@ -21,6 +21,7 @@ from tests.integration.harness import (
     Server,
     cpu_seconds,
     proc_info,
+    quiet,
     recv_all,
     recv_exactly,
     session_procs,
@@ -426,6 +427,7 @@ def test_five_silent_clients_cannot_starve_the_default_pool(server_factory: Fact
     # ten well-behaved ones got nothing for as long as the five stayed
     server = server_factory("--model", "prefork")  # nothing else: the default pool
     assert wait_until(lambda: len(worker_pids(server)) >= 4, 10), server.log_tail()
+    quiet(server.pid)  # at rest: the first worker to take a client must wake the master
     waited = answers_while_silent_clients_stay(server, silent=5, clients=10)
     assert all(w is not None for w in waited), f"unanswered: {waited}\n{server.log_tail()}"
     server.wait_for_log(r"workers: \d+ idle \(min_spare 5\): growing the pool to \d+")

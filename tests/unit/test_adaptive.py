@@ -7,6 +7,8 @@ import pytest
 from forkserve.config import Config
 from forkserve.errors import ConfigError
 from forkserve.models.adaptive import (
+    ADAPT_INTERVAL,
+    REST_RECHECK,
     Adapter,
     PoolPlan,
     Step,
@@ -52,7 +54,7 @@ STEPS = [
     ((5, 4, 5, 256), (Step.GROW, 1)),
     ((5, 0, 256, 256), (Step.HOLD, 0)),
     ((8, 5, 8, 256), (Step.HOLD, 0)),
-    ((8, 8, 8, 256), (Step.HOLD, 0)),
+    ((8, 8, 8, 256), (Step.REST, 0)),
     ((11, 11, 11, 256), (Step.SHRINK, 1)),
     ((12, 11, 12, 256), (Step.SHRINK, 1)),
 ]
@@ -78,6 +80,18 @@ def test_growth_doubles_each_second_up_to_the_ceiling_and_starts_over() -> None:
     assert grown == [1, 2, 4, 8, 4, 0, 0], "1 + 1 + 2 + 4 + 8 + 4 = 20"
     adapter.decide(7.0, workers=20, idle=6, target=20, ceiling=20)
     assert adapter.decide(8.0, workers=20, idle=0, target=20, ceiling=40) == (Step.GROW, 1)
+
+
+def test_a_rest_ends_when_stirred_and_is_bounded_anyway() -> None:
+    adapter = Adapter(PoolPlan(5, True, 5, 10))
+    adapter.decide(100.0, workers=5, idle=5, target=5, ceiling=256)
+    assert adapter.deadline() == 100.0 + ADAPT_INTERVAL
+    adapter.rest(100.0)
+    assert adapter.deadline() == 100.0 + REST_RECHECK, "no timer each second at rest"
+    assert not adapter.due(129.0)
+    assert adapter.stir(103.0)
+    assert adapter.due(103.0), "a worker took a connection: judged at once"
+    assert not adapter.stir(103.5), "stirring a pool that is not at rest changes nothing"
 
 
 def test_a_fixed_pool_never_looks() -> None:

@@ -376,6 +376,45 @@ def test_the_default_pool_grows_past_workers_held_by_silent_clients(
     assert targets == [6, 8, 12, 20]
 
 
+def test_a_pool_at_rest_sets_no_timer_until_a_worker_takes_a_connection(
+        default_pool: Supervisor, kernel: FakeKernel) -> None:
+    model = pool(default_pool)
+    settle(default_pool, SlotState.IDLE)
+    deadline = model.next_deadline()
+    assert deadline is not None
+    assert deadline - kernel.now > 10 * ADAPT_INTERVAL, "no timer each second at rest"
+    taker = min(model.workers)
+    show(default_pool, taker, SlotState.READING)  # what the worker does, in its order:
+    assert model.scoreboard.take_wake(), "... it marks its slot, then finds the request"
+    assert not model.scoreboard.take_wake(), "(which the first one clears)"
+    os.write(model._ready_w, Message(Kind.BUSY, model.workers[taker].slot, taker).encode())
+    model._on_pipe()
+    model.manage()  # at once: 4 idle is fewer than min_spare
+    assert model.pool.target == 6
+    assert len(model.workers) == 6
+    assert model.next_deadline() == pytest.approx(kernel.now + ADAPT_INTERVAL)
+
+
+def test_a_worker_quicker_than_the_rest_keeps_the_master_looking(
+        default_pool: Supervisor, kernel: FakeKernel) -> None:
+    model = pool(default_pool)
+    settle(default_pool, SlotState.IDLE)
+    model.adapter.stir(kernel.now)  # (as if the pool had just changed)
+    model.scoreboard.want_wake(False)
+    taker = min(model.workers)
+    real_want_wake = model.scoreboard.want_wake
+
+    def asked(wanted: bool) -> None:  # a worker takes a connection just as the master asks
+        real_want_wake(wanted)
+        if wanted:
+            show(default_pool, taker, SlotState.READING)
+
+    model.scoreboard.want_wake = asked  # type: ignore[method-assign]
+    model.manage()
+    assert not model.adapter.resting, "it sees the busy slot when it looks once more"
+    assert model.next_deadline() == pytest.approx(kernel.now + ADAPT_INTERVAL)
+
+
 def test_a_reload_keeps_the_size_the_load_gave_an_adaptive_pool(
         default_pool: Supervisor) -> None:
     model = pool(default_pool)

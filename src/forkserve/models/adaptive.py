@@ -14,11 +14,21 @@ Apache prefork's rule, with Apache's defaults unless the operator fixed the pool
   and ready (a pool being forked is not a busy one): fewer than ``min_spare`` idle, the pool
   grows by 1, then 2, 4 ... up to ``MAX_SPAWN_RATE`` in consecutive seconds; more than
   ``max_spare`` idle, one idle worker retires.
+- Rest: when every worker is idle and neither rule applies, nothing can change until a worker
+  takes a connection. The master then sets no timer (an idle master uses no CPU): it asks the
+  workers, in the scoreboard, to say so through the pool pipe, and looks again at once when one
+  does. An exit, TTIN or TTOU wakes the master by themselves and end the rest too. A rest
+  lasts ``REST_RECHECK`` at most: a lost word (see ``Scoreboard.want_wake``) makes the pool
+  grow late, never not at all.
 
 Worst case: clients that connect and stay silent each hold a worker, as in Apache prefork; the
 pool grows past them (32 workers a second at most) up to ``max_workers``, each of which costs
 memory (``config.WORKER_PSS_MB`` for the hello app), and beyond that new clients wait in the
 backlog until ``idle_timeout`` frees a worker.
+
+Rejected: a timer every second while idle (Apache's way: the master never rests); telling the
+master of every state change of every worker (a write per connection, for a rule that looks
+once a second).
 """
 
 from __future__ import annotations
@@ -32,6 +42,9 @@ from ..config import MAX_SPARE_PER_MIN_SPARE, MIN_SPARE, START_WORKERS, Config
 ADAPT_INTERVAL = 1.0
 #: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE).
 MAX_SPAWN_RATE = 32
+#: A pool at rest is looked at again after this long all the same: the bound on a lost
+#: wake-up, long enough that a resting master is idle (the watchdog wakes it about as often).
+REST_RECHECK = 30.0
 
 
 @dataclass(frozen=True)
@@ -70,18 +83,21 @@ def _auto_start(min_spare: int, max_spare: int) -> int:
 class Step(enum.Enum):
     GROW = "grow"
     SHRINK = "shrink"
-    #: Within bounds: look again in a second.
+    #: Within bounds, some workers busy: look again in a second.
     HOLD = "hold"
+    #: Every worker idle, within bounds: nothing changes until one takes a connection.
+    REST = "rest"
 
 
 class Adapter:
-    """The adaptive rule's state: when to look next, how fast to grow.
+    """The adaptive rule's state: when to look next, how fast to grow, whether at rest.
     Runs in the master; the time is given."""
 
     def __init__(self, pool_plan: PoolPlan) -> None:
         self.plan = pool_plan
         self.next_look = 0.0
         self.spawn_rate = 1
+        self.resting = False
 
     def due(self, now: float) -> bool:
         return self.plan.adaptive and now >= self.next_look
@@ -105,4 +121,16 @@ class Adapter:
         self.spawn_rate = 1
         if self.plan.max_spare and idle > self.plan.max_spare and target > 1:
             return Step.SHRINK, 1
-        return Step.HOLD, 0
+        return (Step.REST if idle == workers else Step.HOLD), 0
+
+    def rest(self, now: float) -> None:
+        self.resting = True
+        self.next_look = now + REST_RECHECK
+
+    def stir(self, now: float) -> bool:
+        """Something changed: end a rest and look now. False if not at rest."""
+        if not self.resting:
+            return False
+        self.resting = False
+        self.next_look = now
+        return True

@@ -36,7 +36,8 @@ it keeps the pool at its target size and rolls it on reload.
   same way, and counts as a boot failure.
 - Adaptive pool, the default (``adaptive``: Apache prefork's rule and defaults): once a
   second the target grows while too few workers are idle and shrinks while too many are. Only
-  ready workers of the current generation count.
+  ready workers of the current generation count. A pool whose workers are all idle rests: the
+  master sets no timer until a worker takes a connection and says so.
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ class PreforkModel:
     # ------------------------------------------------------------------ adaptive pool
 
     def _adapt(self, now: float) -> None:
-        """Once a second: grow while too few workers are idle, shrink while too many are
-        (see ``adaptive``)."""
+        """Once a second: grow while too few workers are idle, shrink while too many are;
+        rest while all are idle (see ``adaptive``)."""
         if not self.adapter.due(now):
             return
         current = self._current()
@@ -192,6 +193,22 @@ class PreforkModel:
             self._retire(max(idle, key=lambda w: w.started))
             log.info("workers: %d idle (max_spare %d): shrinking the pool to %d", len(idle),
                      spares.max_spare, self.pool.target)
+        elif step is Step.REST:
+            self._rest(now, current)
+
+    def _rest(self, now: float, current: list[WorkerInfo]) -> None:
+        """Ask the first worker that takes a connection to say so, then look once more: a
+        worker marks its slot before it looks at the request (``Scoreboard.want_wake``)."""
+        self.scoreboard.want_wake(True)
+        if all(self._is_idle(w) for w in current):
+            self.adapter.rest(now)
+        else:
+            self.scoreboard.want_wake(False)  # one was quicker: look again in a second
+
+    def _stir(self) -> None:
+        """A worker spoke, or the pool changed: a pool at rest is judged again now."""
+        if self.adapter.stir(self.sup.kernel.monotonic()):
+            self.scoreboard.want_wake(False)
 
     def _current(self) -> list[WorkerInfo]:
         """The workers of the current generation that are not retiring."""
@@ -312,6 +329,7 @@ class PreforkModel:
                     self._received(message)
 
     def _received(self, message: Message) -> None:
+        self._stir()  # whatever a worker says (BUSY, or anything when the pipe was full)
         if message.kind is Kind.READY:
             worker = self.workers.get(message.pid)
             if worker is not None:
@@ -355,6 +373,7 @@ class PreforkModel:
         # manage(), once every exit of this batch is known
         self._read_pipe()
         worker = self.workers.pop(exited.pid)
+        self._stir()
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
             # a connection in service when the worker died was taken all the same: the
@@ -413,6 +432,7 @@ class PreforkModel:
                      self.sup.config.max_workers)
             return
         self.pool.target = target
+        self._stir()
         log.info("workers: target is now %d", target)
         current = self._current()
         # idle ones first (retiring a busy worker costs its client a wait), youngest first
