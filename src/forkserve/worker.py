@@ -160,8 +160,10 @@ class Worker:
         self._state(SlotState.IDLE)
         ready = Message(Kind.READY, self.slot, self.pid)
         try:
-            while not self._tell(ready):
-                select.select([], [self.ctx.ready_fd], [])  # a master behind: READY waits
+            while not self._tell(ready):  # a master behind: READY waits for room
+                room = select.poll()  # (not select(): the fd may be above FD_SETSIZE)
+                room.register(self.ctx.ready_fd, select.POLLOUT)
+                room.poll()
         except BrokenPipeError:
             raise BootAborted from None  # the master died while this worker booted
 
