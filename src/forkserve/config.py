@@ -125,6 +125,17 @@ class Int(Kind):
         return value
 
 
+@dataclass(frozen=True)
+class IntOrUnset(Kind):
+    """A whole number, or None: not set, for a default that depends on other settings."""
+
+    minimum: int = 0
+    metavar: ClassVar[str] = "N"
+
+    def convert(self, value: object) -> int | None:
+        return None if value is None else Int(self.minimum).convert(value)
+
+
 #: Shortest and longest durations a setting may have: the kernel's timers need a non-zero
 #: value, and more than about eleven days is a typo, not a timeout.
 MIN_SECONDS = 0.001
@@ -373,6 +384,20 @@ def setting(default: object, kind: Kind, doc: str, *, flag: str = "") -> Any:
 MODELS = ("fork", "single", "prefork")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+#: prefork, unless the operator fixed the pool: Apache prefork's defaults out of the box
+#: (StartServers 5, MinSpareServers 5, MaxSpareServers 10, MaxRequestWorkers 256), so that a
+#: handful of clients that connect and stay silent cannot take every worker.
+START_WORKERS = 5
+MIN_SPARE = 5
+#: max_spare, when not set, is this many times min_spare (Apache's 10 for its 5): a band wide
+#: enough that a pool at its edge does not grow and shrink by turns.
+MAX_SPARE_PER_MIN_SPARE = 2
+MAX_WORKERS = 256
+#: What an idle prefork worker of the hello app costs, measured (PSS from
+#: /proc/PID/smaps_rollup, nearly all of it private: 256 workers after 15,000 connections,
+#: 2.74 MB each, 690 MB in all; Python 3.11, x86-64). The docs quote it.
+WORKER_PSS_MB = 2.7
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
@@ -404,20 +429,28 @@ class Config:
     backlog: int = setting(1024, Int(minimum=1), "Length of the kernel's accept queue.")
     workers: int = setting(
         0, Int(minimum=0),
-        "prefork: workers in the pool; 0 means twice the CPU count (never more than "
-        "max_workers). TTIN/TTOU add or remove one.",
+        f"prefork: 0 (the default): an adaptive pool that starts with {START_WORKERS} workers "
+        "and keeps between min_spare and max_spare of them idle, up to max_workers; N alone: a "
+        "fixed pool of N; N with min_spare or max_spare: N to start with, then adaptive. "
+        "TTIN/TTOU add or remove one.",
     )
     max_workers: int = setting(
-        64, Int(minimum=1), "prefork: the pool never grows beyond this (TTIN stops there)."
+        MAX_WORKERS, Int(minimum=1),
+        "prefork: the pool never grows beyond this (Apache's MaxRequestWorkers; TTIN stops "
+        f"there too). An idle worker of the hello app costs about {WORKER_PSS_MB:g} MB "
+        f"(PSS), so {MAX_WORKERS} cost about {MAX_WORKERS * WORKER_PSS_MB / 1024:.1f} GB, and "
+        "more with a bigger app: lower it to what the machine can hold.",
     )
-    min_spare: int = setting(
-        0, Int(minimum=0),
+    min_spare: int | None = setting(
+        None, IntOrUnset(minimum=0),
         "prefork: grow the pool when fewer workers than this are idle (1, 2, 4 ... up to 32 "
-        "a second, up to max_workers); 0 with max_spare 0 keeps the pool fixed.",
+        f"a second, up to max_workers). Unset: {MIN_SPARE} when the pool adapts; 0: never "
+        "grow by itself.",
     )
-    max_spare: int = setting(
-        0, Int(minimum=0),
-        "prefork: retire one idle worker a second while more than this are idle (0: never).",
+    max_spare: int | None = setting(
+        None, IntOrUnset(minimum=0),
+        "prefork: retire one idle worker a second while more than this are idle. Unset: "
+        f"{MAX_SPARE_PER_MIN_SPARE} x min_spare when the pool adapts; 0: never shrink.",
     )
     timeout: float = setting(
         30.0, Seconds(),
@@ -621,11 +654,14 @@ class Config:
         if self.proxy_protocol and not self.trusted_proxy:
             raise ConfigError("trusted_proxy", "proxy_protocol needs the proxies' addresses "
                                                "(CIDR): a header from anyone else is a lie")
-        if self.max_spare and self.max_spare <= self.min_spare:
+        if self.max_spare and self.min_spare is not None and self.max_spare <= self.min_spare:
             # Apache prefork's rule: with max <= min, a pool at the edge would grow and
             # shrink by turns every second
             raise ConfigError("max_spare", f"must be above min_spare ({self.min_spare}), or "
                                            "0 to never shrink")
+        if self.workers > self.max_workers:
+            raise ConfigError("workers", f"must be at most max_workers ({self.max_workers}), "
+                                         f"got {self.workers}")
 
     def replace(self, **changes: object) -> Config:
         """A copy with ``changes`` applied and checked."""

@@ -47,7 +47,8 @@ EXPLANATION = (
     "fork:    a process per connection; the slow client ties up only its own process, so the "
     "fast clients never wait for it.",
     "prefork: a pool of processes forked ahead; the slow client holds one worker and the "
-    "others serve everyone (as many slow clients as workers would bring the queue back).",
+    "others serve everyone (the pool grows past slow clients; a fixed one, --workers N, "
+    "would queue everyone behind N of them).",
 )
 
 

@@ -36,21 +36,27 @@ def configure(level: str) -> None:
 
 
 class RateLimiter:
-    """At most one report per ``interval`` seconds per key; counts what it held back."""
+    """At most one report per ``interval`` seconds per key; counts the events it held back.
+
+    A report may stand for several ``events`` (a prefork worker tells the master of its accept
+    pauses in batches): the line written is about one of them, and the count says how many
+    more there were, held back or in its batch, so the figure is the same whoever paused.
+    """
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def allow(self, key: str, now: float) -> int | None:
-        """``None`` if this report is held back; else how many were held back before it."""
+    def allow(self, key: str, now: float, events: int = 1) -> int | None:
+        """``None`` if this report is held back; else how many events its line does not
+        show: those held back since the last line, and the rest of this batch."""
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
-            self._held[key] = self._held.get(key, 0) + 1
+            self._held[key] = self._held.get(key, 0) + events
             return None
         self._last[key] = now
-        return self._held.pop(key, 0)
+        return self._held.pop(key, 0) + events - 1
 
 
 @dataclass(frozen=True)

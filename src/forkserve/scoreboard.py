@@ -13,7 +13,9 @@ scoreboard). No file on disk, no system call per update.
 Layout of a slot (little-endian, ``SLOT_SIZE`` bytes): pid, generation, state letter,
 connections served, bytes in, bytes out, connection start and last heartbeat (monotonic
 seconds), and the peer address as up to ``PEER_BYTES`` bytes of text. One more slot after the
-processes' is the master's own: it announces a drain there (a graceful stop, see ``worker``).
+processes' is the master's own: it announces a drain there (a graceful stop, see ``worker``),
+and asks to be woken when it rests (``want_wake``: an adaptive pool whose workers are all idle
+sets no timer; the first worker to take a connection tells it through the pool pipe).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ _HEARTBEAT_AT = 44
 _STATE = struct.Struct("<c")
 _BEAT = struct.Struct("<d")
 
+#: In the master's slot, after its state letter: 1 while it asks to be woken (``want_wake``).
+_WAKE_AT = _STATE_AT + 1
+
 _BY_LETTER = {state.value.encode(): state for state in SlotState}
 _DRAINING = SlotState.FINISHING.value.encode()
 
@@ -79,6 +84,7 @@ class Scoreboard:
         # one more slot after the processes' own: the master's word to all of them
         self._map = mmap.mmap(-1, (size + 1) * SLOT_SIZE)
         self._master_state_at = size * SLOT_SIZE + _STATE_AT
+        self._wake_at = size * SLOT_SIZE + _WAKE_AT
 
     def write(self, index: int, *, pid: int, state: SlotState, generation: int = 0,
               connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
@@ -117,6 +123,21 @@ class Scoreboard:
     def draining(self) -> bool:
         """Has the master announced a drain? (One read of the shared mapping.)"""
         return bool(_STATE.unpack_from(self._map, self._master_state_at)[0] == _DRAINING)
+
+    def want_wake(self, wanted: bool) -> None:
+        """In the master: ask (or stop asking) the first worker that takes a connection to
+        wake it. Set it, then read the slots once more: a worker marks its slot before it
+        looks here, so one of the two sees the other (a store delayed past the following
+        load, which x86 allows, could still hide both: the master's rest is bounded)."""
+        self._map[self._wake_at] = int(wanted)
+
+    def take_wake(self) -> bool:
+        """In a worker that has just marked its slot busy: did the master ask to be woken?
+        The first to see it clears it; two at once both say so, which costs nothing."""
+        if not self._map[self._wake_at]:
+            return False
+        self._map[self._wake_at] = 0
+        return True
 
     def monitor(self, index: int) -> SlotMonitor:
         return SlotMonitor(self._map, index * SLOT_SIZE)

@@ -19,8 +19,11 @@ same loop iteration that forked them, before any reaping, so there is no registr
 
 Backpressure (decision 4): the listeners are registered in the selector only while the model
 has room and accepting is not paused; otherwise clients wait in the kernel backlog. Capacity
-errors of accept() and fork() pause accepting briefly and are logged at most once a second
-(decision 5: never spin).
+errors of accept() and fork() pause accepting briefly (decision 5: never spin) and are logged
+through one rate limiter for the whole server: at most one line per kind of trouble per
+``REPORT_INTERVAL``, with the count of what it held back. Prefork workers do not log their
+accept errors: they tell the master (``accept_paused``), so a pool of 64 logs what one
+process would.
 
 Stopping (rule 17), a checklist with a deadline: close the listeners (new clients are refused,
 not left hanging in a queue nobody will read), ask every child to finish (SIGTERM: a child
@@ -56,7 +59,7 @@ from .errors import ExitCode, ForkserveError
 from .gate import Gate
 from .hooks import ChildExited
 from .kernel import Exited, Kernel, OsKernel, reap
-from .listeners import Listener
+from .listeners import ACCEPT_CAPACITY_ERRNOS, ACCEPT_TRANSIENT_ERRNOS, Listener
 from .logs import AccessLog, AccessRecord, RateLimiter, configure
 from .loopserver import LoopServer
 from .metrics import MetricsServer
@@ -70,23 +73,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkserve")
 
 
-#: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
-#: the pending connection stays queued, so retrying at once would spin.
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: accept() errors that belong to one connection that is already gone (accept(2), "Error
-#: handling"): skip it and take the next.
-ACCEPT_TRANSIENT_ERRNOS = frozenset({
-    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
-    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM,
-    errno.EINTR,
-})
 #: How long accepting pauses after a capacity error: short enough that a passing spike costs
 #: little latency, long enough that a lasting one costs ten wake-ups a second, not a spin.
 ACCEPT_PAUSE_SECONDS = 0.1
 #: The same after fork() fails for lack of resources (EAGAIN, ENOMEM).
 FORK_PAUSE_SECONDS = 0.1
-#: At most one report per kind of trouble per this many seconds.
-REPORT_INTERVAL = 1.0
+#: At most one report per kind of trouble per this many seconds, for the whole server: a
+#: lasting EMFILE is one line every 5 s with its count, not a flood (pg_doorman PR#262 paces
+#: its log the same way after a log storm in an outage).
+REPORT_INTERVAL = 5.0
 
 
 @dataclass
@@ -439,8 +434,9 @@ class Supervisor:
         self._paused_until = self.kernel.monotonic() + seconds
         self.update_accepting()
 
-    def _report(self, key: str, level: int, message: str, *args: object) -> None:
-        held = self._reports.allow(key, self.kernel.monotonic())
+    def _report(self, key: str, level: int, message: str, *args: object,
+                events: int = 1) -> None:
+        held = self._reports.allow(key, self.kernel.monotonic(), events)
         if held is not None:
             suffix = f" ({held} more since the last report)" if held else ""
             log.log(level, message + suffix, *args)
@@ -450,14 +446,21 @@ class Supervisor:
         code = exc.errno or 0
         if code in ACCEPT_TRANSIENT_ERRNOS:
             return False
-        name = errno.errorcode.get(code, str(code))
-        self.count("accept_pauses", name)
         self._pause(ACCEPT_PAUSE_SECONDS)
+        self.accept_paused(code)
+        return True
+
+    def accept_paused(self, code: int, pauses: int = 1, *, by: str = "",
+                      pause: float = ACCEPT_PAUSE_SECONDS) -> None:
+        """Count ``pauses`` pauses of ``pause`` seconds after accept() failed with errno
+        ``code``, and report them through the server's one rate limiter. ``by``: who paused,
+        when not the master (prefork workers tell theirs through the pool pipe)."""
+        name = errno.errorcode.get(code, str(code))
+        self.counters["accept_pauses", name] += pauses
         level = logging.WARNING if code in ACCEPT_CAPACITY_ERRNOS else logging.ERROR
         self._report(f"accept:{name}", level,
-                     "accept failed: %s (%s); pausing accepts for %.1f s",
-                     exc.strerror, name, ACCEPT_PAUSE_SECONDS)
-        return True
+                     "%saccept failed: %s (%s); pausing accepts for %.1f s",
+                     by, os.strerror(code), name, pause, events=pauses)
 
     def fork_failed(self, exc: OSError, *, refused: bool = True) -> None:
         """fork() failed; report it (rate-limited). ``refused``: a client was closed for it,

@@ -22,9 +22,10 @@ Theory of operation
    is free for a new server, and waits for no incomplete request. The master sends SIGTERM
    once more to a worker still there (``child.STOP_REMINDER``), for handlers that read the
    socket themselves.
-5. When it is ready to accept it writes its slot number and pid to the ready pipe: the master
-   rolls a reload forward only on workers that have said so, and tells a crash at boot from
-   one later (by pid: a slot may have a new worker by the time the message is read).
+5. When it is ready to accept it says so through the pool pipe (``poolpipe``), and keeps the
+   pipe to tell the master what it must not log alone: its accept errors (the master counts
+   them and logs them at the rate of the whole server), and that it took a connection while
+   the master rests.
 6. Heartbeat: every turn of its loop (a connection served, a wake-up for a connection another
    worker took, an accept error's pause) and every ``timeout / 2`` while idle, the worker
    stamps its slot, so the master's watchdog only ever fires on a worker that is stuck.
@@ -36,15 +37,14 @@ Exit statuses: 0 (stopped or recycled), ``WorkerExit.BOOT_ERROR`` (failed before
 from __future__ import annotations
 
 import contextlib
-import errno
 import faulthandler
 import logging
+import math
 import os
 import random
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -66,8 +66,9 @@ from .connection import Connection, format_address
 from .errors import ChildExit, ClientError, WorkerExit
 from .gate import Gate
 from .hooks import Process
-from .listeners import Listener
+from .listeners import ACCEPT_TRANSIENT_ERRNOS, Listener
 from .logs import AccessLog, AccessRecord
+from .poolpipe import Kind, Message, PauseTally
 from .preamble import Proxied, open_connection, proxy_addresses
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
@@ -79,18 +80,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkserve")
 
-#: accept() errors of one connection already gone: skip it (as in the master).
-_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 #: After an accept() error that is not one connection's (EMFILE, ENOBUFS ...), this worker
-#: waits this long before it accepts again: never spin.
+#: waits this long before it accepts again: never spin. It tells the master, which logs.
 ACCEPT_PAUSE_SECONDS = 0.1
 #: At a stop of the whole server, a worker takes the clients queued on the listeners for at
 #: most this long, and only until half of ``graceful_timeout`` after the stop: each may cost
 #: it a STOP_GRACE (a silent one) and a linger (one that does not close), one after the
 #: other; those still queued then are reset, as without a drain.
 DRAIN_SECONDS = 5.0
-#: The ready message: the worker's slot number and pid.
-READY = struct.Struct("<Ii")
 #: Signals meant for the master that a worker ignores when the whole group gets them.
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -105,6 +102,7 @@ class WorkerContext:
     scoreboard: Scoreboard
     access_log: AccessLog | None
     master_pid: int
+    #: The pool pipe's write end (non-blocking): ready, then reports (``poolpipe``).
     ready_fd: int
     #: Closes the master's private fds (not the listeners, not the ready pipe's write end).
     close_master_fds: Callable[[], None]
@@ -139,8 +137,11 @@ class Worker:
         self._stop_began = 0.0
         self.serving: Connection | None = None
         self.stop = StopSignal(ctx.master_pid)
+        self._stop_poll = select.poll()  # (the accept pause: the stop pipe alone)
+        self._stop_poll.register(self.stop.fd, select.POLLIN)
         self.poller = select.epoll()
         self._listeners = {lst.fileno(): lst for lst in ctx.listeners}
+        self._pauses = PauseTally()
 
     # ------------------------------------------------------------------ boot
 
@@ -161,11 +162,14 @@ class Worker:
                           Process(self.pid, "worker", self.slot, self.generation)):
             raise BootAborted  # logged by the hook's caller; not ready: a boot failure
         self._state(SlotState.IDLE)
+        ready = Message(Kind.READY, self.slot, self.pid)
         try:
-            os.write(self.ctx.ready_fd, READY.pack(self.slot, self.pid))
+            while not self._tell(ready):  # a master behind: READY waits for room
+                room = select.poll()  # (not select(): the fd may be above FD_SETSIZE)
+                room.register(self.ctx.ready_fd, select.POLLOUT)
+                room.poll()
         except BrokenPipeError:
             raise BootAborted from None  # the master died while this worker booted
-        os.close(self.ctx.ready_fd)
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(-1)
@@ -217,7 +221,7 @@ class Worker:
     def run(self) -> WorkerExit:
         beat = self.ctx.config.timeout / 2  # idle, it still shows the watchdog it is alive
         while not self.stopping:
-            events = self.poller.poll(beat)
+            events = self.poller.poll(self._pauses.wait(beat, time.monotonic()))
             if not events:
                 self._state(SlotState.IDLE)
             for fd, _ in events:
@@ -226,11 +230,13 @@ class Worker:
                 elif not self.stopping:
                     self._accept(self._listeners[fd])
             self.ctx.scoreboard.beat(self.slot)
+            self._tell_pauses(time.monotonic())
             if self._should_recycle():
                 break
         if self._draining:
             self._take_queued()
             self._close_listeners()
+        self._tell_pauses(math.inf)
         return WorkerExit.OK
 
     def _take_queued(self) -> None:
@@ -265,11 +271,11 @@ class Worker:
         except BlockingIOError:
             return False  # another worker took it
         except OSError as exc:
-            if exc.errno in _SKIP_ERRNOS:
+            if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
                 return True  # that client is gone; the next one may be there
-            log.warning("worker %d: accept failed: %s; pausing %.1f s", self.pid,
-                        exc.strerror, ACCEPT_PAUSE_SECONDS)
-            time.sleep(ACCEPT_PAUSE_SECONDS)
+            self._pauses.add(exc.errno or 0)
+            self._tell_pauses(time.monotonic())  # the master logs, for the whole pool
+            self._stop_poll.poll(ACCEPT_PAUSE_SECONDS * 1000)  # a stop ends the pause
             return False
         header = None
         if self.ctx.config.proxy_protocol:  # first: the rules must see the real client
@@ -347,6 +353,32 @@ class Worker:
                                   state=state, connections=self.served, bytes_in=self.bytes_in,
                                   bytes_out=self.bytes_out, conn_start=conn_start,
                                   heartbeat=time.monotonic(), peer=peer, errors=self.errors)
+        # (after the slot is written: see Scoreboard.want_wake)
+        if state is not SlotState.IDLE and self.ctx.scoreboard.take_wake():
+            # (a full pipe wakes the master anyway: any message ends its rest)
+            with contextlib.suppress(BrokenPipeError):
+                self._tell(Message(Kind.BUSY, self.slot, self.pid))
+
+    # ------------------------------------------------------------------ the pool pipe
+
+    def _tell(self, message: Message) -> bool:
+        """Write one message to the master; False if the pipe is full (the master is behind).
+        Raises ``BrokenPipeError`` once the master is gone."""
+        try:
+            os.write(self.ctx.ready_fd, message.encode())
+        except BlockingIOError:
+            return False
+        return True
+
+    def _tell_pauses(self, now: float) -> None:
+        """Tell the master of the accept pauses due: one message per errno per interval."""
+        for err, count in self._pauses.due(now):
+            try:
+                told = self._tell(Message(Kind.ACCEPT_PAUSED, self.slot, self.pid, err, count))
+            except BrokenPipeError:
+                return  # the master is gone: this worker is told to stop (PDEATHSIG)
+            if not told:
+                self._pauses.keep(err, count)
 
 
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 1048576

@@ -85,6 +85,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid: int) -> int:
+    """How many times ``pid`` has gone to sleep and been woken (voluntary context switches):
+    a process that polls on a timer shows it here, long before its CPU time shows it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches in /proc/{pid}/status")
+
+
+def quiet(pid: int, timeout: float = 10.0) -> bool:
+    """Wait (bounded) until ``pid`` sleeps through a whole second without being woken."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = wakeups(pid)
+        time.sleep(1.2)
+        if wakeups(pid) == before:
+            return True
+    return False
+
+
 def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

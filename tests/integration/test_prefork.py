@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,13 +19,16 @@ import pytest
 from tests.integration.harness import (
     Load,
     Server,
+    cpu_seconds,
     proc_info,
+    quiet,
     recv_all,
     recv_exactly,
     session_procs,
     started_at,
     wait_until,
 )
+from tests.integration.test_status import free_port, scrape, status
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -334,3 +340,104 @@ def test_workers_that_fail_while_booting_stop_the_master_with_status_3(
     forks = {line.split("(pid ")[1].split(")")[0] for line in server.lines
              if "failed while booting" in line}
     assert 3 <= len(forks) < 10, "the master gave up instead of forking forever"
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The fd number ``pid``'s next accept() would get."""
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
+
+
+#: How long the test keeps every worker out of fds: past one REPORT_INTERVAL (5 s), so that
+#: the log has its second line, with the count of what it held back.
+EMFILE_SECONDS = 7.0
+
+
+def test_a_pool_out_of_fds_logs_as_one_server_and_counts_its_pauses(
+        server_factory: Factory, tmp_path: Path) -> None:
+    control, port = tmp_path / "fs.ctl", free_port()
+    server = server_factory("--model", "prefork", "--workers", "4", "--control",
+                            f"unix:{control}", "--metrics-bind", f"127.0.0.1:{port}")
+    pids = wait_for_workers(server, 4)
+    assert wait_until(lambda: status(control)["idle"] == 4, 10)
+    old = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in pids}
+    clients: list[socket.socket] = []
+    try:
+        for pid in pids:  # every worker's next accept() gets EMFILE
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), old[pid][1]))
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        start = time.monotonic()
+        while time.monotonic() - start < EMFILE_SECONDS and len(clients) < 150:
+            clients.append(server.connect())  # queued: wakes a worker, whose accept fails
+            time.sleep(0.05)
+        server.wait_for_log(r"more since the last report", timeout=5)
+        cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in pids}
+        pauses = status(control)["counters"]["accept_pauses"]["EMFILE"]
+    finally:
+        for pid in pids:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, old[pid])
+    reports = [line for line in server.lines if "accept failed" in line]
+    # before: each worker logged each of its pauses, ten a second: 200 lines in 5 s
+    assert 2 <= len(reports) <= 3, "\n".join(reports[:10])
+    assert all("workers: accept failed: Too many open files (EMFILE)" in r for r in reports)
+    held = int(re.findall(r"\((\d+) more since the last report\)", "\n".join(reports))[0])
+    assert held >= 20, "the held-back pauses of every worker are counted"
+    assert pauses > held, "status counts every pause, logged or not"
+    scraped = scrape(port)[1]['forkserve_accept_pauses_total{errno="EMFILE"}']
+    assert scraped >= pauses
+    assert max(cpu.values()) < 0.15 * EMFILE_SECONDS, f"a worker spins on EMFILE: {cpu}"
+    for s in clients[:3]:  # queued clients are served once fds are free again
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    for s in clients:
+        s.close()
+
+
+#: Generous (DESIGN: 5x what is expected): the pool grows by 1, 2, 4 ... a second, and the
+#: first worker more comes at once, so a well-behaved client waits a second or two at most.
+ANSWER_WITHIN = 10.0
+
+
+def answers_while_silent_clients_stay(server: Server, silent: int, clients: int,
+                                      timeout: float = ANSWER_WITHIN) -> list[float | None]:
+    """Connect ``silent`` clients that send nothing, then ``clients`` at once that ask one
+    line each; how long each of those waited for its answer (None: none within
+    ``timeout``)."""
+    holders = [server.connect() for _ in range(silent)]
+    waited: list[float | None] = [None] * clients
+
+    def ask(i: int) -> None:
+        start = time.monotonic()
+        with contextlib.suppress(OSError), server.connect(timeout=timeout) as s:
+            s.sendall(b"hi\n")
+            if recv_exactly(s, len(HELLO)) == HELLO:
+                waited[i] = time.monotonic() - start
+
+    try:
+        time.sleep(0.5)  # the silent ones are taken first
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(2 * timeout)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        for s in holders:
+            s.close()
+    return waited
+
+
+def test_five_silent_clients_cannot_starve_the_default_pool(server_factory: Factory) -> None:
+    # before: a fixed pool of 2 x CPUs (4 here): five silent clients took every worker and
+    # ten well-behaved ones got nothing for as long as the five stayed
+    server = server_factory("--model", "prefork")  # nothing else: the default pool
+    assert wait_until(lambda: len(worker_pids(server)) >= 4, 10), server.log_tail()
+    quiet(server.pid)  # at rest: the first worker to take a client must wake the master
+    waited = answers_while_silent_clients_stay(server, silent=5, clients=10)
+    assert all(w is not None for w in waited), f"unanswered: {waited}\n{server.log_tail()}"
+    server.wait_for_log(r"workers: \d+ idle \(min_spare 5\): growing the pool to \d+")
+    fixed = server_factory("--model", "prefork", "--workers", "4")  # what the operator asked
+    wait_for_workers(fixed, 4)
+    assert answers_while_silent_clients_stay(fixed, silent=5, clients=1, timeout=3) == [None]
+    assert len(worker_pids(fixed)) == 4, "--workers N alone: a fixed pool, as documented"
+    assert "growing the pool" not in fixed.log()

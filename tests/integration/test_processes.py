@@ -8,14 +8,18 @@ import socket
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.integration.harness import (
     Server,
     children_of,
     cmdline,
     cpu_seconds,
     fd_count,
+    quiet,
     recv_exactly,
     wait_until,
+    wakeups,
 )
 
 HELLO = b"Hello from server!\n"
@@ -148,14 +152,22 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(server_factory: Factory
     client.close()
 
 
-def test_idle_master_uses_no_cpu(server_factory: Factory) -> None:
-    server = server_factory()
+@pytest.mark.parametrize("args", [
+    (),
+    ("--model", "prefork"),  # the default pool: adaptive
+    ("--model", "prefork", "--workers", "2", "--min-spare", "1", "--max-spare", "3"),
+], ids=["fork", "prefork-default", "prefork-spares"])
+def test_idle_master_uses_no_cpu(server_factory: Factory, args: tuple[str, ...]) -> None:
+    server = server_factory(*args)
     with server.connect() as s:
         ask(s)
-    time.sleep(0.3)
-    cpu0 = cpu_seconds(server.pid)
-    time.sleep(2.0)
+    quiet(server.pid)  # an adaptive pool judges itself each second until it rests
+    cpu0, woken0 = cpu_seconds(server.pid), wakeups(server.pid)
+    time.sleep(3.0)
     assert cpu_seconds(server.pid) - cpu0 <= 0.02, "an idle master must not poll"
+    # CPU time shows a poll once a second only after minutes; its wake-ups show at once.
+    # (the prefork watchdog looks every timeout / 2 = 15 s: at most once in these 3 s)
+    assert wakeups(server.pid) - woken0 <= 1, "an idle master must not poll"
 
 
 def test_silent_clients_do_not_delay_a_legitimate_one(server_factory: Factory) -> None:

@@ -20,6 +20,15 @@ def test_rate_limiter_allows_one_report_per_interval_and_counts_the_rest() -> No
     assert limiter.allow("emfile", 11.0) == 2
 
 
+def test_rate_limiter_counts_each_event_of_a_batch() -> None:
+    # (a prefork worker's report of 7 pauses is 7 events, not one)
+    limiter = RateLimiter(5.0)
+    assert limiter.allow("accept:EMFILE", 10.0, events=3) == 2, "one line for 3 pauses"
+    assert limiter.allow("accept:EMFILE", 11.0, events=7) is None
+    assert limiter.allow("accept:EMFILE", 12.0) is None
+    assert limiter.allow("accept:EMFILE", 15.0, events=10) == 7 + 1 + 9
+
+
 def test_scoreboard_slots_round_trip_and_truncate_the_peer() -> None:
     board = Scoreboard(4)
     try:

@@ -3,6 +3,8 @@ the watchdog and the adaptive pool judge only what they should."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ import pytest
 from forkserve.child import STOP_REMINDER
 from forkserve.config import Config
 from forkserve.errors import ConfigError, ExitCode, WorkerExit
+from forkserve.models.adaptive import ADAPT_INTERVAL
 from forkserve.models.prefork import (
     ABORT_GRACE,
     BOOT_FAILURES_TO_HALT,
@@ -19,9 +22,9 @@ from forkserve.models.prefork import (
     RESPAWN_INTERVAL,
     PreforkModel,
 )
+from forkserve.poolpipe import Kind, Message
 from forkserve.scoreboard import SlotState
-from forkserve.supervisor import Supervisor
-from forkserve.worker import READY
+from forkserve.supervisor import REPORT_INTERVAL, Supervisor
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
 
@@ -43,8 +46,8 @@ def pool(sup: Supervisor) -> PreforkModel:
 def ready(sup: Supervisor, *pids: int) -> None:
     model = pool(sup)
     for pid in pids:
-        os.write(model._ready_w, READY.pack(model.workers[pid].slot, pid))
-    model._on_ready()
+        os.write(model._ready_w, Message(Kind.READY, model.workers[pid].slot, pid).encode())
+    model._on_pipe()
 
 
 def show(sup: Supervisor, pid: int, state: SlotState, *, beat: float | None = None) -> None:
@@ -120,7 +123,7 @@ def test_a_ready_message_read_after_the_exit_is_not_a_boot_failure(sup: Supervis
                                                                    kernel: FakeKernel) -> None:
     pid = next(iter(pool(sup).workers))
     model = pool(sup)
-    os.write(model._ready_w, READY.pack(model.workers[pid].slot, pid))  # not read yet
+    os.write(model._ready_w, Message(Kind.READY, model.workers[pid].slot, pid).encode())
     kernel.exit(pid, WorkerExit.OK)  # recycled at once
     sup._reap()
     assert model.pool.boot_failures == 0
@@ -326,3 +329,101 @@ def test_adaptive_pool_waits_for_new_workers_to_be_ready(kernel: FakeKernel) -> 
 def test_max_spare_must_be_above_min_spare() -> None:
     with pytest.raises(ConfigError, match="max_spare"):
         Config(model="prefork", min_spare=3, max_spare=3)
+
+
+def test_the_pools_accept_pauses_are_counted_and_logged_as_one_servers(
+        sup: Supervisor, kernel: FakeKernel, caplog: pytest.LogCaptureFixture) -> None:
+    model = pool(sup)
+    with caplog.at_level(logging.WARNING, logger="forkserve"):
+        for _ in range(int(REPORT_INTERVAL) + 1):  # each worker tells of 10 pauses a second
+            for pid, worker in model.workers.items():
+                os.write(model._ready_w, Message(Kind.ACCEPT_PAUSED, worker.slot, pid,
+                                                 errno.EMFILE, 10).encode())
+            model._on_pipe()
+            kernel.now += 1.0
+    lines = [r.getMessage() for r in caplog.records]
+    pause = "workers: accept failed: Too many open files (EMFILE); pausing accepts for 0.1 s"
+    assert lines == [f"{pause} (9 more since the last report)",
+                     f"{pause} ({3 * 10 * 5 - 1} more since the last report)"]
+    assert sup.counters["accept_pauses", "EMFILE"] == 3 * 10 * 6
+
+
+@pytest.fixture
+def default_pool(kernel: FakeKernel) -> Iterator[Supervisor]:
+    """A prefork server with every pool setting at its default."""
+    supervisor = Supervisor(Config(model="prefork"), never_called, [], kernel=kernel)
+    supervisor.model.start()
+    yield supervisor
+    supervisor._close()
+
+
+def settle(sup: Supervisor, state: SlotState) -> None:
+    """Every worker ready and showing ``state``; a second later, the pool is judged."""
+    ready(sup, *[pid for pid, w in pool(sup).workers.items() if not w.ready])
+    for pid in pool(sup).workers:
+        show(sup, pid, state)
+    sup.kernel.now += ADAPT_INTERVAL  # type: ignore[attr-defined]
+    sup.model.manage()
+
+
+def test_the_default_pool_grows_past_workers_held_by_silent_clients(
+        default_pool: Supervisor) -> None:
+    assert len(pool(default_pool).workers) == 5, "Apache's StartServers"
+    targets = []
+    for _ in range(4):  # every worker holds a client that sends nothing
+        settle(default_pool, SlotState.READING)
+        targets.append(pool(default_pool).pool.target)
+    assert targets == [6, 8, 12, 20]
+
+
+def test_a_pool_at_rest_sets_no_timer_until_a_worker_takes_a_connection(
+        default_pool: Supervisor, kernel: FakeKernel) -> None:
+    model = pool(default_pool)
+    settle(default_pool, SlotState.IDLE)
+    deadline = model.next_deadline()
+    assert deadline is not None
+    assert deadline - kernel.now > 10 * ADAPT_INTERVAL, "no timer each second at rest"
+    taker = min(model.workers)
+    show(default_pool, taker, SlotState.READING)  # what the worker does, in its order:
+    assert model.scoreboard.take_wake(), "... it marks its slot, then finds the request"
+    assert not model.scoreboard.take_wake(), "(which the first one clears)"
+    os.write(model._ready_w, Message(Kind.BUSY, model.workers[taker].slot, taker).encode())
+    model._on_pipe()
+    model.manage()  # at once: 4 idle is fewer than min_spare
+    assert model.pool.target == 6
+    assert len(model.workers) == 6
+    assert model.next_deadline() == pytest.approx(kernel.now + ADAPT_INTERVAL)
+
+
+def test_a_worker_quicker_than_the_rest_keeps_the_master_looking(
+        default_pool: Supervisor, kernel: FakeKernel) -> None:
+    model = pool(default_pool)
+    settle(default_pool, SlotState.IDLE)
+    model.adapter.stir(kernel.now)  # (as if the pool had just changed)
+    model.scoreboard.want_wake(False)
+    taker = min(model.workers)
+    real_want_wake = model.scoreboard.want_wake
+
+    def asked(wanted: bool) -> None:  # a worker takes a connection just as the master asks
+        real_want_wake(wanted)
+        if wanted:
+            show(default_pool, taker, SlotState.READING)
+
+    model.scoreboard.want_wake = asked  # type: ignore[method-assign]
+    model.manage()
+    assert not model.adapter.resting, "it sees the busy slot when it looks once more"
+    assert model.next_deadline() == pytest.approx(kernel.now + ADAPT_INTERVAL)
+
+
+def test_a_reload_keeps_the_size_the_load_gave_an_adaptive_pool(
+        default_pool: Supervisor) -> None:
+    model = pool(default_pool)
+    settle(default_pool, SlotState.READING)
+    settle(default_pool, SlotState.READING)
+    assert model.pool.target == 8
+    model.reconfigure()
+    assert model.pool.target == 8, "not back to 5 under the load that made it 8"
+    default_pool.config = default_pool.config.replace(workers=3)
+    model.reconfigure()
+    assert model.pool.target == 3, "a pool the operator fixes has the size asked for"
+    assert not model.adapter.plan.adaptive

@@ -11,8 +11,11 @@ it keeps the pool at its target size and rolls it on reload.
 - Replacing: a worker that exits is replaced at once, unless its slot was forked less than
   ``RESPAWN_INTERVAL`` ago (a crash loop at run time), in which case the new one waits for the
   rest of the interval: at most ``target`` forks per interval, however fast workers crash.
+- Pool pipe (``poolpipe``): workers say they are ready, and tell of their accept errors, which
+  the master counts (``accept_pauses``) and logs through its one rate limiter: the log of a
+  pool out of fds is the log of one process, whatever the number of workers.
 - Boot failures: a worker that exits before it wrote its ready message failed while booting
-  (the ready pipe is drained before an exit is judged, so a worker that was ready and left at
+  (the pool pipe is drained before an exit is judged, so a worker that was ready and left at
   once is not mistaken for one). ``BOOT_FAILURES_TO_HALT`` of those in a row, with no worker
   ready in between and none left serving, stop the master gracefully with exit status 3
   instead of forking forever (gunicorn's WORKER_BOOT_ERROR). While ready workers still serve
@@ -32,12 +35,10 @@ it keeps the pool at its target size and rolls it on reload.
   uninterruptible sleep dies late; the master must not spin meanwhile). A worker not ready
   ``timeout`` after its fork (a ``post_fork`` hook or an app's start that hangs) is ended the
   same way, and counts as a boot failure.
-- Adaptive pool (``min_spare``/``max_spare``, Apache prefork's rule): once a second, if fewer
-  than ``min_spare`` workers are idle, the target grows by 1, then 2, 4 ... up to
-  ``MAX_SPAWN_RATE`` in consecutive seconds; if more than ``max_spare`` are idle, one idle
-  worker is retired. Only ready workers of the current generation count, and the pool is judged
-  only once all of them are ready, so that a pool being forked is not mistaken for a busy
-  one. Only then does the master wake up every second.
+- Adaptive pool, the default (``adaptive``: Apache prefork's rule and defaults): once a
+  second the target grows while too few workers are idle and shrinks while too many are. Only
+  ready workers of the current generation count. A pool whose workers are all idle rests: the
+  master sets no timer until a worker takes a connection and says so.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..child import STOP_REMINDER
-from ..config import Config
 from ..errors import ExitCode, WorkerExit
 from ..kernel import Exited
 from ..listeners import Listener
+from ..poolpipe import Inbox, Kind, Message
 from ..scoreboard import Scoreboard, Slot, SlotState
-from ..worker import READY, WorkerContext, run_worker
+from ..worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
 from . import ModelStatus
+from .adaptive import Adapter, Step, plan
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -74,20 +76,11 @@ ABORT_GRACE = 2.0
 KILL_RETRY = 1.0
 #: While ready workers serve, a slot whose workers fail to boot waits at most this long.
 BOOT_BACKOFF_MAX = 30.0
-#: The adaptive pool looks at the idle count this often ...
-ADAPT_INTERVAL = 1.0
-#: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE).
-MAX_SPAWN_RATE = 32
 #: Slot states of a worker that has a connection.
 BUSY = frozenset({SlotState.READING, SlotState.WRITING, SlotState.CLOSING,
                   SlotState.FINISHING})
 #: Slot states whose time the watchdog bounds: the worker's own code (not its client) runs.
 WATCHED = frozenset({SlotState.IDLE, SlotState.WRITING})
-
-
-def pool_size(config: Config) -> int:
-    """``workers``, where 0 means twice the CPU count; never above ``max_workers``."""
-    return min(config.workers or 2 * (os.cpu_count() or 1), config.max_workers)
 
 
 @dataclass
@@ -115,9 +108,6 @@ class Pool:
     boot_failures: int = 0
     #: slot -> monotonic time before which it may not be forked again
     slot_free_at: dict[int, float] = field(default_factory=dict)
-    #: adaptive pool: when to look next, and how many to add if still short then
-    next_adapt: float = 0.0
-    spawn_rate: int = 1
 
 
 class PreforkModel:
@@ -133,18 +123,21 @@ class PreforkModel:
         # room for two full generations: a reload forks the new one before the old one leaves
         self.scoreboard = Scoreboard(2 * config.max_workers)
         self.workers: dict[int, WorkerInfo] = {}
-        self.pool = Pool(target=pool_size(config))
+        self.adapter = Adapter(plan(config))
+        self.pool = Pool(target=self.adapter.plan.start)
         #: Connections served by workers that have exited (the live ones are in their slots).
         self.served_by_gone = 0
         self.errors_by_gone = 0
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
-        self._buffer = b""
+        # the write end too (one open file for every worker): see poolpipe
+        os.set_blocking(self._ready_w, False)
+        self._inbox = Inbox()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.sup.watch(self._ready_r, self._on_ready)
+        self.sup.watch(self._ready_r, self._on_pipe)
         self.manage()
 
     def manage(self) -> None:
@@ -168,8 +161,8 @@ class PreforkModel:
         deadlines = self._watchdog_deadlines()
         deadlines += [w.told_at + STOP_REMINDER for w in self.workers.values()
                       if w.retiring and not w.reminded]
-        if self._adaptive:
-            deadlines.append(self.pool.next_adapt)
+        if (look := self.adapter.deadline()) is not None:
+            deadlines.append(look)
         if self._current_count() < self.pool.target:
             used = {w.slot for w in self.workers.values()}
             deadlines += [self.pool.slot_free_at.get(s, 0.0) for s in self._slots()
@@ -178,37 +171,50 @@ class PreforkModel:
 
     # ------------------------------------------------------------------ adaptive pool
 
-    @property
-    def _adaptive(self) -> bool:
-        config = self.sup.config
-        return bool(config.min_spare or config.max_spare)
-
     def _adapt(self, now: float) -> None:
-        """Once a second: grow while too few workers are idle, shrink while too many are."""
-        if not self._adaptive or now < self.pool.next_adapt:
+        """Once a second: grow while too few workers are idle, shrink while too many are;
+        rest while all are idle (see ``adaptive``)."""
+        if not self.adapter.due(now):
             return
-        self.pool.next_adapt = now + ADAPT_INTERVAL
-        config = self.sup.config
-        current = [w for w in self.workers.values()
-                   if w.generation == self.pool.generation and not w.retiring]
-        if len(current) < self.pool.target:
-            return  # still forking what was asked for: judge the pool once it is there
-        if not all(w.ready for w in current):
+        current = self._current()
+        if len(current) < self.pool.target or not all(w.ready for w in current):
+            self.adapter.wait(now)  # still forking what was asked for: judge it once it is there
             return
         idle = [w for w in current if self._is_idle(w)]
-        if len(idle) < config.min_spare and self.pool.target < config.max_workers:
-            grow = min(self.pool.spawn_rate, config.max_workers - self.pool.target)
-            self.pool.target += grow
-            self.pool.spawn_rate = min(self.pool.spawn_rate * 2, MAX_SPAWN_RATE)
+        step, n = self.adapter.decide(now, workers=len(current), idle=len(idle),
+                                      target=self.pool.target,
+                                      ceiling=self.sup.config.max_workers)
+        spares = self.adapter.plan
+        if step is Step.GROW:
+            self.pool.target += n
             log.info("workers: %d idle (min_spare %d): growing the pool to %d", len(idle),
-                     config.min_spare, self.pool.target)
-            return
-        self.pool.spawn_rate = 1
-        if config.max_spare and len(idle) > config.max_spare and self.pool.target > 1:
+                     spares.min_spare, self.pool.target)
+        elif step is Step.SHRINK:
             self.pool.target -= 1
             self._retire(max(idle, key=lambda w: w.started))
             log.info("workers: %d idle (max_spare %d): shrinking the pool to %d", len(idle),
-                     config.max_spare, self.pool.target)
+                     spares.max_spare, self.pool.target)
+        elif step is Step.REST:
+            self._rest(now, current)
+
+    def _rest(self, now: float, current: list[WorkerInfo]) -> None:
+        """Ask the first worker that takes a connection to say so, then look once more: a
+        worker marks its slot before it looks at the request (``Scoreboard.want_wake``)."""
+        self.scoreboard.want_wake(True)
+        if all(self._is_idle(w) for w in current):
+            self.adapter.rest(now)
+        else:
+            self.scoreboard.want_wake(False)  # one was quicker: look again in a second
+
+    def _stir(self) -> None:
+        """A worker spoke, or the pool changed: a pool at rest is judged again now."""
+        if self.adapter.stir(self.sup.kernel.monotonic()):
+            self.scoreboard.want_wake(False)
+
+    def _current(self) -> list[WorkerInfo]:
+        """The workers of the current generation that are not retiring."""
+        return [w for w in self.workers.values()
+                if w.generation == self.pool.generation and not w.retiring]
 
     def _is_idle(self, worker: WorkerInfo) -> bool:
         slot = self.scoreboard.read(worker.slot)
@@ -268,8 +274,7 @@ class PreforkModel:
                 self.sup.kernel.kill(worker.pid, signal.SIGABRT)
 
     def _current_count(self) -> int:
-        return sum(1 for w in self.workers.values()
-                   if w.generation == self.pool.generation and not w.retiring)
+        return len(self._current())
 
     def _slots(self) -> range:
         base = (self.pool.generation % 2) * self.sup.config.max_workers
@@ -313,22 +318,27 @@ class PreforkModel:
 
     # ------------------------------------------------------------------ events
 
-    def _on_ready(self) -> None:
-        self._read_ready()
+    def _on_pipe(self) -> None:
+        self._read_pipe()
         self._retire_replaced()
 
-    def _read_ready(self) -> None:
-        """Mark the workers whose ready message is in the pipe (all of it) as ready."""
+    def _read_pipe(self) -> None:
+        """Act on every message in the pool pipe (all of it)."""
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(self._ready_r, 65536):
-                self._buffer += chunk
-        whole = len(self._buffer) - len(self._buffer) % READY.size
-        chunk, self._buffer = self._buffer[:whole], self._buffer[whole:]
-        for _slot, pid in READY.iter_unpack(chunk):
-            worker = self.workers.get(pid)
+                for message in self._inbox.feed(chunk):
+                    self._received(message)
+
+    def _received(self, message: Message) -> None:
+        self._stir()  # whatever a worker says (BUSY, or anything when the pipe was full)
+        if message.kind is Kind.READY:
+            worker = self.workers.get(message.pid)
             if worker is not None:
                 worker.ready = True
                 self.pool.boot_failures = 0
+        elif message.kind is Kind.ACCEPT_PAUSED:
+            self.sup.accept_paused(message.errno, message.count, by="workers: ",
+                                   pause=ACCEPT_PAUSE_SECONDS)
 
     def _retire_replaced(self) -> None:
         """Keep at most ``target - ready new`` old workers serving: each new worker that is
@@ -362,8 +372,9 @@ class PreforkModel:
             return False
         # a ready message still in the pipe was written before this exit; retiring waits for
         # manage(), once every exit of this batch is known
-        self._read_ready()
+        self._read_pipe()
         worker = self.workers.pop(exited.pid)
+        self._stir()
         slot = self.scoreboard.read(worker.slot)
         if slot.pid == worker.pid:
             # a connection in service when the worker died was taken all the same: the
@@ -422,9 +433,9 @@ class PreforkModel:
                      self.sup.config.max_workers)
             return
         self.pool.target = target
+        self._stir()
         log.info("workers: target is now %d", target)
-        current = [w for w in self.workers.values()
-                   if w.generation == self.pool.generation and not w.retiring]
+        current = self._current()
         # idle ones first (retiring a busy worker costs its client a wait), youngest first
         current.sort(key=lambda w: (not self._is_idle(w), -w.started))
         for worker in current[: max(0, len(current) - target)]:
@@ -433,7 +444,11 @@ class PreforkModel:
     def reconfigure(self) -> str:
         """A reload: fork a new generation; old workers retire as new ones become ready."""
         self.pool.generation += 1
-        self.pool.target = pool_size(self.sup.config)
+        was_adaptive = self.adapter.plan.adaptive
+        self.adapter.plan = plan(self.sup.config)
+        # an adaptive pool keeps the size the load gave it; a fixed one takes its new size
+        if not (was_adaptive and self.adapter.plan.adaptive):
+            self.pool.target = self.adapter.plan.start
         return f"starting worker generation {self.pool.generation}"
 
     def drain(self, listener: Listener) -> None:
