@@ -22,7 +22,14 @@ Checked in this order; the first refusal wins, so a verdict has one reason:
    is refused. Retries do not extend the penalty; afterwards the key starts with no history.
    Arrivals are counted once they pass the rules, also when the per-IP cap then refuses them:
    hammering at the cap is what a rate limit is for.
-3. **Per-IP concurrency** (``per_ip``): at most ``max_per_ip`` connections in flight per key.
+3. **Penalty** (``penalty``): a key penalised for how its connections ended (``defence``:
+   a first-byte or handshake deadline missed, a line too long, a crash) is refused until its
+   penalty ends. Checked before the rate, so a penalised client does not also fill its window.
+4. **Per-IP concurrency** (``per_ip``): at most ``max_per_ip`` connections in flight per key.
+
+The defences against silent connections that count only *unproven* ones (the early drop, the
+per-source startups cap: ``sourceguard``) are counted in the scoreboard instead, where the
+serving processes record their client's proof.
 
 A *client key* is the peer's /32 (IPv4) or /64 (IPv6; one subscriber usually owns a whole /64,
 so counting addresses would multiply its share by 2**64); both lengths are settings.
@@ -73,6 +80,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .defence import Cause, Penalties, PenaltyPolicy
 from .errors import ConfigError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -97,8 +105,12 @@ class Reason(enum.StrEnum):
     """Why a client was refused; the values are the metrics label."""
 
     DENIED = "denied"
+    PENALTY = "penalty"
     RATE = "rate"
     PER_IP = "per_ip"
+    #: Refused by ``sourceguard`` (the early drop, the per-source startups cap).
+    UNPROVEN = "unproven"
+    STARTUPS = "startups"
 
 
 class ClientKey(NamedTuple):
@@ -111,6 +123,12 @@ class ClientKey(NamedTuple):
     def __str__(self) -> str:
         net = ipaddress.ip_network((self.network, self.prefixlen))
         return str(net.network_address) if self.prefixlen == _WIDTH[self.version] else str(net)
+
+    @property
+    def address(self) -> IPAddress:
+        """The key's network address (the client's address, for a whole-address key)."""
+        return ipaddress.ip_address(self.network) if self.version == 4 else \
+            ipaddress.IPv6Address(self.network)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +261,16 @@ def parse_peer(text: str) -> IPAddress:
     if addr.version == 6 and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
+
+
+def source_tag(peer_ip: str) -> int:
+    """A non-zero 64-bit tag of the source ``peer_ip`` counts under for per-source limits in
+    shared memory (prefork's scoreboard): the IPv4 address (plus 1), or the IPv6 /64 with
+    the top bit set, so that the two families never meet. Raises ``ValueError``."""
+    addr = parse_peer(peer_ip)
+    if addr.version == 4:
+        return int(addr) + 1
+    return (int(addr) >> 64) | (1 << 63)
 
 
 # --------------------------------------------------------------------------- rules
@@ -485,6 +513,8 @@ class Admission:
                  max_per_ip: int = 0, rate_per_ip: Rate | str | None = None,
                  rate_penalty: float | None = None, per_ip_prefix_v4: int = 32,
                  per_ip_prefix_v6: int = 64, rate_max_tracked: int = DEFAULT_MAX_TRACKED,
+                 penalties: PenaltyPolicy | None = None,
+                 penalty_exempt: Iterable[str | Network] = (),
                  previous: Admission | None = None) -> None:
         self.max_per_ip = _check("max_per_ip", max_per_ip, 0)
         self._prefix = {4: _check("per_ip_prefix_v4", per_ip_prefix_v4, 0, 32),
@@ -495,6 +525,20 @@ class Admission:
         self._table = self._build_table()
         self._in_flight: InFlight = previous._in_flight if previous is not None else InFlight()
         self._rate = self._rate_table(rate_per_ip, rate_penalty, rate_max_tracked, previous)
+        self.penalties = self._penalties(penalties, penalty_exempt, previous)
+
+    def _penalties(self, policy: PenaltyPolicy | None, exempt: Iterable[str | Network],
+                   previous: Admission | None) -> Penalties[ClientKey] | None:
+        """The penalty table; a reload keeps the penalties in force (with the new policy)."""
+        if policy is None:
+            return None
+        exempt_table = RuleTable(_setting_rules(exempt, True))
+        table: Penalties[ClientKey] = Penalties(
+            policy, exempt=lambda key: exempt_table.lookup(key.address) is not None)
+        old = previous.penalties if previous is not None else None
+        if old is not None:
+            table.adopt(old)
+        return table
 
     def _rate_table(self, rate: Rate | str | None, penalty: float | None, max_tracked: int,
                     previous: Admission | None) -> RateTable | None:
@@ -538,11 +582,20 @@ class Admission:
         rule = self._table.lookup(addr)
         if not self._table.permits(rule):
             return Verdict(False, Reason.DENIED, key, rule)
+        if self.penalties is not None and self.penalties.refused(key, now):
+            return Verdict(False, Reason.PENALTY, key, rule)
         if self._rate is not None and not self._rate.hit(key, now):
             return Verdict(False, Reason.RATE, key, rule)
         if not self._in_flight.acquire(key, self.max_per_ip):
             return Verdict(False, Reason.PER_IP, key, rule)
         return Verdict(True, None, key, rule)
+
+    def penalise(self, key: ClientKey, cause: Cause, now: float) -> float | None:
+        """``key``'s connection ended by ``cause``: its penalty now ends at the time
+        returned (None: no penalty, none configured or exempt)."""
+        if self.penalties is None:
+            return None
+        return self.penalties.penalise(key, cause, now)
 
     def release(self, key: ClientKey) -> bool:
         """An admitted connection ended; ``False`` if ``key`` had none in flight (a bug to log)."""

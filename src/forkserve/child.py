@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -51,14 +52,17 @@ from typing import TYPE_CHECKING, NoReturn
 from . import hooks
 from .apps import App
 from .config import Config
-from .connection import Connection, format_address
-from .errors import ChildExit, ClientError, LineTooLong
+from .connection import Connection, Patience, format_address
+from .defence import Cause
+from .errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong
 from .hooks import Process
 from .kernel import SIG_DFL, SIG_IGN, pthread_sigmask, set_handler
 from .preamble import Proxied, open_connection
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+from .sourceguard import DROP_UNPROVEN
 from .stopsignal import StopSignal
+from .tls import HandshakeTimeout
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
@@ -81,6 +85,9 @@ STOP_REMINDER = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Signals meant for the master that a child ignores when the whole group gets them.
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+#: The master's word to serving processes: "the stress mode changed, look at your deadlines
+#: again" (``defence``). Harmless when an operator sends SIGUSR2 (upgrade) to the whole group.
+LOOK_AGAIN = signal.SIGUSR2
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -101,11 +108,20 @@ def set_title(title: str) -> None:
         _setproctitle(title)
 
 
+#: What each exit status earns the client's source (``defence.Cause``).
+PENALISED_EXITS: dict[int, Cause] = {
+    ChildExit.FIRST_BYTE: Cause.FIRST_BYTE, ChildExit.HANDSHAKE: Cause.HANDSHAKE,
+    ChildExit.LINE_TOO_LONG: Cause.LINE_TOO_LONG,
+}
+
+
 def serve_one(app: App, conn: Connection) -> ChildExit:
     """Run ``app`` on ``conn``, close it, and say how it went. Raises nothing but BaseException.
 
-    Client misbehaviour (idle, reset, over-long line) is a normal end; a handler exception is
-    logged with its traceback and gives ``HANDLER_ERROR``.
+    Client misbehaviour (idle, reset, over-long line) is a normal end; the ends that earn the
+    client's source a penalty have statuses of their own (``ChildExit.FIRST_BYTE``,
+    ``LINE_TOO_LONG``); a handler exception is logged with its traceback and gives
+    ``HANDLER_ERROR``.
     """
     try:
         app(conn)
@@ -114,7 +130,10 @@ def serve_one(app: App, conn: Connection) -> ChildExit:
         with contextlib.suppress(ClientError, OSError):
             conn.write(LINE_TOO_LONG_ANSWER)
         log.info("%s: closed: line longer than max_line", conn.peer)
-        return ChildExit.OK
+        return ChildExit.LINE_TOO_LONG
+    except FirstByteTimeout as exc:
+        log.debug("%s: closed: %s", conn.peer, exc)
+        return ChildExit.FIRST_BYTE
     except ClientError as exc:
         log.debug("%s: closed: %s", conn.peer, exc)
         return ChildExit.OK
@@ -152,6 +171,21 @@ def _quit_now(signum: int, frame: object) -> None:
     os._exit(ChildExit.QUIT)  # a fast stop: nothing to finish, no core dump
 
 
+def patience_for(config: Config, board: Scoreboard, slot: int) -> Patience:
+    """A connection's first-byte and stress deadlines, and where it records its proof (the
+    master's early drop reads it)."""
+    return Patience(first_byte=config.first_byte_timeout or None,
+                    stress_idle=config.stress_idle_timeout or None,
+                    stress_first_byte=config.stress_first_byte_timeout or None,
+                    stressed=lambda: board.stressed,
+                    on_proven=functools.partial(board.mark_proven, slot))
+
+
+def look_again(signum: int, frame: object) -> None:
+    """SIGUSR2 from the master: the stress mode changed. The signal has already woken any
+    wait on the client (its wakeup pipe), which looks at its deadline again."""
+
+
 class _Finish:
     """The child's SIGTERM/SIGINT handler: record the stop, tell the connection (once it
     exists), arm the backstop timer once (the master's reminder must not push it back)."""
@@ -167,6 +201,15 @@ class _Finish:
             self.conn.interrupt(self.stop.grace)
         if first:
             signal.setitimer(signal.ITIMER_REAL, self.stop_after)
+
+    def give_way(self, signum: int, frame: object) -> None:
+        """DROP_UNPROVEN (``sourceguard``): a newcomer needs this unproven connection's room.
+        Its input ends now, or its handshake; a client that proved itself meanwhile stays."""
+        conn = self.conn
+        if conn is None:
+            self.stop.give_way()
+        elif not conn.proven:
+            conn.interrupt(0.0)
 
     def serving(self, conn: Connection) -> None:
         """``conn`` is open: a stop that came during its handshake applies to it now."""
@@ -188,6 +231,8 @@ def _reset_signals(ctx: ChildContext) -> _Finish:
     for sig in IGNORED_SIGNALS:
         set_handler(sig, SIG_IGN)
     set_handler(signal.SIGQUIT, _quit_now)
+    set_handler(LOOK_AGAIN, look_again)
+    set_handler(DROP_UNPROVEN, finish.give_way)
     set_handler(signal.SIGALRM, SIG_DFL)
     pthread_sigmask(signal.SIG_SETMASK, ())
     set_parent_death_signal(signal.SIGTERM)
@@ -223,10 +268,10 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     finish = _reset_signals(ctx)
     try:
         conn = open_connection(sock, addr, ctx.config, ctx.tls, header=header,
-                               stop=finish.stop)
+                               stop=finish.stop, patience=patience_for(ctx.config, board, slot))
     except (ClientError, OSError) as exc:
         log.info("%s: closed before the handler: %s", peer, exc)
-        return ChildExit.OK
+        return ChildExit.HANDSHAKE if isinstance(exc, HandshakeTimeout) else ChildExit.OK
     if conn.peer != peer:  # the PROXY header named the real client
         board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                     peer=conn.peer)

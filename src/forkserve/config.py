@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from .admission import parse_rate
+from .defence import DEFAULT_PENALTIES, parse_penalties, parse_startups
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------- addresses
@@ -264,6 +265,37 @@ class RateKind(Kind):
 
 
 @dataclass(frozen=True)
+class StartupsKind(Kind):
+    """``START:RATE:FULL``, ``auto`` or ``off`` (see ``defence.Startups``)."""
+
+    metavar: ClassVar[str] = "START:RATE:FULL"
+
+    def convert(self, value: object) -> str:
+        text = str(value).strip().lower()
+        if text in ("auto", "off"):
+            return text
+        try:
+            return str(parse_startups(text))
+        except ConfigError as exc:
+            raise ValueError(exc.problem) from None
+
+
+@dataclass(frozen=True)
+class PenaltiesKind(Kind):
+    """``CAUSE:SECONDS ... max:SECONDS`` or ``off`` (see ``defence.parse_penalties``)."""
+
+    metavar: ClassVar[str] = "CAUSE:SECONDS..."
+
+    def convert(self, value: object) -> str:
+        text = " ".join(str(value).split())
+        try:
+            parse_penalties(text)
+        except ConfigError as exc:
+            raise ValueError(exc.problem) from None
+        return text
+
+
+@dataclass(frozen=True)
 class Umask(Kind):
     """A file mode creation mask, written in octal (``022``) or given as a number."""
 
@@ -488,6 +520,21 @@ class Config:
         "A client that accepts no data for this long while an answer is being written is "
         "disconnected.",
     )
+    first_byte_timeout: float = setting(
+        10.0, Seconds(minimum=0.0),
+        "A client that has sent nothing this long after connecting is disconnected (Apache's "
+        "mod_reqtimeout). 0: off, for apps that speak first; exec programs read the socket "
+        "themselves, so it does not apply to them.",
+    )
+    stress_idle_timeout: float = setting(
+        10.0, Seconds(minimum=0.0),
+        "While the server is at its capacity (Postfix's stress mode), idle_timeout shrinks "
+        "to this, for idle connections already open too (0: no stress mode).",
+    )
+    stress_first_byte_timeout: float = setting(
+        2.0, Seconds(minimum=0.0),
+        "...and first_byte_timeout to this.",
+    )
     linger_timeout: float = setting(
         2.0, Seconds(minimum=0.0),
         "After the last answer, how long closing waits for the client to close its side "
@@ -537,6 +584,13 @@ class Config:
         "Connections in flight from one client (IPv4 address, IPv6 /64) at most (0: no "
         "limit); more are refused at once.",
     )
+    max_startups_per_source: int | None = setting(
+        None, IntOrUnset(minimum=0),
+        "Unproven connections (no whole first line yet) from one client (IPv4 address, IPv6 "
+        "/64) at most, as sshd's PerSourceMaxStartups; more are refused at once. Unset: an "
+        "eighth of the capacity (max_children; prefork: max_workers), at least 8; 0: no "
+        "limit. Behind a NAT, or a proxy that sends no PROXY header, its clients count as one.",
+    )
     rate_per_ip: str | None = setting(
         None, RateKind(),
         "New connections from one client at most, as N/SECONDS (xinetd cps); a client over "
@@ -545,6 +599,27 @@ class Config:
     rate_penalty: float = setting(
         0.0, Seconds(minimum=0.0),
         "How long a client over rate_per_ip is refused (0: the rate's SECONDS).",
+    )
+    max_startups: str = setting(
+        "auto", StartupsKind(),
+        "Early drop of unproven connections (sshd's MaxStartups START:RATE:FULL; unproven: "
+        "no whole first line yet): from START held, a new one from a client that already "
+        "has an unproven one is refused with a chance rising from RATE % to 100 % at FULL; "
+        "a client with none is never dropped, and at FULL the oldest unproven connection "
+        "makes room for it. auto: an eighth of the capacity (at least 10), 30, half of it; "
+        "off."
+    )
+    penalties: str = setting(
+        DEFAULT_PENALTIES, PenaltiesKind(),
+        "Per-source penalties (sshd's PerSourcePenalties): seconds a client is refused, "
+        "before any fork, after a connection of its ended by first_byte (silent past "
+        "first_byte_timeout), handshake (PROXY/TLS too slow), line_too_long or crash (its "
+        "process killed by a signal such as SIGSEGV); they add up to max and are enforced "
+        "once min has accrued (one slip costs nothing); off.",
+    )
+    penalty_exempt: tuple[Network, ...] = setting(
+        (), Networks(),
+        "Clients never penalised (CIDR; repeat for more), such as health checkers.",
     )
     refuse_message: str | None = setting(
         None, Text(optional=True),

@@ -4,11 +4,17 @@ Runs in the process that serves the connection: a per-connection child (fork mod
 master itself (single model). Rules:
 
 1. Every size and time a client controls is bounded: lines by ``max_line`` (see ``framing``),
-   silence by ``idle_timeout``. The idle deadline is the kernel's ``SO_RCVTIMEO``, so a read
-   costs one ``recv`` system call and no ``poll`` (a socket timeout in Python would add a
-   ``poll`` before every ``recv``).
-   Writes are bounded by ``write_timeout`` the same way (``SO_SNDTIMEO``): a client that stops
-   reading cannot hold a process forever.
+   silence by ``idle_timeout``, and silence from the start by ``first_byte_timeout`` (counted
+   from the connection's opening: a client that never says anything is the cheapest attack
+   on a process per connection). Under stress (``Patience.stressed``, the master's word in
+   the scoreboard) both shrink, for reads already waiting too: the master signals the
+   serving processes, which wakes their waits (``stopsignal``), and each wait looks again.
+   A client *proves* itself with its first whole line (or, for raw reads, its first bytes):
+   ``on_proven`` is called once, and the early drop counts the connection no more. The
+   kernel's ``SO_RCVTIMEO`` holds the same deadline as a backstop (in a process without a
+   stop pipe, the single model's master, it is the only one). Writes are bounded by
+   ``write_timeout`` (``SO_SNDTIMEO``): a client that stops reading cannot hold a process
+   forever.
 2. Client misbehaviour surfaces as a ``ClientError`` (``IdleTimeout``, ``LineTooLong``,
    ``PeerGone``); the code that runs the handler ends the connection quietly on those. Any
    ``OSError`` of the connection's own reads and writes is the client's doing.
@@ -54,18 +60,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ConnectionExpired, IdleTimeout, LineTooLong, PeerGone
+from .errors import ConnectionExpired, FirstByteTimeout, IdleTimeout, LineTooLong, PeerGone
 from .framing import LineFramer
 from .scoreboard import SlotMonitor
 from .stopsignal import STOP_GRACE, StopSignal, Waiter, Woke
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 if TYPE_CHECKING:
     from .config import Config
@@ -106,6 +117,31 @@ def format_address(addr: object, family: int) -> str:
     return str(addr)
 
 
+@dataclass(frozen=True)
+class Patience:
+    """How long a connection waits for its client beyond ``idle_timeout`` (rule 1): the
+    first-byte deadline, the shorter deadlines under stress, and who to tell once the client
+    has proven itself. Deadlines of 0 or None are off."""
+
+    first_byte: float | None = None
+    stress_idle: float | None = None
+    stress_first_byte: float | None = None
+    #: Is the server under stress now? (the master's word in the scoreboard)
+    stressed: Callable[[], bool] = lambda: False
+    on_proven: Callable[[], None] | None = None
+
+    def idle_limit(self, idle: float | None, stressed: bool) -> float | None:
+        if stressed and self.stress_idle:
+            return self.stress_idle if idle is None else min(idle, self.stress_idle)
+        return idle
+
+    def first_byte_limit(self, stressed: bool) -> float:
+        assert self.first_byte is not None
+        if stressed and self.stress_first_byte:
+            return min(self.first_byte, self.stress_first_byte)
+        return self.first_byte
+
+
 class Connection:
     """A client connection with bounded line reads, writes and deadlines.
 
@@ -114,9 +150,10 @@ class Connection:
     """
 
     __slots__ = (
-        "_closed", "_eof", "_error", "_expires", "_framer", "_grace", "_idle_timeout",
-        "_linger_timeout", "_monitor", "_pending", "_raw", "_rest", "_stop_began",
-        "_stop_timeout", "_tls", "_waiter", "_write_timeout",
+        "_closed", "_eof", "_error", "_expires", "_first_byte", "_framer", "_grace",
+        "_idle_timeout", "_linger_timeout", "_monitor", "_on_proven", "_opened", "_patience",
+        "_pending", "_raw", "_rest", "_stop_began", "_stop_timeout", "_tls", "_waiter",
+        "_write_timeout",
         "bytes_in", "bytes_out", "local", "peer", "settings", "sock",
     )
 
@@ -124,7 +161,8 @@ class Connection:
                  write_timeout: float | None = None, peer: str | None = None,
                  local: str | None = None, monitor: SlotMonitor | None = None,
                  settings: Config | None = None, max_time: float | None = None,
-                 linger_timeout: float = LINGER_SECONDS, stop: StopSignal | None = None) -> None:
+                 linger_timeout: float = LINGER_SECONDS, stop: StopSignal | None = None,
+                 patience: Patience | None = None) -> None:
         self.sock = sock
         self._monitor = monitor
         #: The server's settings, read-only (``None`` outside a server).
@@ -138,11 +176,17 @@ class Connection:
         else:
             sock.settimeout(None)
         self._idle_timeout = idle_timeout
+        self._patience = patience
+        self._opened = time.monotonic()
+        #: Waiting for the first byte, with a deadline of its own (rule 1)?
+        self._first_byte = patience is not None and patience.first_byte is not None
+        self._on_proven = patience.on_proven if patience is not None else None
         self._write_timeout = write_timeout
         #: When the connection must end (``max_time``), on the monotonic clock.
         self._expires = time.monotonic() + max_time if max_time else None
-        if idle_timeout is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(idle_timeout))
+        first = self._kernel_read_timeout()
+        if first is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(first))
         if write_timeout is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write_timeout))
         self.peer = peer if peer is not None else format_address(sock.getpeername(), sock.family)
@@ -212,6 +256,8 @@ class Connection:
                 self._eof = data is not None
                 return b""
             self._rest = data
+            if self._on_proven is not None:
+                self._proven()  # a raw protocol: its first bytes are its proof
         out, self._rest = self._rest[:n], self._rest[n:]
         return out
 
@@ -250,6 +296,8 @@ class Connection:
             self._pending.extend(exc.complete)
             exc.complete = []
             self._error = exc
+        if self._on_proven is not None and self._pending:
+            self._proven()
         return True
 
     def _recv(self) -> bytes | None:
@@ -257,12 +305,11 @@ class Connection:
         monitor = self._monitor
         if monitor is not None:
             monitor.waiting()
-        idle_until = (None if self._idle_timeout is None
-                      else time.monotonic() + self._idle_timeout)
+        called = time.monotonic()
         while True:
             if self._stop_timeout is not None:
                 self._apply_stop()  # the request may have become complete since: never wait then
-            wait = self._read_wait(idle_until)
+            wait = self._read_wait(self._read_deadline(called))
             began = time.monotonic()
             if self._waiter is not None and not self._tls_buffered():
                 woke = self._waiter.wait(wait)
@@ -285,16 +332,61 @@ class Connection:
                 return None
         if monitor is not None:
             monitor.working()
+        if self._first_byte and data:
+            self._first_data()
         self.bytes_in += len(data)
         return data
 
-    def _read_wait(self, idle_until: float | None) -> float | None:
+    def _first_data(self) -> None:
+        """The client's first bytes are here: from now on, ``idle_timeout`` (rule 1)."""
+        self._first_byte = False
+        idle = self._kernel_read_timeout()
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                 _timeval(idle if idle is not None else MAX_TIMEOUT))
+
+    def _read_deadline(self, called: float) -> float | None:
+        """When a read that started waiting at ``called`` gives up (rule 1); None: never."""
+        patience = self._patience
+        if patience is None:
+            return None if self._idle_timeout is None else called + self._idle_timeout
+        stressed = patience.stressed()
+        idle = patience.idle_limit(self._idle_timeout, stressed)
+        until = None if idle is None else called + idle
+        if self._first_byte:
+            first = self._opened + patience.first_byte_limit(stressed)
+            until = first if until is None else min(until, first)
+        return until
+
+    def _kernel_read_timeout(self) -> float | None:
+        """The backstop SO_RCVTIMEO (the waits of a process without a stop pipe rely on it)."""
+        patience = self._patience
+        if patience is None:
+            return self._idle_timeout
+        idle = patience.idle_limit(self._idle_timeout, False)
+        if self._first_byte:
+            first = patience.first_byte_limit(False)
+            return first if idle is None else min(idle, first)
+        return idle
+
+    @property
+    def proven(self) -> bool:
+        """Has the client proven itself (rule 1)? Always, without an ``on_proven`` to tell."""
+        return self._on_proven is None
+
+    def _proven(self) -> None:
+        """The client has proven itself (rule 1): tell the master's early drop, once."""
+        callback, self._on_proven = self._on_proven, None
+        if callback is not None:
+            callback()
+
+    def _read_wait(self, until: float | None) -> float | None:
         """How long the next read may wait (None: forever); with ``max_time``, the kernel's
         receive timeout is lowered to it too."""
         if self._stop_timeout is not None:
             wait: float | None = self._stop_timeout
-        elif idle_until is not None:
-            wait = max(idle_until - time.monotonic(), 0.0)
+        elif until is not None:
+            wait = max(until - time.monotonic(), 0.0)
         else:
             wait = None
         if self._expires is not None:
@@ -305,8 +397,11 @@ class Connection:
         """A read's wait ran out: at a stop, that ends the input; else raise ``IdleTimeout``
         (or ``ConnectionExpired``)."""
         self._check_expiry()
-        if self._stop_timeout is None:
-            raise IdleTimeout("client sent nothing within the idle timeout")
+        if self._stop_timeout is not None:
+            return
+        if self._first_byte:
+            raise FirstByteTimeout("client sent nothing within first_byte_timeout")
+        raise IdleTimeout("client sent nothing within the idle timeout")
 
     def _tls_buffered(self) -> bool:
         """Decrypted bytes wait inside OpenSSL (a poll of the fd cannot see them)."""
@@ -410,16 +505,37 @@ class Connection:
         with contextlib.suppress(OSError):  # already closed: nothing to interrupt
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
 
-    def _mark_waiting(self) -> None:
-        """Tell the watchdog that this connection's code waits on its client from now on.
-
-        For handlers that use the socket directly (socketserver ones): their reads and writes
-        do not pass through this object, so the watchdog cannot tell waiting from working;
-        their waits stay bounded by the idle and write timeouts. What they write is unseen
-        here, so their close always lingers (rule 6)."""
+    def _hand_over(self) -> None:
+        """The socket goes to code that reads and writes it directly (a socketserver
+        handler). First the client's first byte is awaited here, within its deadline (rule
+        1; from then on the handler's reads have ``idle_timeout``): raises
+        ``FirstByteTimeout``. Then the watchdog is told that this connection's code waits on
+        its client from now on: its reads and writes do not pass through this object, so
+        the watchdog cannot tell waiting from working; they stay bounded by the idle and
+        write timeouts. What it writes is unseen here, so its close always lingers (rule 6)."""
+        if self._first_byte and not self._rest:
+            self._await_first_byte()
         self._raw = True
+        self._proven()
         if self._monitor is not None:
             self._monitor.waiting()
+
+    def _await_first_byte(self) -> None:
+        called = time.monotonic()
+        while self._stop_timeout is None:  # (at a stop, the handler's reads end it)
+            wait = self._read_wait(self._read_deadline(called))
+            if self._waiter is not None:
+                woke = self._waiter.wait(wait)
+            else:
+                poller = select.poll()
+                poller.register(self.sock.fileno(), select.POLLIN)
+                woke = Woke.READY if poller.poll(None if wait is None else wait * 1000) \
+                    else Woke.TIMEOUT
+            if woke is Woke.READY:
+                self._first_data()
+                return
+            if woke is Woke.TIMEOUT:
+                self._raise_unless_stopping()
 
     def close(self) -> None:
         """Close, lingering briefly if the client has not closed its side. Idempotent."""

@@ -37,6 +37,12 @@ class ChildExit(enum.IntEnum):
     HANDLER_ERROR = 1
     #: Ended at once by SIGQUIT (a fast stop reached it, or an operator sent it).
     QUIT = 2
+    #: The client ended in a way that earns its source a penalty (``defence.Cause``): silent
+    #: past ``first_byte_timeout``, PROXY header or TLS handshake past its deadline, a line
+    #: over ``max_line``. The master decodes these; the connection itself ended normally.
+    FIRST_BYTE = 4
+    HANDSHAKE = 5
+    LINE_TOO_LONG = 6
 
 
 class WorkerExit(enum.IntEnum):
@@ -87,6 +93,10 @@ class LineTooLong(ClientError):
 
 class IdleTimeout(ClientError):
     """The peer sent nothing for ``idle_timeout`` seconds."""
+
+
+class FirstByteTimeout(IdleTimeout):
+    """The peer sent nothing at all within ``first_byte_timeout`` of connecting."""
 
 
 class ConnectionExpired(ClientError):

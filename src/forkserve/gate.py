@@ -31,6 +31,7 @@ master's counters.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import socket
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from . import loopserver
 from .admission import Admission, ClientKey
 from .config import Config
+from .defence import Cause, Startups, parse_penalties, parse_startups
 from .errors import ConfigError
 
 log = logging.getLogger("forkserve")
@@ -50,9 +52,45 @@ MAX_LINGERING = 256
 LINGER_MAX_BYTES = 1 << 20
 
 
-def wanted(config: Config) -> bool:
-    return bool(config.allow or config.deny or config.rules_file or config.max_per_ip
-                or config.rate_per_ip)
+#: The status view lists at most this many penalised sources (the most recent).
+PENALISED_SHOWN = 20
+#: ``max_startups_per_source`` unset: an eighth of the capacity, but never fewer than this
+#: (a household behind one NAT address opens a few connections at once).
+MIN_AUTO_PER_SOURCE = 8
+#: ``max_startups auto``: START an eighth of the capacity (never below sshd's 10: a small
+#: server is not dropping a client's second connection), RATE 30 % (sshd's), FULL a half.
+AUTO_STARTUPS_RATE = 30
+AUTO_STARTUPS_MIN = 10
+
+
+def capacity(config: Config) -> int:
+    """Connections served at once at most: ``max_children``, or prefork's ``max_workers``."""
+    return config.max_workers if config.model == "prefork" else config.max_children
+
+
+def startups_per_source(config: Config) -> int:
+    """``max_startups_per_source`` in force (0: none; single serves one at a time)."""
+    if config.max_startups_per_source is not None:
+        return config.max_startups_per_source
+    if config.model == "single":
+        return 0
+    return max(MIN_AUTO_PER_SOURCE, capacity(config) // 8)
+
+
+def startups(config: Config) -> Startups | None:
+    """The early drop in force (fork and prefork; None: off)."""
+    if config.max_startups == "off" or config.model == "single":
+        return None
+    if config.max_startups != "auto":
+        return parse_startups(config.max_startups)
+    cap = capacity(config)
+    start = max(AUTO_STARTUPS_MIN, cap // 8)
+    return Startups(start, AUTO_STARTUPS_RATE, max(start, cap // 2))
+
+
+def rules_wanted(config: Config) -> bool:
+    """Are there allow/deny rules to apply (prefork workers check them themselves)?"""
+    return bool(config.allow or config.deny or config.rules_file)
 
 
 def check_model(config: Config) -> None:
@@ -62,17 +100,21 @@ def check_model(config: Config) -> None:
             if getattr(config, name):
                 raise ConfigError(name, "needs the master to see every connection, and "
                                         "prefork workers accept by themselves: use the fork "
-                                        "model, or limit on the load balancer")
+                                        "model, or limit on the load balancer (prefork "
+                                        "caps the unproven: max_startups_per_source)")
 
 
-def build(config: Config, previous: Admission | None = None) -> Admission | None:
-    """The ``Admission`` for ``config``, or None if it asks for none. Raises ``ConfigError``."""
+def build(config: Config, previous: Admission | None = None) -> Admission:
+    """The ``Admission`` for ``config`` (the defences are on by default). Raises
+    ``ConfigError``. The defences that count unproven connections are applied through the
+    scoreboard (``sourceguard``); prefork workers apply the rules only."""
     check_model(config)
-    if not wanted(config):
-        return None
+    prefork = config.model == "prefork"
     return Admission(allow=config.allow, deny=config.deny, rules_file=config.rules_file,
                      max_per_ip=config.max_per_ip, rate_per_ip=config.rate_per_ip,
-                     rate_penalty=config.rate_penalty or None, previous=previous)
+                     rate_penalty=config.rate_penalty or None,
+                     penalties=None if prefork else parse_penalties(config.penalties),
+                     penalty_exempt=config.penalty_exempt, previous=previous)
 
 
 class Gate:
@@ -112,6 +154,27 @@ class Gate:
             else ""
         self.refuse(sock, str(verdict.reason), f"{addr[0]}{rule}")
         return False, None
+
+    def penalised(self, now: float, limit: int = PENALISED_SHOWN) -> list[dict[str, object]]:
+        """The sources refused for a penalty now, most recent first (for the status view)."""
+        table = self.admission.penalties if self.admission is not None else None
+        if table is None:
+            return []
+        return [{"source": str(key), "left_s": round(entry.until - now, 1),
+                 "causes": {str(c): n for c, n in entry.causes.items()}}
+                for key, entry in itertools.islice(table.active(now), limit)]
+
+    def penalise(self, key: ClientKey | None, cause: Cause) -> None:
+        """``key``'s connection ended by ``cause``: penalise it (see ``defence``)."""
+        if key is None or self.admission is None:
+            return
+        until = self.admission.penalise(key, cause, self._clock())
+        if until is not None:
+            self._count("penalties", str(cause))
+            self._report(f"penalty:{cause}", logging.INFO,
+                         f"penalised {key} for {cause}: refused for "
+                         f"{until - self._clock():.0f} s")
+
 
     def refuse(self, sock: socket.socket, reason: str, who: str) -> None:
         """Close ``sock`` at once, after ``refuse_message``; count and report (rate-limited)."""

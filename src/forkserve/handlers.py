@@ -187,8 +187,9 @@ def _address(addr: Any, family: int) -> Any:
 def _socketserver_app(cls: type[socketserver.BaseRequestHandler]) -> App:
     def run(conn: Connection) -> None:
         sock = conn.sock
-        # it reads and writes the socket itself, past the connection's watchdog marks
-        conn._mark_waiting()
+        # it reads and writes the socket itself, past the connection's deadlines and watchdog
+        # marks: the first byte is awaited before (first_byte_timeout)
+        conn._hand_over()
         try:
             client = _address(sock.getpeername(), sock.family)
             cls(sock, client, _ServerShim(conn))  # type: ignore[arg-type]

@@ -29,6 +29,8 @@ COUNTERS = {
     "errors": ("kind", "Connections that ended in an error, by kind (handler: it raised)."),
     "worker_exits": ("reason", "prefork: worker exits, by reason (recycled, crashed, "
                                "watchdog, boot_error, retired)."),
+    "penalties": ("cause", "Penalties that took effect on a client source, by cause."),
+    "stress": ("change", "Times the server entered or left stress mode."),
 }
 
 
@@ -69,6 +71,10 @@ def render(snap: dict[str, Any]) -> bytes:
                                     value=snap["capacity"])
             yield GaugeMetricFamily("forkserve_uptime_seconds", "Seconds since the master "
                                     "started.", value=snap["uptime_s"])
+            yield GaugeMetricFamily("forkserve_stress", "1 while the server is in stress mode "
+                                    "(shorter deadlines at capacity).", value=int(snap["stress"]))
+            yield GaugeMetricFamily("forkserve_penalised_sources", "Client sources refused "
+                                    "for a penalty now (up to 20).", value=len(snap["penalised"]))
             info = GaugeMetricFamily("forkserve_info", "The server's model and version.",
                                      labels=["model", "version"])
             info.add_metric([model, snap["version"]], 1)

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import Config
-from .connection import Connection, format_address
+from .connection import Connection, Patience, format_address
 from .errors import ClientError, PeerGone
 from .proxyproto import ProxyHeader, ProxyParser
 from .scoreboard import SlotMonitor
 from .stopsignal import StopSignal, ready_by
-from .tls import HandshakeFailed, handshake
+from .tls import HandshakeTimeout, handshake
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
@@ -100,8 +100,8 @@ def proxy_addresses(sock: socket.socket, addr: object, config: Config,
                 raise PeerGone("closed before its PROXY header was complete")
             header = parser.feed(data)
     except TimeoutError:
-        raise HandshakeFailed(f"no whole PROXY header within {config.handshake_timeout:g} "
-                              "s") from None
+        raise HandshakeTimeout(f"no whole PROXY header within {config.handshake_timeout:g} "
+                               "s") from None
     except ConnectionError as exc:
         raise PeerGone(f"went away during its PROXY header: {exc}") from None
     named = proxied(header, sock, addr)
@@ -117,7 +117,8 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
                     tls: ssl.SSLContext | None, *,
                     monitor: SlotMonitor | None = None,
                     header: Proxied | None = None,
-                    stop: StopSignal | None = None) -> Connection:
+                    stop: StopSignal | None = None,
+                    patience: Patience | None = None) -> Connection:
     """The ``Connection`` for ``sock``. Raises ``ClientError`` or ``OSError``; on either,
     ``sock`` is closed. With ``stop`` (a serving process's), a stop ends the waits for the
     PROXY header and the TLS handshake after its grace, and the connection's reads at once."""
@@ -143,7 +144,7 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
                           local=None if local is None else format_address(local, family),
                           monitor=monitor, settings=config,
                           max_time=_left(config.max_connection_time, accepted),
-                          linger_timeout=config.linger_timeout, stop=stop)
+                          linger_timeout=config.linger_timeout, stop=stop, patience=patience)
     except BaseException:
         sock.close()
         raise

@@ -24,6 +24,7 @@ import enum
 import mmap
 import struct
 import time
+from array import array
 from dataclasses import dataclass
 
 
@@ -51,6 +52,9 @@ _BEAT = struct.Struct("<d")
 
 #: In the master's slot, after its state letter: 1 while it asks to be woken (``want_wake``).
 _WAKE_AT = _STATE_AT + 1
+#: ... and then 1 while the server is under stress (``defence``: shorter deadlines).
+_STRESS_AT = _STATE_AT + 2
+_TAG = struct.Struct("<Q")
 
 _BY_LETTER = {state.value.encode(): state for state in SlotState}
 _DRAINING = SlotState.FINISHING.value.encode()
@@ -81,10 +85,14 @@ class Scoreboard:
         if size < 1:
             raise ValueError("a scoreboard needs at least one slot")
         self.size = size
-        # one more slot after the processes' own: the master's word to all of them
-        self._map = mmap.mmap(-1, (size + 1) * SLOT_SIZE)
+        # one more slot after the processes' own: the master's word to all of them; then a
+        # column, one entry per slot, that a process counts in one C call (``sourceguard``):
+        # the source tag of the slot's client while that client has not proven itself, or 0
+        self._tags_at = (size + 1) * SLOT_SIZE
+        self._map = mmap.mmap(-1, self._tags_at + size * _TAG.size)
         self._master_state_at = size * SLOT_SIZE + _STATE_AT
         self._wake_at = size * SLOT_SIZE + _WAKE_AT
+        self._stress_at = size * SLOT_SIZE + _STRESS_AT
 
     def write(self, index: int, *, pid: int, state: SlotState, generation: int = 0,
               connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
@@ -138,6 +146,34 @@ class Scoreboard:
             return False
         self._map[self._wake_at] = 0
         return True
+
+    def mark_unproven(self, index: int, tag: int) -> None:
+        """Slot ``index`` serves a client of source ``tag`` (``admission.source_tag``) that
+        has not proven itself yet (no whole first line; ``sourceguard``)."""
+        _TAG.pack_into(self._map, self._tags_at + index * _TAG.size, tag)
+
+    def mark_proven(self, index: int) -> None:
+        """Slot ``index``'s client has proven itself, or is gone (one ``pack_into``: safe in
+        the serving process's hot path and in the master)."""
+        _TAG.pack_into(self._map, self._tags_at + index * _TAG.size, 0)
+
+    def unproven(self, index: int) -> bool:
+        return bool(_TAG.unpack_from(self._map, self._tags_at + index * _TAG.size)[0])
+
+    def count_unproven(self, tag: int | None = None) -> int:
+        """Unproven clients, all of them or those of source ``tag`` (a copy of the column,
+        4 KB at 512 slots, counted in C)."""
+        column = array("Q", self._map[self._tags_at:self._tags_at + self.size * _TAG.size])
+        return self.size - column.count(0) if tag is None else column.count(tag)
+
+    def set_stress(self, on: bool) -> None:
+        """In the master: the server is (or is no longer) under stress."""
+        self._map[self._stress_at] = int(on)
+
+    @property
+    def stressed(self) -> bool:
+        """Is the server under stress? (One read of the shared mapping.)"""
+        return bool(self._map[self._stress_at])
 
     def monitor(self, index: int) -> SlotMonitor:
         return SlotMonitor(self._map, index * SLOT_SIZE)

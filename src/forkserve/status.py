@@ -12,7 +12,9 @@ count: ``accept_pauses`` and ``fork_failures`` by errno, ``refused`` and ``worke
 reason), and ``processes``: one row per worker or child with its
 ``slot``, ``pid``, ``generation``, ``state`` (name) and ``letter`` (Apache's), ``connections``,
 ``bytes_in``, ``bytes_out``, ``errors`` (handler exceptions), ``peer``, ``in_request_s`` and
-``heartbeat_age_s``.
+``heartbeat_age_s``; ``stress`` (true in stress mode) and ``penalised``: the sources
+refused for a penalty now (``source``, ``left_s``, ``causes``: cause -> count), the most recent
+first, at most 20.
 """
 
 from __future__ import annotations
@@ -120,6 +122,11 @@ def summary_lines(snap: Mapping[str, Any], rate: float | None = None) -> list[st
         f"busy {snap['busy']}" + (f", idle {idle}" if idle is not None else "")
         + f", capacity {snap['capacity']}",
         f"events: {counters}",
+        *(["stress mode: on (shorter deadlines at capacity)"] if snap.get("stress") else []),
+        *(["penalised: " + ", ".join(
+            f"{p['source']} ({p['left_s']:g}s left: "
+            + ", ".join(f"{c}={n}" for c, n in p["causes"].items()) + ")"
+            for p in snap["penalised"])] if snap.get("penalised") else []),
     ]
 
 

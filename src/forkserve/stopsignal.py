@@ -67,6 +67,8 @@ class StopSignal:
         #: The master is gone: nothing incomplete is waited for (see the module doc).
         self.orphaned = False
         self.began = 0.0
+        #: The connection's handshake must end now (the early drop needs its room).
+        self.gave_way = False
 
     def install(self) -> None:
         signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
@@ -87,8 +89,15 @@ class StopSignal:
         return 0.0 if self.orphaned else STOP_GRACE
 
     def cut(self, deadline: float) -> float:
-        """``deadline``, brought forward to the end of the grace once a stop has come."""
+        """``deadline``, brought forward to the end of the grace once a stop has come, or to
+        now once the connection must give way (``give_way``)."""
+        if self.gave_way:
+            return 0.0
         return min(deadline, self.began + self.grace) if self.requested else deadline
+
+    def give_way(self) -> None:
+        """In a signal handler: the handshake under way ends now (``sourceguard``)."""
+        self.gave_way = True
 
     def waiter(self, fd: int, events: int = select.POLLIN) -> Waiter:
         return Waiter(fd, self.fd, events)

@@ -258,6 +258,7 @@ class Supervisor:
             "counters": {**self.counter_table(),
                          "errors": {"handler": model.handler_errors}},
             "processes": [process_row(slot, now) for slot in model.processes],
+            "stress": model.stress, "penalised": self.gate.penalised(now),
         }
 
     def _tick(self) -> None:

@@ -38,6 +38,10 @@ class HandshakeFailed(ClientError):
     """The client did not complete a TLS handshake (in time, or at all)."""
 
 
+class HandshakeTimeout(HandshakeFailed):
+    """The client's PROXY header or TLS handshake was not complete by its deadline."""
+
+
 def make_context(config: Config) -> ssl.SSLContext | None:
     """The server's TLS context, or None without ``certfile``. Raises ``ConfigError``."""
     if config.certfile is None:
@@ -98,8 +102,8 @@ def handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float, *,
                 events = select.POLLOUT
             if not ready_by(tls.fileno(), deadline, stop, events=events):
                 why = "the server is stopping" if stop is not None and stop.requested else ""
-                raise HandshakeFailed(f"no TLS handshake within {budget:g} s"
-                                      + (f" ({why})" if why else ""))
+                raise HandshakeTimeout(f"no TLS handshake within {budget:g} s"
+                                       + (f" ({why})" if why else ""))
     except HandshakeFailed:
         tls.close()
         raise

@@ -56,22 +56,27 @@ from . import hooks
 from .apps import App
 from .child import (
     CHILD_GRACE_MARGIN,
+    LOOK_AGAIN,
     arm_connection_timer,
+    look_again,
+    patience_for,
     serve_one,
     set_parent_death_signal,
     set_title,
 )
 from .config import Config
 from .connection import Connection, format_address
+from .defence import Startups
 from .errors import ChildExit, ClientError, WorkerExit
 from .gate import Gate
 from .hooks import Process
 from .listeners import ACCEPT_TRANSIENT_ERRNOS, Listener
-from .logs import AccessLog, AccessRecord
+from .logs import AccessLog, AccessRecord, RateLimiter
 from .poolpipe import Kind, Message, PauseTally
 from .preamble import Proxied, open_connection, proxy_addresses
 from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
+from .sourceguard import DROP_UNPROVEN, SourceGuard
 from .stopsignal import StopSignal, drain
 from .traffic import accept_queue
 
@@ -88,6 +93,8 @@ ACCEPT_PAUSE_SECONDS = 0.1
 #: it a STOP_GRACE (a silent one) and a linger (one that does not close), one after the
 #: other; those still queued then are reset, as without a drain.
 DRAIN_SECONDS = 5.0
+#: A worker logs its refusals (per-source cap, early drop) at most once per reason this often.
+REFUSAL_REPORT_INTERVAL = 5.0
 #: Signals meant for the master that a worker ignores when the whole group gets them.
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -111,6 +118,9 @@ class WorkerContext:
     tls: ssl.SSLContext | None = None
     #: Admission rules (allow/deny, rules_file), applied by the worker itself.
     gate: Gate | None = None
+    #: The per-source cap in force (0: none) and the early drop (``sourceguard``).
+    source_limit: int = 0
+    startups: Startups | None = None
 
 
 class BootAborted(Exception):
@@ -137,6 +147,8 @@ class Worker:
         self._stop_began = 0.0
         self.serving: Connection | None = None
         self.stop = StopSignal(ctx.master_pid)
+        self.guard = SourceGuard(ctx.scoreboard, ctx.source_limit, ctx.startups)
+        self._refusals = RateLimiter(REFUSAL_REPORT_INTERVAL)
         self._stop_poll = select.poll()  # (the accept pause: the stop pipe alone)
         self._stop_poll.register(self.stop.fd, select.POLLIN)
         self.poller = select.epoll()
@@ -181,6 +193,8 @@ class Worker:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, _quit_now)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(LOOK_AGAIN, look_again)
+        signal.signal(DROP_UNPROVEN, self._drop_unproven)
         self.stop.install()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         set_parent_death_signal(signal.SIGTERM)
@@ -211,6 +225,13 @@ class Worker:
             self._close_listeners()
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
                          + CHILD_GRACE_MARGIN)
+
+    def _drop_unproven(self, signum: int, frame: FrameType | None) -> None:
+        """Another worker's newcomer needs room (``sourceguard``): if this worker's client
+        still has not proven itself, its input ends now (no grace)."""
+        conn = self.serving
+        if conn is not None and not conn.proven:
+            conn.interrupt(0.0)
 
     def _close_listeners(self) -> None:
         for listener in self.ctx.listeners:
@@ -285,16 +306,40 @@ class Worker:
             addr = header.addr
         gate = self.ctx.gate
         if gate is None:
-            self._serve(sock, addr, header)
+            self._guarded(sock, addr, header)
             return True
         gate.tick(time.monotonic())  # the rules file, polled as the master polls it
-        admitted, key = gate.admit(sock, addr)  # the rules only: see gate.check_model
+        admitted, key = gate.admit(sock, addr)  # the rules only: see gate.build
         if admitted:
             try:
-                self._serve(sock, addr, header)
+                self._guarded(sock, addr, header)
             finally:
                 gate.release(key)
         return True
+
+    def _guarded(self, sock: socket.socket, addr: object, header: Proxied | None) -> None:
+        """The per-source cap and the early drop (``sourceguard``), then serve."""
+        if not isinstance(addr, tuple) or not self.guard.active:  # (unix peers: no source)
+            self._serve(sock, addr, header)
+            return
+        refused = self.guard.admit(self.slot, addr[0])
+        if refused is not None:
+            self._refuse(sock, refused, addr[0])
+            return
+        try:
+            self._serve(sock, addr, header)
+        finally:
+            self.guard.leave(self.slot)
+
+    def _refuse(self, sock: socket.socket, reason: str, who: str) -> None:
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            message = self.ctx.config.refuse_message
+            if message is not None:
+                sock.send(message.encode() + b"\n")
+        sock.close()
+        if self._refusals.allow(reason, time.monotonic()) is not None:
+            log.info("worker %d: refused %s: %s", self.pid, who, reason)
 
     def _read_header(self, sock: socket.socket, addr: object) -> Proxied | None:
         """The PROXY header (waiting up to handshake_timeout: the client's time)."""
@@ -319,7 +364,8 @@ class Worker:
         try:
             conn = open_connection(sock, addr, config, self.ctx.tls, header=header,
                                    monitor=self.ctx.scoreboard.monitor(self.slot),
-                                   stop=self.stop)
+                                   stop=self.stop,
+                                   patience=patience_for(config, self.ctx.scoreboard, self.slot))
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s", peer, exc)
             self._state(SlotState.IDLE)

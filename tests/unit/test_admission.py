@@ -468,4 +468,5 @@ def test_rules_parse_from_any_lines() -> None:
 
 
 def test_reasons_are_the_metric_labels() -> None:
-    assert [str(r) for r in Reason] == ["denied", "rate", "per_ip"]
+    assert [str(r) for r in Reason] == ["denied", "penalty", "rate", "per_ip", "unproven",
+                                       "startups"]

@@ -37,6 +37,8 @@ class ModelStatus:
     processes: list[Slot] = field(default_factory=list)
     #: Connections whose handler raised, since start.
     handler_errors: int = 0
+    #: Under stress now (``defence``: the deadlines of waiting connections shrink).
+    stress: bool = False
 
 
 class WithoutPool:

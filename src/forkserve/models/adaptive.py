@@ -40,8 +40,13 @@ from ..config import MAX_SPARE_PER_MIN_SPARE, MIN_SPARE, START_WORKERS, Config
 
 #: The adaptive pool looks at the idle count this often ...
 ADAPT_INTERVAL = 1.0
-#: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE).
+#: ... and grows by at most this many workers at a time (Apache's MAX_SPAWN_RATE) ...
 MAX_SPAWN_RATE = 32
+#: ... except while workers hold clients that have not proven themselves (no whole first
+#: line: silent clients, the cheapest attack on a pool): then it looks this often and grows
+#: past them at once, by as many as they hold (bounded by the per-source startups cap and
+#: the early drop, ``sourceguard``), so that well-behaved clients find an idle worker.
+UNPROVEN_INTERVAL = 0.25
 #: A pool at rest is looked at again after this long all the same: the bound on a lost
 #: wake-up, long enough that a resting master is idle (the watchdog wakes it about as often).
 REST_RECHECK = 30.0
@@ -105,17 +110,18 @@ class Adapter:
     def deadline(self) -> float | None:
         return self.next_look if self.plan.adaptive else None
 
-    def wait(self, now: float) -> None:
-        """Not judged now (the pool is still being forked): look again in a second."""
-        self.next_look = now + ADAPT_INTERVAL
+    def wait(self, now: float, unproven: int = 0) -> None:
+        """Not judged now (the pool is still being forked): look again in a second (a
+        quarter of one while workers hold unproven clients)."""
+        self.next_look = now + (UNPROVEN_INTERVAL if unproven else ADAPT_INTERVAL)
 
     def decide(self, now: float, *, workers: int, idle: int, target: int,
-               ceiling: int) -> tuple[Step, int]:
-        """The step for ``workers`` ready workers of which ``idle`` are idle, and by how many
-        workers (GROW only)."""
-        self.next_look = now + ADAPT_INTERVAL
+               ceiling: int, unproven: int = 0) -> tuple[Step, int]:
+        """The step for ``workers`` ready workers of which ``idle`` are idle and ``unproven``
+        hold an unproven client, and by how many workers (GROW only)."""
+        self.next_look = now + (UNPROVEN_INTERVAL if unproven else ADAPT_INTERVAL)
         if idle < self.plan.min_spare and target < ceiling:
-            grow = min(self.spawn_rate, ceiling - target)
+            grow = min(max(self.spawn_rate, unproven), ceiling - target)
             self.spawn_rate = min(self.spawn_rate * 2, MAX_SPAWN_RATE)
             return Step.GROW, grow
         self.spawn_rate = 1

@@ -20,16 +20,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from ..admission import ClientKey
-from ..child import ChildContext, run_child
+from ..child import PENALISED_EXITS, ChildContext, run_child
 from ..connection import format_address
+from ..defence import Cause
 from ..errors import ChildExit, ClientError, PeerGone
+from ..gate import startups, startups_per_source
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
 from ..preamble import Proxied, check_trusted, proxied
 from ..proxyproto import ProxyParser
 from ..scoreboard import Scoreboard
+from ..sourceguard import SourceGuard
 from . import ModelStatus, WithoutPool
+from .stress import StressMode
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -40,6 +44,23 @@ log = logging.getLogger("forkserve")
 ACCEPT_BATCH = 32
 #: fork() errors that mean "no resources right now" (RLIMIT_NPROC, pids.max, memory).
 FORK_CAPACITY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
+#: Child exits that say nothing is wrong with the server (the client's doing, or a stop's).
+NORMAL_EXITS = frozenset({ChildExit.OK, ChildExit.HANDLER_ERROR, ChildExit.QUIT,
+                          ChildExit.FIRST_BYTE, ChildExit.HANDSHAKE, ChildExit.LINE_TOO_LONG})
+#: Signals that end a child only when its code crashed (a memory error, an abort): likely
+#: an exploit attempt, so they earn its client a penalty (sshd's "crash"). A handler's
+#: Python exception does not: that is the app's bug, not the client's attack.
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                           signal.SIGABRT, signal.SIGSYS})
+
+
+def penalty_cause(exited: Exited, displaced: bool) -> Cause | None:
+    """What a child's end earns its client's source, if anything."""
+    if exited.signal is not None:
+        return Cause.CRASH if exited.signal in CRASH_SIGNALS else None
+    if displaced:
+        return None  # the early drop closed it: it had no time to miss a deadline
+    return PENALISED_EXITS.get(exited.code)
 
 
 @dataclass
@@ -60,12 +81,18 @@ class Child:
     started: float
     #: What admission control counts this connection under (released at the exit).
     key: ClientKey | None = None
+    #: Closed by the early drop to make room for a newcomer (SIGQUIT).
+    displaced: bool = False
 
 
 class ForkModel(WithoutPool):
     name = "fork"
     accepts = True
     remind_stop = True
+    #: Children run forkserve's Connection: they record their client's proof, end with the
+    #: statuses of ``PENALISED_EXITS`` and look again on LOOK_AGAIN. Not so for programs
+    #: (exec): their exit statuses are their own, and SIGUSR2 would end them.
+    client_proof = True
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.sup = supervisor
@@ -78,6 +105,8 @@ class ForkModel(WithoutPool):
         self.handler_errors = 0
         #: PROXY protocol: accepted sockets whose header is still being read, by fd.
         self._awaiting: dict[int, AwaitingHeader] = {}
+        self.stress = StressMode(supervisor, self.scoreboard)
+        self.guard = self._make_guard()
 
     def _make_context(self) -> ChildContext:
         sup = self.sup
@@ -90,10 +119,15 @@ class ForkModel(WithoutPool):
     def start(self) -> None:
         pass
 
+    def _make_guard(self) -> SourceGuard:
+        config = self.sup.config
+        return SourceGuard(self.scoreboard, startups_per_source(config), startups(config))
+
     def reconfigure(self) -> str:
         """The supervisor's config and app were reloaded: children forked from now on use
         them (those running keep what they were forked with)."""
         self._context = self._make_context()
+        self.guard = self._make_guard()
         return "new children use it"
 
     @property
@@ -137,14 +171,39 @@ class ForkModel(WithoutPool):
         admitted, key = self.sup.gate.admit(sock, addr)
         if not admitted:
             return True
+        if not self._guard(sock, addr):
+            self.sup.gate.release(key)
+            return True
         child = self._spawn(sock, addr, header)
         if child is None:
             self.sup.gate.release(key)
             return False
         child.key = key
+        self._update_stress()
         return True
 
-    # ------------------------------------------------------------------ PROXY headers
+    # ------------------------------------------------------------------ defences
+
+    def _guard(self, sock: socket.socket, addr: object) -> bool:
+        """The startups cap and the early drop (``sourceguard``), on the slot the child will
+        take; False if ``sock`` was refused (and closed)."""
+        guard = self.guard
+        if not (self.client_proof and guard.active and isinstance(addr, tuple)):
+            return True
+        refused = guard.admit(self._free_slots[-1], addr[0])  # (the slot _spawn takes)
+        if refused is not None:
+            self.sup.gate.refuse(sock, str(refused), str(addr[0]))
+            return False
+        if guard.displaced is not None:
+            displaced = self.children.get(guard.displaced)
+            if displaced is not None:
+                displaced.displaced = True
+            self.sup.count("refused", "displaced")
+        return True
+
+    def _update_stress(self) -> None:
+        if self.client_proof:  # (SIGUSR2 would end a program: exec has no stress mode)
+            self.stress.update(len(self.children), self.sup.config.max_children, self.children)
 
     def _await_header(self, sock: socket.socket, addr: object) -> None:
         """PROXY protocol: read the header here, without waiting, before admission and the
@@ -217,7 +276,7 @@ class ForkModel(WithoutPool):
     def _spawn(self, sock: socket.socket, addr: object,
                header: Proxied | None = None) -> Child | None:
         """Fork a child for ``sock``; None if forking failed (accepting is then paused)."""
-        slot = self._free_slots.pop()
+        slot = self._free_slots.pop()  # (tagged unproven by _guard: the child clears it)
         kernel = self.sup.kernel
         try:
             with self.sup.signals_blocked():
@@ -225,6 +284,7 @@ class ForkModel(WithoutPool):
                 if pid == 0:
                     self._run_child(sock, addr, slot, header)  # never returns
         except OSError as exc:
+            self.scoreboard.mark_proven(slot)
             self._free_slots.append(slot)
             sock.close()  # this client is refused: better than a master that dies
             self.sup.fork_failed(exc)
@@ -247,9 +307,14 @@ class ForkModel(WithoutPool):
             return False
         slot = self.scoreboard.read(child.slot)
         self.scoreboard.clear(child.slot)
+        self.scoreboard.mark_proven(child.slot)
         self._free_slots.append(child.slot)
         self.sup.gate.release(child.key)
+        cause = penalty_cause(exited, child.displaced) if self.client_proof else None
+        if cause is not None:
+            self.sup.gate.penalise(child.key, cause)
         self._report_exit(child, exited)
+        self._update_stress()
         if self.sup.access_log is not None:  # (nothing built per connection without one)
             ours = slot.pid == exited.pid
             self.sup.write_access(AccessRecord(
@@ -264,7 +329,7 @@ class ForkModel(WithoutPool):
     def _report_exit(self, child: Child, exited: Exited) -> None:
         """Count and log how a child ended (the access record is written after this)."""
         self.handler_errors += exited.code == ChildExit.HANDLER_ERROR
-        if exited.code not in (ChildExit.OK, ChildExit.HANDLER_ERROR, ChildExit.QUIT):
+        if exited.code not in NORMAL_EXITS:
             self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
 
     def interrupt(self, fast: bool) -> None:
@@ -277,6 +342,7 @@ class ForkModel(WithoutPool):
         return ModelStatus(
             capacity=self.sup.config.max_children, busy=len(self.children), idle=None,
             connections_total=self.accepted, handler_errors=self.handler_errors,
+            stress=self.stress.active,
             processes=[self.scoreboard.read(c.slot) for c in self.children.values()],
         )
 

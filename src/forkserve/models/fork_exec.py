@@ -150,6 +150,7 @@ class ExecModel(ForkModel):
     """``forkserve exec``: the fork model whose children become ``supervisor.app``."""
 
     remind_stop = False  # a program gets one SIGTERM at a stop, as from inetd or systemd
+    client_proof = False  # its exit statuses are the program's own; SIGUSR2 would end it
 
     def __init__(self, supervisor: Supervisor) -> None:
         super().__init__(supervisor)

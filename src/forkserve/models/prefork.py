@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 from ..child import STOP_REMINDER
 from ..errors import ExitCode, WorkerExit
+from ..gate import rules_wanted, startups, startups_per_source
 from ..kernel import Exited
 from ..listeners import Listener
 from ..poolpipe import Inbox, Kind, Message
@@ -60,6 +61,7 @@ from ..scoreboard import Scoreboard, Slot, SlotState
 from ..worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
 from . import ModelStatus
 from .adaptive import Adapter, Step, plan
+from .stress import StressMode
 
 if TYPE_CHECKING:
     from ..supervisor import Supervisor
@@ -125,6 +127,7 @@ class PreforkModel:
         self.workers: dict[int, WorkerInfo] = {}
         self.adapter = Adapter(plan(config))
         self.pool = Pool(target=self.adapter.plan.start)
+        self.stress = StressMode(supervisor, self.scoreboard)
         #: Connections served by workers that have exited (the live ones are in their slots).
         self.served_by_gone = 0
         self.errors_by_gone = 0
@@ -177,13 +180,16 @@ class PreforkModel:
         if not self.adapter.due(now):
             return
         current = self._current()
+        unproven = self.scoreboard.count_unproven()
         if len(current) < self.pool.target or not all(w.ready for w in current):
-            self.adapter.wait(now)  # still forking what was asked for: judge it once it is there
+            # still forking what was asked for: judge it once it is there
+            self.adapter.wait(now, unproven)
             return
         idle = [w for w in current if self._is_idle(w)]
+        self.stress.update(len(current) - len(idle), self.sup.config.max_workers, self.workers)
         step, n = self.adapter.decide(now, workers=len(current), idle=len(idle),
                                       target=self.pool.target,
-                                      ceiling=self.sup.config.max_workers)
+                                      ceiling=self.sup.config.max_workers, unproven=unproven)
         spares = self.adapter.plan
         if step is Step.GROW:
             self.pool.target += n
@@ -295,7 +301,8 @@ class PreforkModel:
             scoreboard=self.scoreboard, access_log=sup.access_log, master_pid=sup.pid,
             ready_fd=self._ready_w, close_master_fds=self._close_in_worker,
             master_signals=sup.handled_signals(), tls=sup.tls,
-            gate=sup.gate if sup.gate.admission is not None else None,
+            gate=sup.gate if rules_wanted(sup.config) else None,
+            source_limit=startups_per_source(sup.config), startups=startups(sup.config),
         )
         # before the fork: once forked, the slot is the worker's alone (it writes IDLE there)
         self.scoreboard.write(slot, pid=0, generation=self.pool.generation,
@@ -480,6 +487,7 @@ class PreforkModel:
             generation=self.pool.generation,
             processes=sorted(slots, key=lambda s: s.index),
             handler_errors=self.errors_by_gone + sum(s.errors for s in slots),
+            stress=self.stress.active,
         )
 
     def _slot_of(self, worker: WorkerInfo) -> Slot:

@@ -26,13 +26,16 @@ from collections.abc import Collection
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from ..child import serve_one
-from ..connection import Connection, format_address
+from ..admission import ClientKey
+from ..child import PENALISED_EXITS, serve_one
+from ..connection import Connection, Patience, format_address
+from ..defence import Cause
 from ..errors import ChildExit, ClientError, ExitCode
 from ..kernel import Exited
 from ..listeners import Listener
 from ..logs import AccessRecord
 from ..preamble import Proxied, open_connection, proxy_addresses
+from ..tls import HandshakeTimeout
 from . import ModelStatus, WithoutPool
 
 if TYPE_CHECKING:
@@ -102,18 +105,22 @@ class SingleModel(WithoutPool):
         admitted, key = self.sup.gate.admit(sock, addr)
         if admitted:
             try:
-                self._serve(sock, addr, header)
+                self._serve(sock, addr, header, key)
             finally:
                 self.sup.gate.release(key)
 
-    def _serve(self, sock: socket.socket, addr: object, header: Proxied | None) -> None:
+    def _serve(self, sock: socket.socket, addr: object, header: Proxied | None,
+               key: ClientKey | None) -> None:
         config, kernel = self.sup.config, self.sup.kernel
         started = kernel.monotonic()
         peer = format_address(addr, sock.family if header is None else header.family)
         try:
-            conn = open_connection(sock, addr, config, self.sup.tls, header=header)
+            conn = open_connection(sock, addr, config, self.sup.tls, header=header,
+                                   patience=Patience(first_byte=config.first_byte_timeout or None))
         except (ClientError, OSError) as exc:  # reset, or a failed TLS handshake
             log.info("%s: closed before the handler: %s", peer, exc)
+            if isinstance(exc, HandshakeTimeout):
+                self.sup.gate.penalise(key, Cause.HANDSHAKE)
             return
         self._served += 1
         try:
@@ -121,6 +128,9 @@ class SingleModel(WithoutPool):
         except StopDeadline:  # raised after the handler returned, before the timer was off
             status = self._killed(conn)
         self._errors += status == str(int(ChildExit.HANDLER_ERROR))
+        cause = PENALISED_EXITS.get(int(status)) if status.isdigit() else None
+        if cause is not None:
+            self.sup.gate.penalise(key, cause)
         self.sup.write_access(AccessRecord(
             peer=conn.peer, pid=self.sup.pid, duration_s=round(kernel.monotonic() - started, 6),
             bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=status,

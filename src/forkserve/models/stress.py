@@ -1,0 +1,53 @@
+"""Stress mode in a model (``defence.Stress``, Postfix's ``-o stress=yes``): at capacity, the
+deadlines of connections waiting for their client shrink, and the processes serving them are
+told to look at their deadlines again (``child.LOOK_AGAIN``); it ends once a quarter of the
+capacity is free again. Runs in the master."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ..child import LOOK_AGAIN
+from ..defence import Stress
+from ..scoreboard import Scoreboard
+
+if TYPE_CHECKING:
+    from ..supervisor import Supervisor
+
+log = logging.getLogger("forkserve")
+
+
+class StressMode:
+    """One model's stress mode: ``update`` after anything that changes how busy it is."""
+
+    def __init__(self, sup: Supervisor, board: Scoreboard) -> None:
+        self.sup = sup
+        self.board = board
+        self.stress = Stress()
+
+    @property
+    def active(self) -> bool:
+        return self.stress.active
+
+    def update(self, busy: int, capacity: int, pids: Iterable[int]) -> None:
+        config = self.sup.config
+        if not (config.stress_idle_timeout or config.stress_first_byte_timeout):
+            return
+        if not self.stress.update(busy, capacity, self.sup.kernel.monotonic()):
+            return
+        on = self.stress.active
+        self.board.set_stress(on)
+        if on:
+            log.warning("entering stress mode: %d of %d connections in use (idle_timeout %g s, "
+                        "first_byte_timeout %g s)", busy, capacity,
+                        config.stress_idle_timeout or config.idle_timeout,
+                        config.stress_first_byte_timeout or config.first_byte_timeout)
+        else:
+            log.warning("leaving stress mode: %d of %d connections in use", busy, capacity)
+        self.sup.count("stress", "entered" if on else "left")
+        for pid in list(pids):
+            with contextlib.suppress(ProcessLookupError):
+                self.sup.kernel.kill(pid, LOOK_AGAIN)
