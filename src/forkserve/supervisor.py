@@ -501,12 +501,13 @@ class Supervisor:
         else:
             log.info("graceful stop: waiting up to %g s for %d process(es)",
                      self.config.graceful_timeout, pending)
-        self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)
+        if fast or not (handover and self.model.ends_on_sigterm):
+            # (an upgrade's old programs end on their own: SIGTERM would cut them short)
+            self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)
 
     def _kill_all(self, sig: int) -> None:
         for pid in list(self.model.pids()):
-            with contextlib.suppress(ProcessLookupError):
-                self.kernel.kill(pid, sig)
+            self.model.signal(pid, sig)
 
     def _advance_stop(self) -> None:
         stop = self._stop

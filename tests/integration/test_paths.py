@@ -567,14 +567,9 @@ SKIP: dict[tuple[str, ...], str] = {
 }
 #: Real defects, each a strict xfail until fixed at its cause (see the report of issue 11).
 XFAIL: dict[tuple[str, str], str] = {
-    ("usr2", "exec"): "the old master's stop SIGTERMs its programs at the handover "
-                      "(Supervisor._begin_stop): answers cut, new connections reset",
-    ("term", "exec-pipe"): "a stop signals the program's pid, not its process group "
-                           "(Supervisor._kill_all): the rest of the pipeline stays",
-    ("quit", "exec-pipe"): "a fast stop kills the program's pid, not its process group "
-                           "(Supervisor._kill_all): the rest of the pipeline stays",
     ("kill-master", "exec-pipe"): "PR_SET_PDEATHSIG reaches the program only, not the rest "
-                                  "of its pipeline, which holds the connection",
+                                  "of its pipeline, which holds the connection (documented "
+                                  "in the README's exec section: a known limit)",
 }
 
 

@@ -8,6 +8,7 @@ child has been reaped (``on_exit``), and asks it which processes to signal on a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class ModelStatus:
 class WithoutPool:
     """The pool operations of ``Model`` for models that keep no pool (fork, single)."""
 
+    sup: Supervisor
+    ends_on_sigterm = False
+
     def manage(self) -> None:
         pass  # nothing to keep up between events
 
@@ -62,6 +66,10 @@ class WithoutPool:
     def pending(self) -> int:
         return 0
 
+    def signal(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.sup.kernel.kill(pid, sig)
+
 
 class Model(Protocol):
     name: str
@@ -71,6 +79,9 @@ class Model(Protocol):
     #: forkserve's own code, whose handler a SIGTERM can miss for a while
     #: (``child.STOP_REMINDER``). Not for programs (exec), which get one, as inetd sends.
     remind_stop: bool
+    #: Whether SIGTERM ends its processes outright (exec programs) rather than asking them to
+    #: finish (forkserve's own): an upgrade's handover then leaves them to end on their own.
+    ends_on_sigterm: bool
 
     @property
     def full(self) -> bool:
@@ -115,6 +126,9 @@ class Model(Protocol):
 
     def pids(self) -> Collection[int]:
         """Processes that a stop must wait for (and may have to kill)."""
+
+    def signal(self, pid: int, sig: int) -> None:
+        """Send a stop's ``sig`` to the process ``pid`` (exec: to its process group)."""
 
     def status(self) -> ModelStatus:
         """The model's figures now (read from the scoreboard; no system call)."""

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ..apps.exec import Program, run_program
 from ..kernel import Exited
+from ..listeners import Listener
 from ..preamble import Proxied
 from ..traffic import Quiet, io_total, tcp_quiet
 from .fork import Child, ForkModel
@@ -150,6 +151,7 @@ class ExecModel(ForkModel):
     """``forkserve exec``: the fork model whose children become ``supervisor.app``."""
 
     remind_stop = False  # a program gets one SIGTERM at a stop, as from inetd or systemd
+    ends_on_sigterm = True  # (an upgrade leaves the old master's programs to end by themselves)
     client_proof = False  # its exit statuses are the program's own; SIGUSR2 would end it
 
     def __init__(self, supervisor: Supervisor) -> None:
@@ -160,6 +162,8 @@ class ExecModel(ForkModel):
         self._stderr_w = -1
         #: Why forkserve killed the program being reported (set around ``on_exit``).
         self._killed_for: str | None = None
+        #: Programs started by a stop's drain: not sent the stop's SIGTERM (see ``signal``).
+        self._spared: set[int] = set()
 
     # ------------------------------------------------------------------ starting
 
@@ -259,20 +263,38 @@ class ExecModel(ForkModel):
 
     def _kill(self, program: Running, reason: str) -> None:
         program.killed_for = reason
-        pid = program.child.pid
+        self.signal(program.child.pid, signal.SIGKILL)
+
+    def signal(self, pid: int, sig: int) -> None:
+        """``sig`` to the program's whole process group (a pipeline such as ``sh -c 'a | b'``
+        ends whole), or to the program alone if the group is gone or refuses. A program
+        started by a stop's drain is spared the stop's SIGTERM: its client waited in the
+        queue for an answer, not for a signal."""
+        if sig == signal.SIGTERM and pid in self._spared:
+            return
         try:
-            self.sup.kernel.kill(-pid, signal.SIGKILL)  # the program's whole process group
+            self.sup.kernel.kill(-pid, sig)
         except ProcessLookupError:
             with contextlib.suppress(ProcessLookupError):
-                self.sup.kernel.kill(pid, signal.SIGKILL)
+                self.sup.kernel.kill(pid, sig)
         except OSError as exc:  # EPERM: a member changed its uid; at least the program
             if exc.errno == errno.EPERM:
                 with contextlib.suppress(ProcessLookupError):
-                    self.sup.kernel.kill(pid, signal.SIGKILL)
+                    self.sup.kernel.kill(pid, sig)
+
+    def drain(self, listener: Listener) -> None:
+        before = set(self.children)
+        super().drain(listener)
+        self._spared |= set(self.children) - before
 
     # ------------------------------------------------------------------ ending
 
     def on_exit(self, exited: Exited) -> bool:
+        self._spared.discard(exited.pid)
+        if self.sup.stopping and exited.pid in self.children:
+            # what is left of its pipeline goes with it at a stop (nothing else would end it)
+            with contextlib.suppress(OSError):
+                self.sup.kernel.kill(-exited.pid, signal.SIGKILL)
         program = self.running.pop(exited.pid, None)
         if program is not None:
             program.stderr.drain()  # its last words come before its end line

@@ -117,6 +117,7 @@ class PreforkModel:
     #: The master never accepts: the workers do.
     accepts = False
     remind_stop = True
+    ends_on_sigterm = False
     full = False
 
     def __init__(self, supervisor: Supervisor) -> None:
@@ -476,6 +477,10 @@ class PreforkModel:
 
     def pids(self) -> Collection[int]:
         return self.workers.keys()
+
+    def signal(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.sup.kernel.kill(pid, sig)
 
     def status(self) -> ModelStatus:
         slots = [self._slot_of(w) for w in self.workers.values()]
