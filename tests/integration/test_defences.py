@@ -202,3 +202,28 @@ def test_stress_mode_shortens_the_deadlines_of_connections_already_waiting(
         for s in socks:
             s.close()
     assert wait_until(lambda: not server.children(), 5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", ["fork", "prefork"])
+def test_well_behaved_load_from_one_address_loses_nothing(server_factory: Factory,
+                                                          model: str) -> None:
+    # 120 connections from 127.0.0.1 at once, over the per-source startups cap (64; prefork
+    # 32) and the early drop's START: each talks at once, so none of them is refused
+    server = server_factory("--model", model)
+    socks = []
+    try:
+        for _ in range(120):
+            s = server.connect(timeout=20)
+            s.sendall(b"hi\n")
+            socks.append(s)
+        for s in socks:
+            assert recv_exactly(s, len(HELLO)) == HELLO
+        for s in socks:  # and they go on being served
+            s.sendall(b"again\n")
+        for s in socks:
+            assert recv_exactly(s, len(HELLO)) == HELLO
+    finally:
+        for s in socks:
+            s.close()
+    assert "refused" not in server.log()
