@@ -273,6 +273,21 @@ def source_tag(peer_ip: str) -> int:
     return (int(addr) >> 64) | (1 << 63)
 
 
+def tag_of_key(key: ClientKey) -> int:
+    """The ``source_tag`` of a ``ClientKey`` of the default lengths (IPv4 /32, IPv6 /64)."""
+    if key.version == 4:
+        return key.network + 1
+    return (key.network >> 64) | (1 << 63)
+
+
+def key_of_tag(tag: int) -> ClientKey:
+    """The ``ClientKey`` of a ``source_tag`` (IPv4 /32, IPv6 /64, as admission keys them by
+    default)."""
+    if tag >> 63:
+        return ClientKey(6, (tag & ((1 << 63) - 1)) << 64, 64)
+    return ClientKey(4, tag - 1, 32)
+
+
 # --------------------------------------------------------------------------- rules
 
 

@@ -66,6 +66,10 @@ class Cause(enum.StrEnum):
     CRASH = "crash"
 
 
+#: The causes by a number (their index), for messages between processes.
+CAUSES = tuple(Cause)
+
+
 # --------------------------------------------------------------------------- early drop
 
 

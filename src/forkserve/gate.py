@@ -107,13 +107,13 @@ def check_model(config: Config) -> None:
 def build(config: Config, previous: Admission | None = None) -> Admission:
     """The ``Admission`` for ``config`` (the defences are on by default). Raises
     ``ConfigError``. The defences that count unproven connections are applied through the
-    scoreboard (``sourceguard``); prefork workers apply the rules only."""
+    scoreboard (``sourceguard``); prefork workers apply the rules themselves, and the
+    penalties that the master keeps and publishes in the scoreboard."""
     check_model(config)
-    prefork = config.model == "prefork"
     return Admission(allow=config.allow, deny=config.deny, rules_file=config.rules_file,
                      max_per_ip=config.max_per_ip, rate_per_ip=config.rate_per_ip,
                      rate_penalty=config.rate_penalty or None,
-                     penalties=None if prefork else parse_penalties(config.penalties),
+                     penalties=parse_penalties(config.penalties),
                      penalty_exempt=config.penalty_exempt, previous=previous)
 
 

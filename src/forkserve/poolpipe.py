@@ -15,6 +15,10 @@ never interleave, and the master cuts what it reads into messages with no framin
   ``TELL_INTERVAL`` (``PauseTally``): 64 workers out of fds wake the master 64 times a second,
   not 640. The master counts the pauses and logs them through its one rate limiter, so the
   whole server logs one line per kind of error per interval, as one process would.
+- ``ENDED_BADLY``: a connection ended in a way that earns its client's source a penalty
+  (``defence.Cause``, by its index in ``CAUSES``, in ``errno``; the source's tag in ``tag``):
+  the master keeps the penalties and publishes the sources refused now in the scoreboard,
+  where every worker looks at accept (``sourceguard``).
 - ``BUSY``: the master rests (an adaptive pool whose workers are all idle sets no timer) and
   asked the first worker that takes a connection to say so (``Scoreboard.wake_wanted``).
 
@@ -34,8 +38,8 @@ import math
 import struct
 from dataclasses import dataclass
 
-#: kind, slot, pid, errno, count (little-endian, 20 bytes).
-MESSAGE = struct.Struct("<Iiiii")
+#: kind, slot, pid, errno, count, tag (little-endian, 28 bytes).
+MESSAGE = struct.Struct("<IiiiiQ")
 #: POSIX guarantees that a pipe write of up to 512 bytes (``_POSIX_PIPE_BUF``) is atomic.
 _ATOMIC_WRITE = 512
 assert MESSAGE.size <= _ATOMIC_WRITE
@@ -48,6 +52,7 @@ class Kind(enum.IntEnum):
     READY = 1
     ACCEPT_PAUSED = 2
     BUSY = 3
+    ENDED_BADLY = 4
 
 
 _KINDS = frozenset(Kind)
@@ -60,9 +65,10 @@ class Message:
     pid: int
     errno: int = 0
     count: int = 0
+    tag: int = 0
 
     def encode(self) -> bytes:
-        return MESSAGE.pack(self.kind, self.slot, self.pid, self.errno, self.count)
+        return MESSAGE.pack(self.kind, self.slot, self.pid, self.errno, self.count, self.tag)
 
 
 class Inbox:
@@ -77,8 +83,8 @@ class Inbox:
         self._buffer += data
         whole = len(self._buffer) - len(self._buffer) % MESSAGE.size
         chunk, self._buffer = self._buffer[:whole], self._buffer[whole:]
-        return [Message(Kind(kind), slot, pid, err, count)
-                for kind, slot, pid, err, count in MESSAGE.iter_unpack(chunk)
+        return [Message(Kind(kind), slot, pid, err, count, tag)
+                for kind, slot, pid, err, count, tag in MESSAGE.iter_unpack(chunk)
                 if kind in _KINDS]
 
 

@@ -55,6 +55,8 @@ _WAKE_AT = _STATE_AT + 1
 #: ... and then 1 while the server is under stress (``defence``: shorter deadlines).
 _STRESS_AT = _STATE_AT + 2
 _TAG = struct.Struct("<Q")
+#: How many penalised sources the scoreboard publishes to prefork workers (the most recent).
+PENALISED_SHOWN = 1024
 
 _BY_LETTER = {state.value.encode(): state for state in SlotState}
 _DRAINING = SlotState.FINISHING.value.encode()
@@ -89,7 +91,10 @@ class Scoreboard:
         # column, one entry per slot, that a process counts in one C call (``sourceguard``):
         # the source tag of the slot's client while that client has not proven itself, or 0
         self._tags_at = (size + 1) * SLOT_SIZE
-        self._map = mmap.mmap(-1, self._tags_at + size * _TAG.size)
+        # and the sources refused for a penalty now, written by the master (prefork workers
+        # look there at accept; the fork model's master has them at hand)
+        self._penalised_at = self._tags_at + size * _TAG.size
+        self._map = mmap.mmap(-1, self._penalised_at + PENALISED_SHOWN * _TAG.size)
         self._master_state_at = size * SLOT_SIZE + _STATE_AT
         self._wake_at = size * SLOT_SIZE + _WAKE_AT
         self._stress_at = size * SLOT_SIZE + _STRESS_AT
@@ -159,6 +164,20 @@ class Scoreboard:
 
     def unproven(self, index: int) -> bool:
         return bool(_TAG.unpack_from(self._map, self._tags_at + index * _TAG.size)[0])
+
+    def publish_penalised(self, tags: list[int]) -> None:
+        """In the master: the source tags refused for a penalty now (the first
+        ``PENALISED_SHOWN``; the rest are refused when they are among them again)."""
+        column = array("Q", tags[:PENALISED_SHOWN])
+        column.extend([0] * (PENALISED_SHOWN - len(column)))
+        self._map[self._penalised_span()] = column.tobytes()
+
+    def penalised(self, tag: int) -> bool:
+        """Is source ``tag`` refused for a penalty now? (a copy and a count, in C)"""
+        return array("Q", self._map[self._penalised_span()]).count(tag) > 0
+
+    def _penalised_span(self) -> slice:
+        return slice(self._penalised_at, self._penalised_at + PENALISED_SHOWN * _TAG.size)
 
     def count_unproven(self, tag: int | None = None) -> int:
         """Unproven clients, all of them or those of source ``tag`` (a copy of the column,

@@ -49,16 +49,20 @@ DROP_UNPROVEN = signal.SIGWINCH
 class SourceGuard:
     """The startups cap (``limit``, 0: none) and the early drop (``startups``) over ``board``."""
 
-    def __init__(self, board: Scoreboard, limit: int, startups: Startups | None) -> None:
+    def __init__(self, board: Scoreboard, limit: int, startups: Startups | None, *,
+                 penalties: bool = False) -> None:
         self.board = board
         self.limit = limit
         self.startups = startups
+        #: Refuse the sources the master publishes as penalised (prefork: the fork model's
+        #: master checks its own table before this).
+        self.penalties = penalties
         #: The pid the last ``admit`` made give way, if any.
         self.displaced: int | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self.limit or self.startups is not None)
+        return bool(self.limit or self.startups is not None or self.penalties)
 
     def admit(self, slot: int, ip: str) -> Reason | None:
         """A client from ``ip`` is to be served on ``slot``: None to serve it (the slot now
@@ -66,6 +70,8 @@ class SourceGuard:
         self.displaced = None
         board = self.board
         tag = source_tag(ip)
+        if self.penalties and board.penalised(tag):
+            return Reason.PENALTY
         board.mark_unproven(slot, tag)
         same = board.count_unproven(tag)
         if self.limit and same > self.limit:

@@ -53,10 +53,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from . import hooks
+from .admission import source_tag
 from .apps import App
 from .child import (
     CHILD_GRACE_MARGIN,
     LOOK_AGAIN,
+    PENALISED_EXITS,
     arm_connection_timer,
     look_again,
     patience_for,
@@ -66,7 +68,7 @@ from .child import (
 )
 from .config import Config
 from .connection import Connection, format_address
-from .defence import Startups
+from .defence import CAUSES, Cause, Startups
 from .errors import ChildExit, ClientError, WorkerExit
 from .gate import Gate
 from .hooks import Process
@@ -78,6 +80,7 @@ from .privileges import apply_limits
 from .scoreboard import Scoreboard, SlotState
 from .sourceguard import DROP_UNPROVEN, SourceGuard
 from .stopsignal import StopSignal, drain
+from .tls import HandshakeTimeout
 from .traffic import accept_queue
 
 if TYPE_CHECKING:
@@ -147,7 +150,8 @@ class Worker:
         self._stop_began = 0.0
         self.serving: Connection | None = None
         self.stop = StopSignal(ctx.master_pid)
-        self.guard = SourceGuard(ctx.scoreboard, ctx.source_limit, ctx.startups)
+        self.guard = SourceGuard(ctx.scoreboard, ctx.source_limit, ctx.startups,
+                                 penalties=ctx.config.penalties != "off")
         self._refusals = RateLimiter(REFUSAL_REPORT_INTERVAL)
         self._stop_poll = select.poll()  # (the accept pause: the stop pipe alone)
         self._stop_poll.register(self.stop.fd, select.POLLIN)
@@ -369,6 +373,8 @@ class Worker:
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s", peer, exc)
             self._state(SlotState.IDLE)
+            if isinstance(exc, HandshakeTimeout):
+                self._ended_badly(addr, Cause.HANDSHAKE)
             return
         if conn.peer != peer:  # the PROXY header named the real client
             peer = conn.peer
@@ -386,6 +392,8 @@ class Worker:
                 signal.setitimer(signal.ITIMER_REAL, 0)  # the backstop, not needed now
         self.served += 1
         self.errors += status == ChildExit.HANDLER_ERROR
+        if (cause := PENALISED_EXITS.get(status)) is not None:
+            self._ended_badly(addr, cause)
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         self._state(SlotState.IDLE)
@@ -415,6 +423,15 @@ class Worker:
         except BlockingIOError:
             return False
         return True
+
+    def _ended_badly(self, addr: object, cause: Cause) -> None:
+        """Tell the master, which keeps the penalties of the whole pool (``defence``)."""
+        if not isinstance(addr, tuple):
+            return  # a unix-socket peer has no source
+        message = Message(Kind.ENDED_BADLY, self.slot, self.pid, CAUSES.index(cause),
+                          tag=source_tag(addr[0]))
+        with contextlib.suppress(BrokenPipeError):  # the master is gone (PDEATHSIG follows)
+            self._tell(message)  # (a full pipe loses it: a penalty is best effort)
 
     def _tell_pauses(self, now: float) -> None:
         """Tell the master of the accept pauses due: one message per errno per interval."""

@@ -140,10 +140,11 @@ def test_an_attack_from_64_addresses_cannot_take_the_server(server_factory: Fact
             s.close()
 
 
+@pytest.mark.parametrize("model", ["fork", "prefork"])
 def test_a_source_that_keeps_timing_out_is_refused_before_any_fork_then_served_again(
-        server_factory: Factory, tmp_path: Path) -> None:
+        server_factory: Factory, tmp_path: Path, model: str) -> None:
     control = tmp_path / "control.sock"
-    server = server_factory("--first-byte-timeout", "0.3", "--penalties",
+    server = server_factory("--model", model, "--first-byte-timeout", "0.3", "--penalties",
                             "first_byte:1.5 min:2", "--control", f"unix:{control}")
     for _ in range(2):  # one slip costs nothing (min:2); the second timeout does
         assert served_in(server, "127.0.0.4") < 5

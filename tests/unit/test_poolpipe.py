@@ -35,7 +35,7 @@ def test_a_partial_message_waits_for_the_next_read(cut: int) -> None:
 
 
 def test_an_unknown_kind_is_skipped() -> None:
-    stranger = MESSAGE.pack(99, 0, 1, 0, 0)
+    stranger = MESSAGE.pack(99, 0, 1, 0, 0, 0)
     assert Inbox().feed(stranger + WIRE) == MESSAGES
 
 

@@ -51,7 +51,9 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..admission import key_of_tag, tag_of_key
 from ..child import STOP_REMINDER
+from ..defence import CAUSES
 from ..errors import ExitCode, WorkerExit
 from ..gate import rules_wanted, startups, startups_per_source
 from ..kernel import Exited
@@ -129,6 +131,8 @@ class PreforkModel:
         self.adapter = Adapter(plan(config))
         self.pool = Pool(target=self.adapter.plan.start)
         self.stress = StressMode(supervisor, self.scoreboard)
+        #: When the earliest published penalty ends (the scoreboard is written again then).
+        self._penalties_end: float | None = None
         #: Connections served by workers that have exited (the live ones are in their slots).
         self.served_by_gone = 0
         self.errors_by_gone = 0
@@ -150,6 +154,8 @@ class PreforkModel:
             return
         self._retire_replaced()
         now = self.sup.kernel.monotonic()
+        if self._penalties_end is not None and now >= self._penalties_end:
+            self._publish_penalties(now)  # one ended: the workers let that source in again
         self._remind_retiring(now)
         self._watchdog(now)
         self._adapt(now)
@@ -167,6 +173,8 @@ class PreforkModel:
                       if w.retiring and not w.reminded]
         if (look := self.adapter.deadline()) is not None:
             deadlines.append(look)
+        if self._penalties_end is not None:
+            deadlines.append(self._penalties_end)
         if self._current_count() < self.pool.target:
             used = {w.slot for w in self.workers.values()}
             deadlines += [self.pool.slot_free_at.get(s, 0.0) for s in self._slots()
@@ -347,6 +355,19 @@ class PreforkModel:
         elif message.kind is Kind.ACCEPT_PAUSED:
             self.sup.accept_paused(message.errno, message.count, by="workers: ",
                                    pause=ACCEPT_PAUSE_SECONDS)
+        elif message.kind is Kind.ENDED_BADLY and 0 <= message.errno < len(CAUSES):
+            self.sup.gate.penalise(key_of_tag(message.tag), CAUSES[message.errno])
+            self._publish_penalties(self.sup.kernel.monotonic())
+
+    def _publish_penalties(self, now: float) -> None:
+        """The sources refused for a penalty now, for the workers to see at accept (they
+        keep no table: the master does, from their ENDED_BADLY messages)."""
+        table = self.sup.gate.admission.penalties if self.sup.gate.admission else None
+        if table is None:
+            return
+        active = list(table.active(now))
+        self.scoreboard.publish_penalised([tag_of_key(key) for key, _ in active])
+        self._penalties_end = min((entry.until for _, entry in active), default=None)
 
     def _retire_replaced(self) -> None:
         """Keep at most ``target - ready new`` old workers serving: each new worker that is
