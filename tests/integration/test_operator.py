@@ -220,7 +220,7 @@ def test_pid_file_and_signals_by_name(server_factory: Factory, tmp_path: Path) -
     config = tmp_path / "forkserve.toml"
     config.write_text('app = "hello"\n')
     server = server_factory("--config", str(config), "--pid-file", str(pid_file))
-    assert pid_file.read_text() == f"{server.pid}\n"
+    assert pid_file.read_text().splitlines()[0] == f"{server.pid}"
     config.write_text('app = "echo"\n')
     result = run_cli(["signal", "reload", "--pid-file", str(pid_file)])
     assert result.returncode == 0, result.stderr

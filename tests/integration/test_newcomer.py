@@ -1,0 +1,68 @@
+"""Issue 13, the newcomer's first hour: a safe ``signal``, every address printed, logs with
+time, ``check``, no socket file left by an upgrade, messages that say what to do."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Server, proc_info, run_cli, wait_until
+
+Factory = Callable[..., Server]
+
+
+@contextlib.contextmanager
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is not forkserve, for ``signal`` to be pointed at by mistake."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def one_line(result: subprocess.CompletedProcess[bytes], status: int, text: str) -> None:
+    err = result.stderr.decode()
+    assert result.returncode == status, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert text in err, err
+
+
+# ---------------------------------------------------------------- 1. a safe `signal`
+
+def test_signal_refuses_a_pid_that_is_not_a_forkserve_master(tmp_path: Path) -> None:
+    with bystander() as other:
+        result = run_cli(["signal", "stop", "--pid", str(other.pid)])
+        one_line(result, 1, f"process {other.pid} is not a forkserve master")
+        stale = tmp_path / "stale.pid"
+        stale.write_text(f"{other.pid}\n")  # an old-style file, its pid since reused
+        one_line(run_cli(["signal", "quit", "--pid-file", str(stale)]), 1,
+                 "is not a forkserve master")
+        assert other.poll() is None, "the bystander was signalled"
+
+
+def test_signal_refuses_a_pid_file_that_its_master_did_not_write(server_factory: Factory,
+                                                                 tmp_path: Path) -> None:
+    pid_file = tmp_path / "fs.pid"
+    server = server_factory("--pid-file", str(pid_file))
+    first, start = pid_file.read_text().splitlines()
+    assert first == str(server.pid) and start.startswith("start=")
+    stale = tmp_path / "stale.pid"
+    stale.write_text(f"{server.pid}\nstart=1\n")  # as if written by an earlier holder
+    one_line(run_cli(["signal", "stop", "--pid-file", str(stale)]), 1,
+             f"process {server.pid} is not the master that wrote {stale}")
+    assert server.proc.poll() is None
+    result = run_cli(["signal", "stop", "--pid-file", str(pid_file)])
+    assert result.returncode == 0, result.stderr
+    assert server.wait() == 0
