@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Server, proc_info, run_cli, wait_until
+from tests.integration.harness import Server, proc_info, recv_all, run_cli, wait_until
+from tests.integration.test_upgrade import stop_orphan
 
 Factory = Callable[..., Server]
 
@@ -57,7 +59,8 @@ def test_signal_refuses_a_pid_file_that_its_master_did_not_write(server_factory:
     pid_file = tmp_path / "fs.pid"
     server = server_factory("--pid-file", str(pid_file))
     first, start = pid_file.read_text().splitlines()
-    assert first == str(server.pid) and start.startswith("start=")
+    assert first == str(server.pid)
+    assert start.startswith("start=")
     stale = tmp_path / "stale.pid"
     stale.write_text(f"{server.pid}\nstart=1\n")  # as if written by an earlier holder
     one_line(run_cli(["signal", "stop", "--pid-file", str(stale)]), 1,
@@ -66,3 +69,35 @@ def test_signal_refuses_a_pid_file_that_its_master_did_not_write(server_factory:
     result = run_cli(["signal", "stop", "--pid-file", str(pid_file)])
     assert result.returncode == 0, result.stderr
     assert server.wait() == 0
+
+
+# ---------------------------------------------------------------- 2. no socket file left
+
+def test_an_upgrade_leaves_no_unix_socket_file_behind(server_factory: Factory,
+                                                      tmp_path: Path) -> None:
+    sock, ctl = tmp_path / "fs.sock", tmp_path / "fs.ctl"
+    server = server_factory("--control", f"unix:{ctl}", bind=[f"unix:{sock}"])
+    server.signal(signal.SIGUSR2)
+    handed = server.wait_for_log(r"upgrade: the new master \(pid (\d+)\) serves", 20)
+    assert server.wait(20) == 0, server.log_tail()
+    assert sock.exists(), "the new master serves on it"
+    assert ctl.exists()
+    assert stop_orphan(int(handed.group(1))) == 0
+    assert not sock.exists(), "the master that ended last removes the files it was handed"
+    assert not ctl.exists()
+
+
+# ---------------------------------------------------------------- 3. every address printed
+
+def test_the_ready_output_names_the_control_socket_and_the_metrics_url(
+        server_factory: Factory, tmp_path: Path) -> None:
+    ctl = tmp_path / "fs.ctl"
+    server = server_factory("--control", f"unix:{ctl}", "--metrics-bind", "127.0.0.1:0")
+    server.wait_for_log(rf"^forkserve: control socket on unix:{ctl} ")
+    url = server.wait_for_log(r"^forkserve: metrics on http://127\.0\.0\.1:(\d+)/metrics$")
+    with socket.create_connection(("127.0.0.1", int(url.group(1))), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert b"forkserve_busy" in recv_all(s)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    server.wait_for_log(r"stopped \(graceful stop\): exit status 0, 0 connection\(s\) cut$")
