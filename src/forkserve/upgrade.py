@@ -18,10 +18,11 @@ removes it only if it still holds its own pid), forgets its unix socket files an
 gracefully. The files are the new master's now: the old one names them and their inodes
 in ``FORKSERVE_UPGRADE_FILES``, and the new one takes them over once it has said it is ready
 (not before: a new master that is abandoned must not remove the files the old one still
-serves on), so whichever master ends last removes them: it closes its copies of the sockets, which stay open in the
-new master, and lets its children finish. If the new master exits before it is ready, or does
-not say so within ``READY_TIMEOUT``, the upgrade is abandoned (the new master is killed if it is
-still there) and the old master goes on serving; the log says why.
+serves on), so whichever master ends last removes them. The old master closes its copies of
+the sockets, which stay open in the new master, and lets its children finish. If the new
+master exits before it is ready, or does not say so within ``READY_TIMEOUT``, the upgrade is
+abandoned (the new master is killed if it is still there) and the old master goes on
+serving; the log says why.
 """
 
 from __future__ import annotations
