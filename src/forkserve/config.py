@@ -614,6 +614,10 @@ class Config:
         "Per child or worker: processes of its user (RLIMIT_NPROC; 0: unchanged).",
     )
     log_level: str = setting("info", Choice(options=LOG_LEVELS), "Least severe log level shown.")
+    log_file: str | None = setting(
+        None, Path(optional=True),
+        "Write the log to this file too, beside standard error (reopened on USR1).",
+    )
     access_log: str | None = setting(
         None, Path(optional=True),
         "Write one line per connection (peer, pid, duration, bytes, exit status) to this "

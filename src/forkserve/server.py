@@ -33,7 +33,7 @@ def run_server(config: Config, app: App | None = None,
     (``ListenError``), the pid file and the privilege drop. Whatever was opened is closed again
     if a later step fails.
     """
-    configure(config.log_level)
+    configure(config.log_level, config.log_file)
     # before anything imports user code or forks: these variables are for this process only
     notifier = systemd.Notifier.from_environ()
     inherited = systemd.inherited_listeners()

@@ -59,7 +59,7 @@ from .gate import Gate
 from .hooks import ChildExited
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import ACCEPT_CAPACITY_ERRNOS, ACCEPT_TRANSIENT_ERRNOS, Listener
-from .logs import AccessLog, AccessRecord, RateLimiter, configure
+from .logs import AccessLog, AccessRecord, RateLimiter, configure, reopen_files
 from .loopserver import LoopServer
 from .metrics import MetricsServer
 from .signals import _INTENTS, HANDLED, SIGNALS, Intent, SignalsBlocked
@@ -351,9 +351,8 @@ class Supervisor:
                 self.model.scale(1 if intent is Intent.MORE else -1)
             elif intent is Intent.UPGRADE and self._stop is None:
                 self.upgrader.start(self._cwd)
-            elif intent is Intent.REOPEN_LOGS and self.access_log is not None:
-                self.access_log.reopen()
-                log.info("reopened the access log %s", self.access_log.path)
+            elif intent is Intent.REOPEN_LOGS:
+                reopen_files(self.access_log)
 
     # ------------------------------------------------------------------ reload
 
@@ -383,7 +382,7 @@ class Supervisor:
         self.config, self.app, self.access_log = new.config, new.app, new.access_log
         self.tls = new.tls
         self.gate.replace(new.admission, new.config)
-        configure(new.config.log_level)
+        configure(new.config.log_level, new.config.log_file)
         reload.refreeze()
         log.info("%s; %s", new.summary, self.model.reconfigure())
         hooks.call(self.config, "on_reload", self.config)

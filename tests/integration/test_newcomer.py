@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -101,3 +102,33 @@ def test_the_ready_output_names_the_control_socket_and_the_metrics_url(
     server.signal(signal.SIGTERM)
     assert server.wait() == 0
     server.wait_for_log(r"stopped \(graceful stop\): exit status 0, 0 connection\(s\) cut$")
+
+
+# ---------------------------------------------------------------- 4. logs with time
+
+LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[\d+\] \[INFO\] "
+
+
+def test_a_hooks_log_lines_have_the_servers_format(server_factory: Factory,
+                                                  tmp_path: Path) -> None:
+    (tmp_path / "loghooks.py").write_text(
+        "import logging\n"
+        "def on_starting(config):\n"
+        "    logging.getLogger(__name__).info('the hook ran')\n")
+    server = server_factory("--on-starting", "loghooks:on_starting", cwd=tmp_path)
+    server.wait_for_log(LOG_LINE + "the hook ran$")
+
+
+def test_log_file_beside_stderr_is_reopened_on_usr1(server_factory: Factory,
+                                                    tmp_path: Path) -> None:
+    path = tmp_path / "forkserve.log"
+    server = server_factory("--log-file", str(path))
+    path.rename(tmp_path / "forkserve.log.1")  # what logrotate does
+    server.signal(signal.SIGUSR1)
+    server.wait_for_log(rf"reopened the log file {path}$")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    text = path.read_text()
+    assert re.search(LOG_LINE + rf"reopened the log file {path}$", text, re.M), text
+    assert "stopped (graceful stop): exit status 0, 0 connection(s) cut" in text
+    server.wait_for_log("stopped \\(graceful stop\\)")  # and on standard error too
