@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,3 +133,59 @@ def test_log_file_beside_stderr_is_reopened_on_usr1(server_factory: Factory,
     assert re.search(LOG_LINE + rf"reopened the log file {path}$", text, re.M), text
     assert "stopped (graceful stop): exit status 0, 0 connection(s) cut" in text
     server.wait_for_log("stopped \\(graceful stop\\)")  # and on standard error too
+
+
+# ---------------------------------------------------------------- 5. forkserve check
+
+def test_check_loads_what_serve_would_binds_nothing_and_prints_the_settings(
+        tmp_path: Path) -> None:
+    config = tmp_path / "fs.toml"
+    config.write_text('model = "prefork"\nworkers = 3\n')
+    with socket.socket() as taken:  # serve could not bind it: check does not try
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["check", "echo", "--config", str(config), "--bind", f"127.0.0.1:{port}"]
+        result = run_cli(args)
+        as_json = run_cli([*args, "--json"])
+    assert result.returncode == 0, result.stderr
+    assert "the configuration is valid (app echo, model prefork)" in result.stderr.decode()
+    settings = tomllib.loads(result.stdout.decode())  # a file --config would read
+    assert settings["workers"] == 3
+    assert settings["bind"] == [f"127.0.0.1:{port}"]
+    assert json.loads(as_json.stdout)["app"] == "echo"
+    one_line(run_cli(["check", "nosuchmodule:handle"]), 2, "invalid app: cannot import")
+    one_line(run_cli(["check", "--max-line", "-1"]), 2, "invalid --max-line")
+
+
+# ---------------------------------------------------------------- 7. messages
+
+def test_options_cannot_be_abbreviated_and_usage_is_the_commands() -> None:
+    result = run_cli(["serve", "--bind", "127.0.0.1:0", "--max-chil", "3"])
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert "unrecognized arguments: --max-chil" in err
+    assert "usage: forkserve serve" in err
+    bogus = run_cli(["serve", "--bogus"])
+    assert bogus.returncode == 2
+    assert "usage: forkserve serve" in bogus.stderr.decode()
+
+
+def test_messages_suggest_and_show_no_python_repr(tmp_path: Path) -> None:
+    config = tmp_path / "fs.toml"
+    config.write_text("max_childs = 3\n")
+    one_line(run_cli(["check", "--config", str(config)]), 2,
+             f"invalid max_childs in {config}: unknown setting; did you mean max_children?")
+    config.write_text('control = "127.0.0.1:9000"\n')
+    result = run_cli(["check", "--config", str(config)])
+    one_line(result, 2, "got 127.0.0.1:9000")
+    assert "Address(" not in result.stderr.decode()
+    one_line(run_cli(["status", "--control", "127.0.0.1:9000"]), 2,
+             "invalid --control: must be unix:PATH")
+    one_line(run_cli(["client", "nowhere"]), 2, "bad address 'nowhere'")
+
+
+def test_a_setting_the_model_ignores_gets_a_warning(server_factory: Factory) -> None:
+    server = server_factory("--model", "fork", "--workers", "3")
+    server.wait_for_log(r"^forkserve: warning: --workers \(workers\) applies to the prefork "
+                        "model only; the fork model ignores it$")
