@@ -227,6 +227,9 @@ def _run_exec(args: argparse.Namespace) -> int:
     given = {"app": EXEC_APP}
     config = _settings(args, given)
     exec_app.check_model(config.model)
+    if config.reload:
+        raise ConfigError("reload", "exec runs the program afresh for each connection: "
+                                    "there is no app code to reload")
     program = exec_app.prepare([args.program, *args.args], env_items=args.env,
                                pass_env=args.pass_env, chdir=config.chdir)
     reload = (lambda: config_mod.from_cli(args, args.config, given)) if args.config else None

@@ -201,6 +201,23 @@ class Path(Text):
 
 
 @dataclass(frozen=True)
+class Paths(Kind):
+    """Paths; repeat the flag for more."""
+
+    metavar: ClassVar[str] = "DIR"
+    repeat: ClassVar[bool] = True
+
+    def convert(self, value: object) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"must be a path or a list of paths, got {value!r}")
+        return tuple(str(Path().convert(item)) for item in items)
+
+    def show(self, value: object) -> str:
+        return ", ".join(str(v) for v in value) if isinstance(value, tuple | list) else ""
+
+
+@dataclass(frozen=True)
 class Flag(Kind):
     """On or off; on the command line, the flag alone turns it on."""
 
@@ -662,6 +679,16 @@ class Config:
         "is gone.",
     )
 
+    reload: bool = setting(
+        False, Flag(),
+        "Development: watch the app's source files (the .py files under the app directory, "
+        "and reload_dir) and reload as SIGHUP does when one changes; needs the `reload` "
+        "extra (watchfiles). Not with user, nor with exec.",
+    )
+    reload_dir: tuple[str, ...] = setting(
+        (), Paths(), "With reload: watch this directory too; repeat for more.",
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             info: SettingInfo = f.metadata[_META]
@@ -678,6 +705,9 @@ class Config:
             # shrink by turns every second
             raise ConfigError("max_spare", f"must be above min_spare ({self.min_spare}), or "
                                            "0 to never shrink")
+        if self.reload and self.user is not None:
+            raise ConfigError("reload", "a development reload is not for a server that "
+                                        "changes user: drop --reload or --user")
         if self.workers > self.max_workers:
             raise ConfigError("workers", f"must be at most max_workers ({self.max_workers}), "
                                          f"got {self.workers}")

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import gate, hooks, pidfile, privileges, reload, systemd, upgrade
+from . import devreload, gate, hooks, pidfile, privileges, reload, systemd, upgrade
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -70,6 +70,8 @@ def run_server(config: Config, app: App | None = None,
                                 metrics=metrics, tls=context, admission=admission,
                                 notifier=notifier, cwd=started_in,
                                 upgrade_ready_fd=upgrade_ready_fd)
+        if config.reload:  # last: nothing can fail after the watcher is started
+            devreload.Watcher(supervisor, devreload.directories(config))
         undo.pop_all()  # from here on, the supervisor closes what it was given
     status = supervisor.run()
     hooks.call(supervisor.config, "on_exit", status)
@@ -92,6 +94,9 @@ def prepare(config: Config, app: App | None = None) -> tuple[
     app = load_handler(config.app) if app is None else adapt(app, config.app)
     if config.metrics_bind is not None:
         require_metrics_client()
+    if config.reload:
+        devreload.require_watchfiles()
+        devreload.directories(config)
     return config, app, identity, context, admission
 
 

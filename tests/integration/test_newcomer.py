@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import socket
@@ -189,3 +188,44 @@ def test_a_setting_the_model_ignores_gets_a_warning(server_factory: Factory) -> 
     server = server_factory("--model", "fork", "--workers", "3")
     server.wait_for_log(r"^forkserve: warning: --workers \(workers\) applies to the prefork "
                         "model only; the fork model ignores it$")
+
+
+# ---------------------------------------------------------------- 6. --reload
+
+APP_SOURCE = """
+def handle(conn):
+    for line in conn.lines():
+        conn.write(b"VERSION\\n")
+"""
+
+
+@pytest.mark.parametrize("model", ["fork", "prefork"])
+def test_reload_serves_the_new_code_once_a_source_file_changes(
+        server_factory: Factory, tmp_path: Path, model: str) -> None:
+    app = tmp_path / "devapp.py"
+    app.write_text(APP_SOURCE.replace("VERSION", "v1"))
+    server = server_factory("devapp:handle", "--reload", "--model", model, cwd=tmp_path)
+    server.wait_for_log(rf"reload: watching {tmp_path} for changes")
+    assert ask(server) == b"v1\n"
+    app.write_text(APP_SOURCE.replace("VERSION", "v2"))
+    server.wait_for_log(rf"reload: {app} changed", 20)
+    server.wait_for_log(r"re-imported devapp:handle", 20)
+    assert wait_until(lambda: ask(server) == b"v2\n", 20), "the new code serves"
+    watcher = int(server.wait_for_log(r"for changes \(pid (\d+)\)").group(1))
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    assert wait_until(lambda: (p := proc_info(watcher)) is None or p.state == "Z", 10), \
+        "the watcher ends with the master"
+
+
+def ask(server: Server) -> bytes:
+    with server.connect() as s:
+        s.sendall(b"x\n")
+        return s.recv(100)
+
+
+def test_reload_is_refused_with_user_and_with_exec() -> None:
+    one_line(run_cli(["serve", "--reload", "--user", "nobody"]), 2,
+             "a development reload is not for a server that changes user")
+    one_line(run_cli(["exec", "--reload", "--bind", "127.0.0.1:0", "--", "cat"]), 2,
+             "invalid reload: exec runs the program afresh")
