@@ -229,3 +229,22 @@ def test_reload_is_refused_with_user_and_with_exec() -> None:
              "a development reload is not for a server that changes user")
     one_line(run_cli(["exec", "--reload", "--bind", "127.0.0.1:0", "--", "cat"]), 2,
              "invalid reload: exec runs the program afresh")
+
+
+# ---------------------------------------------------------------- 9. the bench
+
+@pytest.mark.timeout(90)
+def test_bench_names_each_scenario_once_and_memory_only_where_it_means_that(
+        tmp_path: Path) -> None:
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    result = run_cli(["bench", "--models", "single", "--scenarios", "persist_c1,persist_c10",
+                      "--duration", "0.5", "--warmup", "0", "--json", str(out),
+                      "--plot", str(png)], timeout=80)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.decode()
+    assert err.count("persist_c10") == 1, err
+    assert result.stdout.decode().count("persist_c10") == 1
+    records = {r["scenario"]: r for r in json.loads(out.read_text())["results"]}
+    assert records["persist_c1"]["mem_per_conn_kb"] is None, "not the server over 1 client"
+    assert records["persist_c10"]["mem_per_conn_kb"] is not None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
