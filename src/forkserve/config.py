@@ -652,8 +652,8 @@ class Config:
     )
     access_log: str | None = setting(
         None, Path(optional=True),
-        "Write one line per connection (peer, pid, duration, bytes, exit status) to this "
-        "file; `-` means standard error.",
+        "Write one line per connection (time, peer, pid, duration, bytes, exit status) to "
+        "this file; `-` means standard error. The time is the log's (text) or ISO 8601 (json).",
     )
     access_log_format: str = setting(
         "text", Choice(options=("text", "json")), "Format of the access log: text or json."
