@@ -3,17 +3,28 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# What serving needs: forkserve and its runtime extras (process titles, status, metrics),
+# not the development tools (mypy, ruff, matplotlib, ...), so the first `make run` is quick.
+RUN_STAMP := $(VENV)/.installed-run
+RUNTIME_EXTRAS := title,status,metrics
 
 .PHONY: run test lint typecheck unit integration docs clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[$(RUNTIME_EXTRAS)]'
+	touch $(RUN_STAMP)
+
+# Everything: the runtime extras and the development tools (the dev extra holds both).
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 # Serve the seed's hello app on 127.0.0.1:8080 with the fork model.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/forkserve serve --bind 127.0.0.1:8080 --model fork --app hello
 
 # Every check: lint, types, then the tests (unit and real-process integration).

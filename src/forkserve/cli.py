@@ -1,15 +1,19 @@
-"""The ``forkserve`` command: ``serve``, ``exec``, ``client``, ``signal``, ``status``,
-``settings``, ``bench``, ``demo``.
+"""The ``forkserve`` command: ``serve``, ``exec``, ``check``, ``client``, ``signal``,
+``status``, ``settings``, ``bench``, ``demo``.
 
 Every operator error ends as one line on standard error and exit status 2, never a traceback.
+No option may be abbreviated (``allow_abbrev=False``): ``--max-chil 3`` is an error, not
+``--max-children 3``, and a new flag can never change what an old command line meant.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
+from . import check as check_mod
 from . import config as config_mod
 from . import control
 from . import status as status_mod
@@ -17,6 +21,7 @@ from ._version import __version__
 from .apps import exec as exec_app
 from .client import ClientFailed
 from .client import run as run_client
+from .config import Config
 from .control import VERBS
 from .errors import ConfigError, ExitCode, ForkserveError
 from .server import run_server
@@ -63,20 +68,41 @@ def add_exec_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     help="its arguments (after --)")
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that takes no abbreviation of an option (see the module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``serve`` and ``check`` both read: the app, the config file, every setting."""
+    parser.add_argument("app_spec", nargs="?", metavar="APP",
+                        help="the app: hello, echo or MODULE:ATTR (same as --app)")
+    parser.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
+                        "(command-line flags win over it)")
+    config_mod.add_arguments(parser)
+
+
 def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="forkserve", description="A multi-process TCP server: fork, prefork and single "
         "models, and a program per connection (exec).")
     parser.add_argument("--version", action="version", version=f"forkserve {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]", parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser))
 
     serve = sub.add_parser("serve", help="serve an app (the seed's hello app by default)",
                            description="Serve an app until stopped by a signal.")
-    serve.add_argument("app_spec", nargs="?", metavar="APP",
-                       help="the app: hello, echo or MODULE:ATTR (same as --app)")
-    serve.add_argument("--config", metavar="FILE", help="read settings from this TOML file "
-                       "(command-line flags win over it)")
-    config_mod.add_arguments(serve)
+    add_serve_arguments(serve)
+    check = sub.add_parser("check", help="load the settings and the app as serve would; "
+                           "bind nothing", description="Load the flags, the --config file "
+                           "and the app exactly as serve would, bind nothing, print the "
+                           "effective settings (as TOML, or JSON) and exit 0; or print the "
+                           "one-line error and exit 2. Run it before a reload.")
+    add_serve_arguments(check)
+    check.add_argument("--json", action="store_true", help="print the settings as JSON")
 
     add_exec_parser(sub)
 
@@ -126,28 +152,31 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(tools=not words or words[0] not in ("serve", "exec")).parse_args(words)
+    parser = build_parser(tools=not words or words[0] not in ("serve", "exec", "check"))
+    args, extra = parser.parse_known_args(words)
+    if extra:  # the command's own usage, not the top level's
+        _command_parser(parser, args.command).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "tool", None) is not None:
         return int(args.tool(args))
     try:
         if args.command == "serve":
             given = {"app": args.app_spec} if args.app_spec else {}
-            config = config_mod.from_cli(args, args.config, given)
+            config = _settings(args, given)
             reload = ((lambda: config_mod.from_cli(args, args.config, given))
                       if args.config else None)
             return run_server(config, reload_config=reload)
         if args.command == "exec":
             return _run_exec(args)
+        if args.command == "check":
+            given = {"app": args.app_spec} if args.app_spec else {}
+            return check_mod.run(lambda: _settings(args, given), as_json=args.json)
         if args.command == "signal":
             pid = control.send(args.verb, pid_file=args.pid_file, pid=args.pid)
             print(f"forkserve: sent {VERBS[args.verb].name} to {pid}", file=sys.stderr)
             return 0
         if args.command == "status":
-            try:
-                address = config_mod.UnixAddress(optional=False).convert(args.control)
-            except ValueError as exc:
-                raise StatusFailed(f"--control: {exc}") from None
-            assert address is not None
+            address = _control_address(args.control)
             return status_mod.run(address.path, as_json=args.json, once=args.once,
                                   interval=args.interval)
         if args.command == "client":
@@ -165,11 +194,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _settings(args: argparse.Namespace, given: Mapping[str, object]) -> Config:
+    """The settings of ``serve``, ``exec`` or ``check``; a warning for each one given that
+    the model ignores (``--workers`` with the fork model). Raises ``ConfigError``."""
+    config = config_mod.from_cli(args, args.config, given)
+    for line in config_mod.ignored_by_model(config, config_mod.given_names(args, args.config)):
+        print(f"forkserve: warning: {line}", file=sys.stderr)
+    return config
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            chosen: argparse.ArgumentParser = action.choices[command]
+            return chosen
+    return parser
+
+
+def _control_address(text: str) -> config_mod.Address:
+    """``status --control``'s address: a unix socket, or a usage error saying so."""
+    wanted = "unix:PATH, the path of the server's --control socket"
+    if not text.startswith("unix:"):
+        raise ConfigError("--control", f"must be {wanted}; got {text!r}")
+    try:
+        return config_mod.Address.parse(text)
+    except ValueError as exc:
+        raise ConfigError("--control", f"must be {wanted}: {exc}") from None
+
+
 def _run_exec(args: argparse.Namespace) -> int:
     """``forkserve exec``: everything is checked before anything is bound (exit 2 otherwise)."""
     given = {"app": EXEC_APP}
-    config = config_mod.from_cli(args, args.config, given)
+    config = _settings(args, given)
     exec_app.check_model(config.model)
+    if config.reload:
+        raise ConfigError("reload", "exec runs the program afresh for each connection: "
+                                    "there is no app code to reload")
     program = exec_app.prepare([args.program, *args.args], env_items=args.env,
                                pass_env=args.pass_env, chdir=config.chdir)
     reload = (lambda: config_mod.from_cli(args, args.config, given)) if args.config else None

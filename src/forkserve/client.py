@@ -2,6 +2,7 @@
 
 Two modes. Scripted (``--message TEXT --count N``): send the line N times, one at a time, and
 print each answer line; exit 1 if the server closes or goes silent before all N answers came.
+A malformed address or option is a usage error: exit 2.
 Interactive (the default): every line typed is sent, everything the server sends is printed;
 at end of input the client half-closes and prints what is still coming until the server closes.
 """
@@ -15,7 +16,7 @@ import sys
 from typing import BinaryIO
 
 from .config import Address
-from .errors import ForkserveError
+from .errors import ConfigError, ForkserveError
 
 #: Bytes read from the server at a time (interactive mode).
 CHUNK = 65536
@@ -29,8 +30,8 @@ def connect(address: str, timeout: float) -> socket.socket:
     """Connect to ``HOST:PORT``, ``[IPV6]:PORT`` or ``unix:/path``; raise ``ClientFailed``."""
     try:
         addr = Address.parse(address)
-    except ValueError as exc:
-        raise ClientFailed(f"bad address {exc}") from None
+    except ValueError as exc:  # a usage error (exit 2), not a failure to connect (exit 1)
+        raise ConfigError("ADDR", f"bad address {exc}") from None
     try:
         if addr.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import ipaddress
 import math
 import tomllib
@@ -201,6 +202,23 @@ class Path(Text):
 
 
 @dataclass(frozen=True)
+class Paths(Kind):
+    """Paths; repeat the flag for more."""
+
+    metavar: ClassVar[str] = "DIR"
+    repeat: ClassVar[bool] = True
+
+    def convert(self, value: object) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"must be a path or a list of paths, got {value!r}")
+        return tuple(str(Path().convert(item)) for item in items)
+
+    def show(self, value: object) -> str:
+        return ", ".join(str(v) for v in value) if isinstance(value, tuple | list) else ""
+
+
+@dataclass(frozen=True)
 class Flag(Kind):
     """On or off; on the command line, the flag alone turns it on."""
 
@@ -346,8 +364,9 @@ class UnixAddress(Kind):
         if isinstance(value, str):
             value = Address.parse(value)
         if not isinstance(value, Address) or value.kind != "unix":
+            shown = str(value) if isinstance(value, Address) else repr(value)
             raise ValueError(f"must be a unix socket address such as unix:/run/fs.ctl, "
-                             f"got {value!r}")
+                             f"got {shown}")
         return value
 
 
@@ -406,11 +425,15 @@ class SettingInfo:
     kind: Kind
     doc: str
     flag: str
+    #: The models that use it; empty: every model.
+    models: tuple[str, ...] = ()
 
 
-def setting(default: object, kind: Kind, doc: str, *, flag: str = "") -> Any:
-    """Declare one setting: its default, kind, one doc line and (optionally) its CLI flag."""
-    return field(default=default, metadata={_META: SettingInfo(kind, doc, flag)})
+def setting(default: object, kind: Kind, doc: str, *, flag: str = "",
+            models: tuple[str, ...] = ()) -> Any:
+    """Declare one setting: its default, kind, one doc line, (optionally) its CLI flag and
+    the only models that use it."""
+    return field(default=default, metadata={_META: SettingInfo(kind, doc, flag, models)})
 
 
 MODELS = ("fork", "single", "prefork")
@@ -465,6 +488,7 @@ class Config:
         "and keeps between min_spare and max_spare of them idle, up to max_workers; N alone: a "
         "fixed pool of N; N with min_spare or max_spare: N to start with, then adaptive. "
         "TTIN/TTOU add or remove one.",
+        models=("prefork",),
     )
     max_workers: int = setting(
         MAX_WORKERS, Int(minimum=1),
@@ -472,41 +496,49 @@ class Config:
         f"there too). An idle worker of the hello app costs about {WORKER_PSS_MB:g} MB "
         f"(PSS), so {MAX_WORKERS} cost about {MAX_WORKERS * WORKER_PSS_MB / 1024:.1f} GB, and "
         "more with a bigger app: lower it to what the machine can hold.",
+        models=("prefork",),
     )
     min_spare: int | None = setting(
         None, IntOrUnset(minimum=0),
         "prefork: grow the pool when fewer workers than this are idle (1, 2, 4 ... up to 32 "
         f"a second, up to max_workers). Unset: {MIN_SPARE} when the pool adapts; 0: never "
         "grow by itself.",
+        models=("prefork",),
     )
     max_spare: int | None = setting(
         None, IntOrUnset(minimum=0),
         "prefork: retire one idle worker a second while more than this are idle. Unset: "
         f"{MAX_SPARE_PER_MIN_SPARE} x min_spare when the pool adapts; 0: never shrink.",
+        models=("prefork",),
     )
     timeout: float = setting(
         30.0, Seconds(),
         "prefork: a worker whose own code makes no progress for this long (waiting on a "
         "client does not count) gets SIGABRT, which logs its Python stack, then SIGKILL.",
+        models=("prefork",),
     )
     max_worker_memory: int = setting(
         0, Int(minimum=0),
         "prefork: a worker whose resident memory passes this many MB is replaced after its "
         "connection (0: never).",
+        models=("prefork",),
     )
     max_requests: int = setting(
         0, Int(minimum=0),
         "prefork: a worker is replaced after serving this many connections (0: never).",
+        models=("prefork",),
     )
     max_requests_jitter: int = setting(
         0, Int(minimum=0),
         "prefork: add a random 0..N to each worker's max_requests, so they do not all "
         "restart at once.",
+        models=("prefork",),
     )
     max_children: int = setting(
         512, Int(minimum=1),
         "fork: connections served at once; at the cap the master stops accepting and new "
         "clients wait in the backlog.",
+        models=("fork",),
     )
     max_line: int = setting(
         65536, Int(minimum=1),
@@ -689,10 +721,14 @@ class Config:
         "Per child or worker: processes of its user (RLIMIT_NPROC; 0: unchanged).",
     )
     log_level: str = setting("info", Choice(options=LOG_LEVELS), "Least severe log level shown.")
+    log_file: str | None = setting(
+        None, Path(optional=True),
+        "Write the log to this file too, beside standard error (reopened on USR1).",
+    )
     access_log: str | None = setting(
         None, Path(optional=True),
-        "Write one line per connection (peer, pid, duration, bytes, exit status) to this "
-        "file; `-` means standard error.",
+        "Write one line per connection (time, peer, pid, duration, bytes, exit status) to "
+        "this file; `-` means standard error. The time is the log's (text) or ISO 8601 (json).",
     )
     access_log_format: str = setting(
         "text", Choice(options=("text", "json")), "Format of the access log: text or json."
@@ -718,6 +754,16 @@ class Config:
         "is gone.",
     )
 
+    reload: bool = setting(
+        False, Flag(),
+        "Development: watch the app's source files (the .py files under the app directory, "
+        "and reload_dir) and reload as SIGHUP does when one changes; needs the `reload` "
+        "extra (watchfiles). Not with user, nor with exec.",
+    )
+    reload_dir: tuple[str, ...] = setting(
+        (), Paths(), "With reload: watch this directory too; repeat for more.",
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             info: SettingInfo = f.metadata[_META]
@@ -734,6 +780,9 @@ class Config:
             # shrink by turns every second
             raise ConfigError("max_spare", f"must be above min_spare ({self.min_spare}), or "
                                            "0 to never shrink")
+        if self.reload and self.user is not None:
+            raise ConfigError("reload", "a development reload is not for a server that "
+                                        "changes user: drop --reload or --user")
         if self.workers > self.max_workers:
             raise ConfigError("workers", f"must be at most max_workers ({self.max_workers}), "
                                          f"got {self.workers}")
@@ -760,11 +809,12 @@ def flag_of(name: str) -> str:
 def from_mapping(values: Mapping[str, object], *, source: str | None = None,
                  naming: Callable[[str], str] = str) -> Config:
     """Build a ``Config`` from ``values``; errors name settings with ``naming`` and ``source``."""
-    known = {name for name, _, _ in settings()}
+    known = [name for name, _, _ in settings()]
     for key in values:
         if key not in known:
-            raise ConfigError(naming(key), f"unknown setting (known: {', '.join(sorted(known))})",
-                              source)
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {naming(near[0])}?" if near else "`forkserve settings` lists them"
+            raise ConfigError(naming(key), f"unknown setting; {hint}", source)
     try:
         return Config(**values)  # type: ignore[arg-type]
     except ConfigError as exc:
@@ -824,6 +874,21 @@ def from_cli(namespace: argparse.Namespace, config_file: str | None = None,
         if config_file and exc.setting in file_keys:
             source = config_file
         raise ConfigError(exc.setting, exc.problem, source) from None
+
+
+def given_names(namespace: argparse.Namespace, config_file: str | None) -> set[str]:
+    """The settings an operator set: on the command line or in the config file."""
+    names = {name for name, _, _ in settings() if hasattr(namespace, name)}
+    return names | set(load_toml(config_file) if config_file else ())
+
+
+def ignored_by_model(config: Config, given: Iterable[str]) -> list[str]:
+    """One sentence for each setting in ``given`` that ``config.model`` does not use."""
+    infos = {name: info for name, info, _ in settings()}
+    return [f"{flag_of(name)} ({name}) applies to the {' and '.join(infos[name].models)} "
+            f"model only; the {config.model} model ignores it"
+            for name in sorted(given)
+            if name in infos and infos[name].models and config.model not in infos[name].models]
 
 
 def markdown_table() -> str:

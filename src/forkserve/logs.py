@@ -1,8 +1,13 @@
 """Logging set-up, rate-limited reports, and the access log.
 
-The error log goes to standard error. The access log (one line per connection) is written by
-the master (fork model: when it reaps the child, so the line has the exit status; single model:
-when the connection ends) to a file that ``reopen()`` re-opens for log rotation.
+The error log goes to standard error, and to ``log_file`` too if set (re-opened on USR1,
+like the access log; prefork workers keep the file they were forked with until they are
+replaced). If the program has not configured Python's logging itself, the root logger gets
+the same handlers and format, so the log lines of an app or a hook (``logging.getLogger
+(__name__)``) look like forkserve's own. The access log (one line per connection, with the
+time it ended) is written by the master (fork model: when it reaps the child, so the line has
+the exit status; single model: when the connection ends) to a file that ``reopen()`` re-opens
+for log rotation.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, TextIO
 
 from .errors import ConfigError
@@ -23,16 +30,66 @@ LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 log = logging.getLogger("forkserve")
 
 
-def configure(level: str) -> None:
-    """Send forkserve's log to standard error at ``level`` (idempotent)."""
-    root = logging.getLogger("forkserve")
-    root.setLevel(level.upper())
-    if not any(getattr(h, "_forkserve", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        handler._forkserve = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-        root.propagate = False
+def configure(level: str, log_file: str | None = None) -> None:
+    """Send forkserve's log to standard error (and ``log_file``) at ``level`` (idempotent);
+    the same for the root logger if nothing configured it. Raises ``ConfigError`` naming
+    ``log_file`` if it cannot be opened."""
+    ours = logging.getLogger("forkserve")
+    root = logging.getLogger()
+    adopt = not root.handlers or any(_tagged(h) for h in root.handlers)
+    for logger in (ours, root) if adopt else (ours,):
+        logger.setLevel(level.upper())
+        if not any(_tagged(h) for h in logger.handlers):
+            _add(logger, logging.StreamHandler(sys.stderr))
+        if log_file is not None and not any(_tagged(h, log_file) for h in logger.handlers):
+            _add(logger, _file_handler(log_file))
+    ours.propagate = False
+
+
+def _tagged(handler: logging.Handler, path: str | None = None) -> bool:
+    tag = getattr(handler, "_forkserve", None)
+    return tag is not None and (path is None or tag == path)
+
+
+def _add(logger: logging.Logger, handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler._forkserve = getattr(handler, "baseFilename", "-")  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+
+
+def _file_handler(path: str) -> logging.FileHandler:
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("log_file", f"cannot open {path}: {exc.strerror}") from None
+    handler.baseFilename = path  # as given, so a second call finds it (not made absolute)
+    return handler
+
+
+def reopen_files(access_log: AccessLog | None) -> None:
+    """USR1: re-open the log file and the access log (after rotation); say so. A file that
+    cannot be opened again is kept, and the log says why."""
+    handlers = {h for name in ("forkserve", "") for h in logging.getLogger(name).handlers}
+    for handler in handlers:
+        if isinstance(handler, logging.FileHandler) and _tagged(handler):
+            try:
+                old = handler.setStream(handler._open())
+            except OSError as exc:
+                log.error("cannot reopen the log file %s: %s", handler.baseFilename, exc)
+                continue
+            if old is not None:
+                old.close()
+            log.info("reopened the log file %s", handler.baseFilename)
+    if access_log is not None:
+        access_log.reopen()
+        log.info("reopened the access log %s", access_log.path)
+
+
+def timestamp(now: float, fmt: str) -> str:
+    """``now`` as the error log writes it (text), or ISO 8601 with the UTC offset (json)."""
+    if fmt == "json":
+        return datetime.fromtimestamp(now).astimezone().isoformat(timespec="milliseconds")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
 
 
 class RateLimiter:
@@ -87,7 +144,9 @@ class AccessLog:
         return open(self.path, "a", buffering=1, encoding="utf-8")
 
     def write(self, record: AccessRecord) -> None:
-        line = json.dumps(asdict(record)) if self.fmt == "json" else record.text()
+        stamp = timestamp(time.time(), self.fmt)
+        line = (json.dumps({"time": stamp, **asdict(record)}) if self.fmt == "json"
+                else f"{stamp} {record.text()}")
         try:
             self._stream.write(line + "\n")
         except OSError as exc:  # a full disk must not take the master down

@@ -69,7 +69,8 @@ if TYPE_CHECKING:
 
 #: Settings that a reload cannot change: they shape sockets and shared memory made at start.
 RESTART_ONLY = ("bind", "model", "backlog", "max_children", "max_workers", "pid_file",
-                "control", "metrics_bind", "chdir", "user", "group", "umask")
+                "control", "metrics_bind", "chdir", "user", "group", "umask", "log_file",
+                "reload", "reload_dir")
 #: Top-level modules a reload never re-imports: forkserve (the master runs its classes; a
 #: second copy would make ``except ForkserveError`` miss) and the program that embeds it.
 NEVER_REIMPORTED = frozenset({"forkserve", "__main__", "__mp_main__"})

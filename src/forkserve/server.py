@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from . import gate, hooks, pidfile, privileges, reload, systemd, upgrade
+from . import devreload, gate, hooks, pidfile, privileges, reload, systemd, upgrade
 from .apps import App
 from .config import Config
 from .errors import ConfigError
@@ -18,6 +19,11 @@ from .metrics import require_client as require_metrics_client
 from .supervisor import Supervisor
 from .tls import make_context as make_tls_context
 from .upgrade import CONTROL, METRICS
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
+
+    from .admission import Admission
 
 #: The control socket serves a few operators' status readers, not clients.
 CONTROL_BACKLOG = 16
@@ -33,26 +39,16 @@ def run_server(config: Config, app: App | None = None,
     (``ListenError``), the pid file and the privilege drop. Whatever was opened is closed again
     if a later step fails.
     """
-    configure(config.log_level)
+    configure(config.log_level, config.log_file)
     # before anything imports user code or forks: these variables are for this process only
     notifier = systemd.Notifier.from_environ()
     inherited = systemd.inherited_listeners()
     upgrade_ready_fd = upgrade.take_ready_fd()
     started_in = os.getcwd()
-    _chdir(config)
     origin = reload.Origin(config, reload_config, app_by_name=app is None)
-    config = hooks.resolve(config)
-    identity = privileges.resolve_identity(config)
-    privileges.check_limits(config)
-    context = make_tls_context(config)  # before privileges are dropped: keys are often root's
-    admission = gate.build(config)  # reads the rules file: a typo is exit 2, nothing bound
-    if config.umask is not None:
-        os.umask(config.umask)
-    app = load_handler(config.app) if app is None else adapt(app, config.app)
+    config, app, identity, context, admission = prepare(config, app)
     if not hooks.call(config, "on_starting", config):
         raise ConfigError("on_starting", "the hook raised (its traceback is in the log above)")
-    if config.metrics_bind is not None:
-        require_metrics_client()
     with contextlib.ExitStack() as undo:
         access_log = open_access_log(config)
         if access_log is not None:
@@ -74,10 +70,34 @@ def run_server(config: Config, app: App | None = None,
                                 metrics=metrics, tls=context, admission=admission,
                                 notifier=notifier, cwd=started_in,
                                 upgrade_ready_fd=upgrade_ready_fd)
+        if config.reload:  # last: nothing can fail after the watcher is started
+            devreload.Watcher(supervisor, devreload.directories(config))
         undo.pop_all()  # from here on, the supervisor closes what it was given
     status = supervisor.run()
     hooks.call(supervisor.config, "on_exit", status)
     return status
+
+
+def prepare(config: Config, app: App | None = None) -> tuple[
+        Config, App, privileges.Identity | None, ssl.SSLContext | None, Admission | None]:
+    """What serving needs before anything is bound, checked in this order: the directory
+    (changed to), hooks (imported), the user to become, limits, TLS files, admission rules,
+    the umask (set), the app (imported). Also ``forkserve check``. Raises ``ConfigError``."""
+    _chdir(config)
+    config = hooks.resolve(config)
+    identity = privileges.resolve_identity(config)
+    privileges.check_limits(config)
+    context = make_tls_context(config)  # before privileges are dropped: keys are often root's
+    admission = gate.build(config)  # reads the rules file: a typo is exit 2, nothing bound
+    if config.umask is not None:
+        os.umask(config.umask)
+    app = load_handler(config.app) if app is None else adapt(app, config.app)
+    if config.metrics_bind is not None:
+        require_metrics_client()
+    if config.reload:
+        devreload.require_watchfiles()
+        devreload.directories(config)
+    return config, app, identity, context, admission
 
 
 def _listeners(config: Config, inherited: list[systemd.InheritedSocket],

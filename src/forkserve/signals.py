@@ -58,7 +58,7 @@ SIGNALS: tuple[SignalRoute, ...] = (
                 "prefork: one worker fewer (never below 1); the one retired finishes its "
                 "connection first."),
     SignalRoute(signal.SIGUSR1, Intent.REOPEN_LOGS, "reopen",
-                "Reopen the access log file (after log rotation)."),
+                "Reopen the log file (`log_file`) and the access log file (after log rotation)."),
     SignalRoute(signal.SIGUSR2, Intent.UPGRADE, "upgrade",
                 "Zero-downtime upgrade: start a new master (new code, same command line) on "
                 "the same listening sockets; once it serves, this one stops gracefully."),

@@ -110,9 +110,9 @@ def summary_lines(snap: Mapping[str, Any], rate: float | None = None) -> list[st
     idle = snap["idle"]
     per_second = rate if rate is not None else (
         snap["connections_total"] / snap["uptime_s"] if snap["uptime_s"] else 0.0)
-    counters = "; ".join(
-        f"{kind} " + ", ".join(f"{label}={n}" for label, n in labels.items())
-        for kind, labels in snap["counters"].items()) or "none"
+    counters = "; ".join(  # what happened: a counter still at 0 is not an event
+        f"{kind} " + ", ".join(f"{label}={n}" for label, n in labels.items() if n)
+        for kind, labels in snap["counters"].items() if any(labels.values())) or "none"
     return [
         f"forkserve {snap['version']}  model={snap['model']}  pid={snap['pid']}  "
         f"generation={snap['generation']}  up {_duration(snap['uptime_s'])}",

@@ -42,14 +42,13 @@ import math
 import os
 import selectors
 import signal
-import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import gate, hooks, models, pidfile, reload, systemd, upgrade
+from . import gate, hooks, models, pidfile, ready, reload, systemd, upgrade
 from ._version import __version__
 from .admission import Admission
 from .apps import App
@@ -60,7 +59,7 @@ from .gate import Gate
 from .hooks import ChildExited
 from .kernel import Exited, Kernel, OsKernel, reap
 from .listeners import ACCEPT_CAPACITY_ERRNOS, ACCEPT_TRANSIENT_ERRNOS, Listener
-from .logs import AccessLog, AccessRecord, RateLimiter, configure
+from .logs import AccessLog, AccessRecord, RateLimiter, configure, reopen_files
 from .loopserver import LoopServer
 from .metrics import MetricsServer
 from .signals import _INTENTS, HANDLED, SIGNALS, Intent, SignalsBlocked
@@ -93,6 +92,10 @@ class Stop:
     #: ... and whether it went again to those still running.
     reminded: bool = False
     killed: bool = False
+    #: An upgrade's new master serves the same sockets now.
+    handover: bool = False
+    #: Connections (processes serving them) killed to stop.
+    cut: int = 0
 
 
 class Supervisor:
@@ -105,7 +108,7 @@ class Supervisor:
                  tls: ssl.SSLContext | None = None,
                  admission: Admission | None = None,
                  notifier: systemd.Notifier | None = None, cwd: str | None = None,
-                 upgrade_ready_fd: int | None = None) -> None:
+                 upgrade_ready_fd: upgrade.Successor | None = None) -> None:
         self.config = config
         self.app = app
         #: The TLS context (made before privileges were dropped), or None.
@@ -179,8 +182,9 @@ class Supervisor:
             self._close()
         if self._halt is not None:
             log.critical("stopped: %s", self._halt[0])
-            return self._halt[1]
-        return ExitCode.KILLED if self._killed else ExitCode.OK
+        status = self._halt[1] if self._halt else ExitCode.KILLED if self._killed else ExitCode.OK
+        ready.stopped(self._stop, status)
+        return status
 
     def halt(self, reason: str, status: ExitCode) -> None:
         """The server cannot go on (workers cannot boot): stop gracefully, exit ``status``."""
@@ -201,15 +205,12 @@ class Supervisor:
         names = " ".join(listener.name for listener in self.listeners)
         set_title(f"forkserve: master [{self.model.name}] {names}")
         self.update_accepting()
-        for listener in self.listeners:
-            # one write(2) per line, so that a child's log line can never land inside it
-            sys.stderr.write(f"forkserve: listening on {listener.name} "
-                             f"(model={self.model.name}, pid={self.pid})\n")
-            sys.stderr.flush()
+        operators = self.operator_listeners()
+        ready.announce(self.listeners, operators, self.model.name, self.pid)
         self.notifier.ready(f"serving {names} (model={self.model.name})")
         if self._upgrade_ready_fd is not None:
-            fd, self._upgrade_ready_fd = self._upgrade_ready_fd, None
-            upgrade.announce_ready(fd)
+            successor, self._upgrade_ready_fd = self._upgrade_ready_fd, None
+            upgrade.announce_ready(successor, [*self.listeners, *(x for _, x in operators)])
 
     def operator_listeners(self) -> list[tuple[str, Listener]]:
         """The control and metrics sockets, by their names for an upgrade's handover."""
@@ -351,9 +352,8 @@ class Supervisor:
                 self.model.scale(1 if intent is Intent.MORE else -1)
             elif intent is Intent.UPGRADE and self._stop is None:
                 self.upgrader.start(self._cwd)
-            elif intent is Intent.REOPEN_LOGS and self.access_log is not None:
-                self.access_log.reopen()
-                log.info("reopened the access log %s", self.access_log.path)
+            elif intent is Intent.REOPEN_LOGS:
+                reopen_files(self.access_log)
 
     # ------------------------------------------------------------------ reload
 
@@ -383,7 +383,7 @@ class Supervisor:
         self.config, self.app, self.access_log = new.config, new.app, new.access_log
         self.tls = new.tls
         self.gate.replace(new.admission, new.config)
-        configure(new.config.log_level)
+        configure(new.config.log_level, new.config.log_file)
         reload.refreeze()
         log.info("%s; %s", new.summary, self.model.reconfigure())
         hooks.call(self.config, "on_reload", self.config)
@@ -484,10 +484,11 @@ class Supervisor:
         now = self.kernel.monotonic()
         if self._stop is not None:
             if fast and not self._stop.fast:
-                self._stop.fast = True
+                self._stop.fast, self._stop.cut = True, len(self.model.pids())
                 self._kill_all(signal.SIGKILL)
             return
-        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout, told_at=now)
+        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout, told_at=now,
+                          handover=handover)
         if not handover:
             self.notifier.stopping()
         self.update_accepting()
@@ -497,6 +498,7 @@ class Supervisor:
             listener.close()
         pending = len(self.model.pids())
         if fast:
+            self._stop.cut = pending
             log.info("fast stop: killing %d process(es)", pending)
         else:
             log.info("graceful stop: waiting up to %g s for %d process(es)",
@@ -516,7 +518,7 @@ class Supervisor:
         left = self.model.pids()
         now = self.kernel.monotonic()
         if left and now >= stop.deadline:
-            stop.killed = True
+            stop.killed, stop.cut = True, len(left)
             self.note_killed(f"graceful timeout: killing {len(left)} connection(s) still open")
             self._kill_all(signal.SIGKILL)
         elif left and self._reminder_due(stop) <= now:
@@ -553,7 +555,7 @@ class Supervisor:
         self.notifier.close_in_child()
         self.upgrader.close_in_child()
         if self._upgrade_ready_fd is not None:
-            os.close(self._upgrade_ready_fd)
+            os.close(self._upgrade_ready_fd.fd)
             self._upgrade_ready_fd = None
         self.selector.close()
         os.close(self._wake_r)

@@ -14,17 +14,22 @@ what it held. ``NOTIFY_SOCKET`` is passed on, so that under systemd the new mast
 The new master says it is ready by writing to a pipe (``FORKSERVE_UPGRADE_FD``) once it serves:
 its listeners are watched and its model started. Then the old master hands the pid over
 (``MAINPID=`` to systemd; the new master has written the pid file already, and the old one
-removes it only if it still holds its own pid), forgets its unix socket files (they are the new
-master's now) and stops gracefully: it closes its copies of the sockets, which stay open in the
-new master, and lets its children finish. If the new master exits before it is ready, or does
-not say so within ``READY_TIMEOUT``, the upgrade is abandoned (the new master is killed if it is
-still there) and the old master goes on serving; the log says why.
+removes it only if it still holds its own pid), forgets its unix socket files and stops
+gracefully. The files are the new master's now: the old one names them and their inodes
+in ``FORKSERVE_UPGRADE_FILES``, and the new one takes them over once it has said it is ready
+(not before: a new master that is abandoned must not remove the files the old one still
+serves on), so whichever master ends last removes them. The old master closes its copies of
+the sockets, which stay open in the new master, and lets its children finish. If the new
+master exits before it is ready, or does not say so within ``READY_TIMEOUT``, the upgrade is
+abandoned (the new master is killed if it is still there) and the old master goes on
+serving; the log says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING
 from . import pidfile
 
 if TYPE_CHECKING:
+    from .listeners import Listener
     from .supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
@@ -44,6 +50,8 @@ log = logging.getLogger("forkserve")
 READY_TIMEOUT = 30.0
 #: The environment variable that carries the ready pipe's fd to the new master.
 READY_FD = "FORKSERVE_UPGRADE_FD"
+#: The environment variable that names the unix socket files handed over (JSON: path -> inode).
+FILES = "FORKSERVE_UPGRADE_FILES"
 #: The message the new master writes when it serves.
 READY = b"ready\n"
 #: The first fd of a socket-activation handover (sd_listen_fds(3)).
@@ -63,8 +71,17 @@ class Upgrade:
     received: bytes = b""
 
 
+@dataclass
+class Successor:
+    """A new master's side of an upgrade: the ready pipe, and the unix socket files that
+    become its own once it has said it serves (path -> inode, as the old master bound them)."""
+
+    fd: int
+    files: dict[str, int]
+
+
 def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify: dict[str, str],
-          deadline: float) -> Upgrade:
+          deadline: float, files: dict[str, int] | None = None) -> Upgrade:
     """Fork and exec the new master, handing it ``sockets`` ((name, fd) each). Raises
     ``OSError`` if the fork fails. Call with the master's signals blocked."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -75,7 +92,7 @@ def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify: dict[str, str],
         os.close(ready_w)
         raise
     if pid == 0:
-        _exec_new_master(sockets, ready_w, cwd, notify)  # never returns
+        _exec_new_master(sockets, ready_w, cwd, {**notify, FILES: json.dumps(files or {})})
     os.close(ready_w)
     os.set_blocking(ready_r, False)
     return Upgrade(pid, ready_r, deadline)
@@ -126,10 +143,12 @@ def read_ready(upgrade: Upgrade) -> bool | None:
     return READY in upgrade.received
 
 
-def take_ready_fd() -> int | None:
-    """In a new master that an upgrade started: the fd to announce readiness on (the variable
-    is removed, so no child sees it). None when this master was not started by an upgrade."""
+def take_ready_fd() -> Successor | None:
+    """In a new master that an upgrade started: the fd to announce readiness on, and the
+    socket files handed over (the variables are removed, so no child sees them). None when
+    this master was not started by an upgrade."""
     text = os.environ.pop(READY_FD, None)
+    files = _handed_files(os.environ.pop(FILES, "{}"))
     if text is None:
         return None
     try:
@@ -139,18 +158,41 @@ def take_ready_fd() -> int | None:
         log.warning("upgrade: %s=%r is unusable (%s); the old master will give up on this "
                     "one", READY_FD, text, exc)
         return None
-    return fd
+    return Successor(fd, files)
 
 
-def announce_ready(fd: int) -> None:
-    """Tell the old master this one serves (once its listeners are watched)."""
+def _handed_files(text: str) -> dict[str, int]:
     try:
-        os.write(fd, READY)
+        files = json.loads(text)
+    except ValueError:
+        files = None
+    if not isinstance(files, dict):
+        log.warning("upgrade: %s=%r is unusable; the socket files stay the old master's",
+                    FILES, text[:80])
+        return {}
+    return {str(path): inode for path, inode in files.items() if isinstance(inode, int)}
+
+
+def owned_files(listeners: Sequence[Listener]) -> dict[str, int]:
+    """The unix socket files this master bound and removes when it ends (path -> inode)."""
+    return {lst.address.path: lst.unix_inode for lst in listeners if lst.unix_inode}
+
+
+def announce_ready(successor: Successor, listeners: Sequence[Listener]) -> None:
+    """Tell the old master this one serves (once its listeners are watched); then the socket
+    files it handed over are this master's to remove when it ends."""
+    try:
+        os.write(successor.fd, READY)
     except OSError as exc:
         log.warning("upgrade: could not tell the old master this one is ready: %s",
                     exc.strerror)
+        return
     finally:
-        os.close(fd)
+        os.close(successor.fd)
+    for listener in listeners:
+        inode = successor.files.get(listener.address.path)
+        if listener.address.kind == "unix" and inode is not None:
+            listener.unix_inode = inode
 
 
 class Upgrader:
@@ -169,10 +211,11 @@ class Upgrader:
             return
         sockets = [(LISTENER, listener.fileno()) for listener in sup.listeners]
         sockets += [(name, listener.fileno()) for name, listener in sup.operator_listeners()]
+        files = owned_files([*sup.listeners, *(lst for _, lst in sup.operator_listeners())])
         try:
             with sup.signals_blocked():
                 self.pending = spawn(sockets, cwd, sup.notifier.environment(),
-                                     sup.kernel.monotonic() + READY_TIMEOUT)
+                                     sup.kernel.monotonic() + READY_TIMEOUT, files)
         except OSError as exc:
             log.error("upgrade: cannot fork the new master: %s; still serving", exc.strerror)
             return
@@ -232,6 +275,9 @@ class Upgrader:
 
     def tick(self, now: float) -> None:
         if self.pending is not None and now >= self.pending.deadline:
+            if self.pending.ready_r >= 0 and read_ready(self.pending):
+                self._hand_over()  # it said so just now: it owns the socket files already
+                return
             self._abandon(f"the new master did not say it serves within {READY_TIMEOUT:g} s")
 
     def on_reaped(self, pid: int, how: str) -> bool:

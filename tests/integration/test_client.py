@@ -94,6 +94,6 @@ def test_interactive_mode_reads_stdin_from_a_file(server_factory: Factory,
 
 def test_bad_address_is_one_line() -> None:
     result = run_cli(["client", "nowhere", "--message", "x"])
-    assert result.returncode == 1
+    assert result.returncode == 2, "a usage error"
     assert "bad address" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()

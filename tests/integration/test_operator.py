@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from tests.integration.harness import Server, recv_all, recv_exactly, run_cli, w
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
+#: The time at the start of a text access-log line: the error log's format.
+TEXT_TIME = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
 
 def assert_usage_error(result: object, message: str) -> None:
@@ -115,8 +119,9 @@ def test_access_log_has_one_line_per_connection(server_factory: Factory, tmp_pat
         assert record["status"] == "0"
         assert record["pid"] != server.pid
         assert record["duration_s"] >= 0
+        assert datetime.fromisoformat(record["time"]).tzinfo is not None
     else:
-        assert line.startswith(f"{peer} pid=")
+        assert re.match(TEXT_TIME + f" {peer} pid=", line), line
         assert f"in=10 out={2 * len(HELLO)} status=0" in line
 
 
@@ -220,7 +225,7 @@ def test_pid_file_and_signals_by_name(server_factory: Factory, tmp_path: Path) -
     config = tmp_path / "forkserve.toml"
     config.write_text('app = "hello"\n')
     server = server_factory("--config", str(config), "--pid-file", str(pid_file))
-    assert pid_file.read_text() == f"{server.pid}\n"
+    assert pid_file.read_text().splitlines()[0] == f"{server.pid}"
     config.write_text('app = "echo"\n')
     result = run_cli(["signal", "reload", "--pid-file", str(pid_file)])
     assert result.returncode == 0, result.stderr

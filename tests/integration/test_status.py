@@ -90,8 +90,8 @@ def test_status_errors_are_one_line(tmp_path: Path) -> None:
         f"forkserve: cannot read the status from unix:{tmp_path}/none.ctl: "
         "no such file or directory")
     bad = run_cli(["status", "--control", "127.0.0.1:80"])
-    assert bad.returncode == 1
-    assert "must be a unix socket address" in bad.stderr.decode()
+    assert bad.returncode == 2, "a usage error"
+    assert "must be unix:PATH, the path of the server's --control socket" in bad.stderr.decode()
 
 
 def scrape(port: int, path: str = "/metrics") -> tuple[str, dict[str, float]]:

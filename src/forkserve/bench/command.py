@@ -14,6 +14,7 @@ start (<= 15 s) and stop (<= 8 s) per server.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -111,7 +112,7 @@ def measure(spec: ServerSpec, scenarios: list[str], w: Window, logdir: Path, *,
         idle = server.mem()
         for name in scenarios:
             progress.say(f"{spec.name}: {name}")
-            r = run_scenario(server, SCENARIOS[name], w)
+            r = run_scenario(server, SCENARIOS[name], w, idle.pss_kb)
             r["mem_idle"] = {"pss_kb": idle.pss_kb, "nprocs": idle.nprocs}
             r["cmd"] = server.argv
             records.append(r)
@@ -154,10 +155,11 @@ def finish(args: argparse.Namespace, w: Window, specs: list[ServerSpec],
     report.print_table(records)
     for line in report.notes(records):
         print(line)
-    meta = {"forkserve_version": __version__, "warmup_s": w.warmup, "duration_s": w.duration,
+    meta = {"forkserve_version": __version__, "date": time.strftime("%Y-%m-%d"),
+            "cpus": os.cpu_count(), "warmup_s": w.warmup, "duration_s": w.duration,
             "timeout_s": w.timeout, "client_processes": w.client_processes,
             "servers": {s.name: list(s.argv) for s in specs}}
     if args.json is not None:
         report.write_json(args.json, meta, records)
     if args.plot is not None:
-        report.plot(args.plot, records)
+        report.plot(args.plot, records, meta)

@@ -11,6 +11,7 @@ is imported only for ``--plot`` (``check_plot`` fails fast, before anything is m
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,8 +92,15 @@ def check_plot() -> None:
         raise BenchUsage("--plot needs matplotlib: pip install 'forkserve[bench]'") from None
 
 
-def plot(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Two bar charts, throughput and p99, one group per scenario, one bar per server."""
+#: The two panels: the record's field, what the axis shows, which way is better.
+PANELS = (("rps", "requests per second (higher is better)"),
+          ("p99_us", "p99 latency, ms, log scale (lower is better)"))
+
+
+def plot(path: Path, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Two bar charts, throughput and p99, one group per scenario, one bar per server, each
+    bar with its figure; the title says when, how long and on what, the caption what each
+    scenario is."""
     import matplotlib  # noqa: PLC0415  (optional extra, imported only for --plot)
 
     matplotlib.use("Agg")  # no display: the plot only goes to a file
@@ -101,23 +109,73 @@ def plot(path: Path, records: Sequence[dict[str, Any]]) -> None:
     scenarios = list(dict.fromkeys(r["scenario"] for r in records))
     servers = list(dict.fromkeys(r["server"] for r in records))
     by_key = {(r["server"], r["scenario"]): r for r in records}
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.6 * len(scenarios)), 7.0))
-    width = 0.8 / max(1, len(servers))
-    for ax, field, label in ((axes[0], "rps", "requests / s"), (axes[1], "p99_us", "p99 (ms)")):
-        for i, name in enumerate(servers):
-            values = [by_key.get((name, s), {}).get(field) or 0.0 for s in scenarios]
-            if field == "p99_us":  # no answer, no bar (a zero has no place on a log axis)
-                values = [v / 1000 if v else float("nan") for v in values]
-            ax.bar([x + i * width for x in range(len(scenarios))], values, width, label=name)
-        ax.set_ylabel(label)
-        ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(scenarios))],
-                      scenarios)
-    axes[1].set_yscale("log")
-    axes[0].legend()
-    axes[0].set_title("forkserve bench (127.0.0.1)")
-    fig.tight_layout()
-    fig.savefig(path)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.9 * len(scenarios)), 9.0))
+    for ax, (field, label) in zip(axes, PANELS, strict=True):
+        _panel(ax, field, label, scenarios=scenarios, servers=servers, by_key=by_key)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(_title(meta), fontsize=11)
+    fig.legend(handles, labels, title="model", loc="upper center", ncol=len(servers),
+               bbox_to_anchor=(0.5, 0.965), fontsize=9)
+    fig.text(0.01, 0.01, _caption(scenarios), fontsize=8, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.02 + 0.016 * len(scenarios), 1, 0.92))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _panel(ax: Any, field: str, label: str, *, scenarios: list[str], servers: list[str],
+           by_key: dict[tuple[str, str], dict[str, Any]]) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: PLC0415
+
+    width = 0.8 / max(1, len(servers))
+    for i, name in enumerate(servers):
+        raw = [by_key.get((name, s), {}).get(field) for s in scenarios]
+        if field == "p99_us":  # no answer, no bar (a zero has no place on a log axis)
+            values = [v / 1000 if v else math.nan for v in raw]
+        else:
+            values = [float(v or 0.0) for v in raw]
+        bars = ax.bar([x + i * width for x in range(len(scenarios))], values, width,
+                      label=name)
+        ax.bar_label(bars, labels=[_figure(v, field) for v in values], fontsize=7,
+                     padding=2, rotation=90 if len(servers) > 2 else 0)
+        for x, value in enumerate(values):  # a missing bar says why it is missing
+            if math.isnan(value):
+                ax.annotate("none\nanswered", (x + i * width, 0),
+                            xycoords=("data", "axes fraction"), xytext=(0, 4),
+                            textcoords="offset points", ha="center", fontsize=7,
+                            color="dimgray")
+    ax.set_ylabel(label)
+    ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(scenarios))],
+                  scenarios)
+    ax.margins(y=0.25)
+    if field == "p99_us":
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    else:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _figure(value: float, field: str) -> str:
+    if math.isnan(value):  # nothing was answered: said at the foot of the axis instead
+        return ""
+    if field == "rps":
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if value < 10 else f"{value:,.0f}"
+
+
+def _title(meta: dict[str, Any]) -> str:
+    return (f"forkserve bench {meta.get('forkserve_version', '')}, {meta.get('date', '')}: "
+            f"{meta.get('duration_s', 0):g} s per scenario after {meta.get('warmup_s', 0):g} s "
+            f"of warm-up, {meta.get('cpus')} CPUs, clients and server on 127.0.0.1")
+
+
+def _caption(scenarios: Sequence[str]) -> str:
+    from .runner import SCENARIOS  # noqa: PLC0415  (runner imports this module's users)
+
+    width = max(len(name) for name in scenarios)
+    return "\n".join(f"{name.ljust(width)}  {SCENARIOS[name].label if name in SCENARIOS else ''}"
+                     for name in scenarios)
 
 
 class Progress:
@@ -151,15 +209,11 @@ class Progress:
         if self._rich is not None:
             self._rich.update(self._task, description=text)
         else:
-            print(f"bench: {text}", file=sys.stderr, flush=True)
+            print(f"bench: [{self.done + 1}/{self.total}] {text}" if ": " in text
+                  else f"bench: {text}", file=sys.stderr, flush=True)
 
     def step(self, r: dict[str, Any]) -> None:
+        """One scenario done: the bar advances; its figures are printed once, in the table."""
         self.done += 1
-        line = (f"[{self.done}/{self.total}] {r['server']} {r['scenario']}: "
-                f"{r['rps']:,.0f} req/s, p99 {_ms(r['p99_us'])} ms, "
-                f"{r['errors']} errors, {r['timeouts']} timeouts")
         if self._rich is not None:
-            self._rich.console.print(line)
             self._rich.update(self._task, advance=1)
-        else:
-            print(f"bench: {line}", file=sys.stderr, flush=True)

@@ -48,13 +48,17 @@ class Scenario:
 
 
 SCENARIOS = {s.name: s for s in (
-    Scenario("persist_c1", "persist", 1, label="persist c=1"),
-    Scenario("persist_c10", "persist", 10, label="persist c=10"),
-    Scenario("persist_c100", "persist", 100, label="persist c=100"),
-    Scenario("connect_c10", "connect", 10, label="connect c=10"),
-    Scenario("hol_c10_s5", "persist", 10, 5, label="10 fast + 5 slow"),
-    Scenario("persist_c1000", "persist", 1000, label="persist c=1000"),
+    Scenario("persist_c1", "persist", 1, label="1 client, one connection kept open"),
+    Scenario("persist_c10", "persist", 10, label="10 clients, each keeps its connection"),
+    Scenario("persist_c100", "persist", 100, label="100 clients, each keeps its connection"),
+    Scenario("connect_c10", "connect", 10, label="10 clients, a new connection per request"),
+    Scenario("hol_c10_s5", "persist", 10, 5,
+             label="10 clients beside 5 slow ones that connect and send nothing"),
+    Scenario("persist_c1000", "persist", 1000, label="1000 clients, each keeps its connection"),
 )}
+#: Memory per connection is shown only with at least this many connections held: below it,
+#: the figure would be the whole server divided by one or two clients.
+MIN_CONNS_FOR_MEM = 10
 #: Bound on a client process's start (interpreter, imports) before the bench gives up.
 CLIENT_START_TIMEOUT = 20.0
 #: After the window, how long the client processes may take to close and report.
@@ -162,8 +166,10 @@ def sample_mem(server: RunningServer, start: float, w: Window) -> dict[str, Any]
     return {"pss_kb": best.pss_kb, "nprocs": best.nprocs}
 
 
-def run_scenario(server: RunningServer, sc: Scenario, w: Window) -> dict[str, Any]:
-    """Measure ``sc`` against the running ``server``; the result record (JSON-ready)."""
+def run_scenario(server: RunningServer, sc: Scenario, w: Window,
+                 idle_kb: int | None = None) -> dict[str, Any]:
+    """Measure ``sc`` against the running ``server`` (``idle_kb``: its PSS when idle); the
+    result record (JSON-ready)."""
     with slow_clients(server.port, sc.slow) as slow:
         procs = start_clients(len(shares(sc.conns, w.client_processes)))
         try:
@@ -180,17 +186,25 @@ def run_scenario(server: RunningServer, sc: Scenario, w: Window) -> dict[str, An
         finally:
             stop_clients(procs)
         slow_open = sum(still_open(s) for s in slow)
-    return record(server, sc, w, tallies, mem=mem, slow_open=slow_open)
+    return record(server, sc, w, tallies, mem=mem, slow_open=slow_open, idle_kb=idle_kb)
+
+
+def per_conn_kb(sc: Scenario, pss_kb: int | None, idle_kb: int | None) -> int | None:
+    """What each connection held adds to the server (PSS under load minus PSS idle, per
+    connection); None where that is not what the figure would mean (see MIN_CONNS_FOR_MEM)."""
+    held = sc.conns + sc.slow
+    if sc.mode != "persist" or held < MIN_CONNS_FOR_MEM or not pss_kb or idle_kb is None:
+        return None
+    return max(0, round((pss_kb - idle_kb) / held))
 
 
 def record(server: RunningServer, sc: Scenario, w: Window, tallies: list[Tally], *,
-           mem: dict[str, Any], slow_open: int) -> dict[str, Any]:
+           mem: dict[str, Any], slow_open: int, idle_kb: int | None = None) -> dict[str, Any]:
     total = Tally()
     for t in tallies:
         total.merge(t)
     cpu = [round(t.cpu_s / w.duration, 3) for t in tallies]
-    held = sc.conns + sc.slow
-    per_conn = round(mem["pss_kb"] / held) if sc.mode == "persist" and mem["pss_kb"] else None
+    per_conn = per_conn_kb(sc, mem["pss_kb"], idle_kb)
     return {
         "server": server.spec.name, "scenario": sc.name, "mode": sc.mode, "conns": sc.conns,
         "slow": sc.slow, "duration_s": w.duration, "ok": total.ok,
