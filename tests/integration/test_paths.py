@@ -392,7 +392,8 @@ def path_done(server: Server, path: str, model: str, victim: int | None,
         return None, server.pid
     status = server.wait(20)
     if path == "usr2":
-        return status, int(Path(server.argv[server.argv.index("--pid-file") + 1]).read_text())
+        pid_file = Path(server.argv[server.argv.index("--pid-file") + 1])
+        return status, int(pid_file.read_text().split()[0])  # (line 2: the start time)
     return status, None
 
 
