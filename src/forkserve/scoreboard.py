@@ -87,13 +87,17 @@ class Scoreboard:
         if size < 1:
             raise ValueError("a scoreboard needs at least one slot")
         self.size = size
-        # one more slot after the processes' own: the master's word to all of them; then a
-        # column, one entry per slot, that a process counts in one C call (``sourceguard``):
-        # the source tag of the slot's client while that client has not proven itself, or 0
+        # one more slot after the processes' own: the master's word to all of them; then two
+        # columns, one entry per slot (``sourceguard``): the source tag of the slot's client
+        # while that client has not proven itself (else 0), and a byte, 1 meanwhile, that a
+        # process counts in one C call (counting the tags costs a Python int each: only when
+        # the bytes say there are enough to matter)
         self._tags_at = (size + 1) * SLOT_SIZE
+        self._flags_at = self._tags_at + size * _TAG.size
         # and the sources refused for a penalty now, written by the master (prefork workers
-        # look there at accept; the fork model's master has them at hand)
-        self._penalised_at = self._tags_at + size * _TAG.size
+        # look there at accept; the fork model's master has them at hand): how many, then them
+        self._penalised_n_at = self._flags_at + -(-size // 8) * 8
+        self._penalised_at = self._penalised_n_at + _TAG.size
         self._map = mmap.mmap(-1, self._penalised_at + PENALISED_SHOWN * _TAG.size)
         self._master_state_at = size * SLOT_SIZE + _STATE_AT
         self._wake_at = size * SLOT_SIZE + _WAKE_AT
@@ -156,34 +160,41 @@ class Scoreboard:
         """Slot ``index`` serves a client of source ``tag`` (``admission.source_tag``) that
         has not proven itself yet (no whole first line; ``sourceguard``)."""
         _TAG.pack_into(self._map, self._tags_at + index * _TAG.size, tag)
+        self._map[self._flags_at + index] = 1
 
     def mark_proven(self, index: int) -> None:
-        """Slot ``index``'s client has proven itself, or is gone (one ``pack_into``: safe in
-        the serving process's hot path and in the master)."""
+        """Slot ``index``'s client has proven itself, or is gone (two writes to the mapping:
+        cheap in the serving process's hot path and in the master)."""
+        self._map[self._flags_at + index] = 0
         _TAG.pack_into(self._map, self._tags_at + index * _TAG.size, 0)
 
     def unproven(self, index: int) -> bool:
-        return bool(_TAG.unpack_from(self._map, self._tags_at + index * _TAG.size)[0])
+        return bool(self._map[self._flags_at + index])
+
+    def count_unproven(self) -> int:
+        """Unproven clients in all slots (a copy of ``size`` bytes, counted in C)."""
+        return self._map[self._flags_at:self._flags_at + self.size].count(1)
+
+    def count_source(self, tag: int) -> int:
+        """Unproven clients of source ``tag`` (a copy of the tags, then a Python int per slot:
+        about 5 us at 512 slots; call it only when ``count_unproven`` says it matters)."""
+        return array("Q", self._map[self._tags_at:self._flags_at]).count(tag)
 
     def publish_penalised(self, tags: list[int]) -> None:
         """In the master: the source tags refused for a penalty now (the first
         ``PENALISED_SHOWN``; the rest are refused when they are among them again)."""
-        column = array("Q", tags[:PENALISED_SHOWN])
-        column.extend([0] * (PENALISED_SHOWN - len(column)))
-        self._map[self._penalised_span()] = column.tobytes()
+        shown = array("Q", tags[:PENALISED_SHOWN])
+        self._map[self._penalised_at:self._penalised_at + len(shown) * _TAG.size] = \
+            shown.tobytes()
+        _TAG.pack_into(self._map, self._penalised_n_at, len(shown))
 
     def penalised(self, tag: int) -> bool:
-        """Is source ``tag`` refused for a penalty now? (a copy and a count, in C)"""
-        return array("Q", self._map[self._penalised_span()]).count(tag) > 0
-
-    def _penalised_span(self) -> slice:
-        return slice(self._penalised_at, self._penalised_at + PENALISED_SHOWN * _TAG.size)
-
-    def count_unproven(self, tag: int | None = None) -> int:
-        """Unproven clients, all of them or those of source ``tag`` (a copy of the column,
-        4 KB at 512 slots, counted in C)."""
-        column = array("Q", self._map[self._tags_at:self._tags_at + self.size * _TAG.size])
-        return self.size - column.count(0) if tag is None else column.count(tag)
+        """Is source ``tag`` refused for a penalty now? (nothing to copy while none is)"""
+        count = _TAG.unpack_from(self._map, self._penalised_n_at)[0]
+        if not count:
+            return False
+        end = self._penalised_at + count * _TAG.size
+        return array("Q", self._map[self._penalised_at:end]).count(tag) > 0
 
     def set_stress(self, on: bool) -> None:
         """In the master: the server is (or is no longer) under stress."""

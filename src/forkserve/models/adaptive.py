@@ -44,9 +44,12 @@ ADAPT_INTERVAL = 1.0
 MAX_SPAWN_RATE = 32
 #: ... except while workers hold clients that have not proven themselves (no whole first
 #: line: silent clients, the cheapest attack on a pool): then it looks this often and grows
-#: past them at once, by as many as they hold (bounded by the per-source startups cap and
-#: the early drop, ``sourceguard``), so that well-behaved clients find an idle worker.
+#: past them at once (bounded by the per-source startups cap and the early drop,
+#: ``sourceguard``, and by the ceiling), so that well-behaved clients find an idle worker.
 UNPROVEN_INTERVAL = 0.25
+#: ... by this many workers per worker so held: a flood fills the new workers as fast as they
+#: come, so growing by as many as it holds would only keep pace with it.
+UNPROVEN_GROWTH = 2
 #: A pool at rest is looked at again after this long all the same: the bound on a lost
 #: wake-up, long enough that a resting master is idle (the watchdog wakes it about as often).
 REST_RECHECK = 30.0
@@ -121,7 +124,7 @@ class Adapter:
         hold an unproven client, and by how many workers (GROW only)."""
         self.next_look = now + (UNPROVEN_INTERVAL if unproven else ADAPT_INTERVAL)
         if idle < self.plan.min_spare and target < ceiling:
-            grow = min(max(self.spawn_rate, unproven), ceiling - target)
+            grow = min(max(self.spawn_rate, UNPROVEN_GROWTH * unproven), ceiling - target)
             self.spawn_rate = min(self.spawn_rate * 2, MAX_SPAWN_RATE)
             return Step.GROW, grow
         self.spawn_rate = 1
