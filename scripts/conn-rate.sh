@@ -7,6 +7,7 @@
 #   scripts/conn-rate.sh [ROUNDS]        (from the repository root; the bench is built as by
 #                                          bench-seed.sh, in $BENCH, default /tmp/fsbench)
 #   MODE=persist scripts/conn-rate.sh    (requests a second on 10 kept connections instead)
+#   SERVERS_FILE=list scripts/conn-rate.sh  (other servers: lines NAME|PORT|CMD)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BENCH=${BENCH:-/tmp/fsbench}
@@ -23,6 +24,10 @@ SERVERS=(
     "bare_prefork|19624|$PY $ROOT/scripts/bare_prefork.py PORT 4"
     "forkserve_prefork|19625|$PY -m forkserve serve --bind 127.0.0.1:PORT --model prefork"
 )
+# SERVERS_FILE: lines NAME|PORT|CMD (PORT in CMD is replaced) instead of the list above
+if [ -n "${SERVERS_FILE:-}" ]; then
+    mapfile -t SERVERS < "$SERVERS_FILE"
+fi
 MODE=${MODE:-connect}
 rate() {  # NAME PORT CMD...: start CMD in its own session, measure, stop the session
     local name=$1 port=$2; shift 2
