@@ -92,6 +92,7 @@ def stuck_client(server: Server) -> socket.socket:
 def test_graceful_stop_kills_what_outlives_the_timeout_and_exits_1(server_factory: Factory,
                                                                    model: str) -> None:
     server = server_factory(model, "2", script=STUCK_APP)
+    server.expect_exit = 1  # the stop had to kill the stuck connection
     with stuck_client(server) as s:
         start = time.monotonic()
         server.signal(signal.SIGTERM)
@@ -134,6 +135,7 @@ def test_killing_the_master_makes_every_child_exit(server_factory: Factory) -> N
         assert recv_exactly(s, len(HELLO)) == HELLO
     kids = [k.pid for k in server.children()]
     assert len(kids) == 5
+    server.expect_exit = -signal.SIGKILL
     server.signal(signal.SIGKILL)
     server.wait()
     for s in socks:  # each orphan finishes: its client sees a clean end, then closes too

@@ -214,6 +214,7 @@ def test_silent_queued_clients_cannot_hold_a_stop(server_factory: Factory,
 def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:
     server = server_factory("--model", "prefork", "--workers", "3")
     pids = wait_for_workers(server, 3)
+    server.expect_exit = -signal.SIGKILL
     server.signal(signal.SIGKILL)
     server.wait()
 
@@ -335,6 +336,7 @@ def test_workers_that_fail_while_booting_stop_the_master_with_status_3(
         server_factory: Factory) -> None:
     server = server_factory(script=BOOT_FAILURE_APP)
     server.traceback_expected = True  # each failed worker logs why, with its traceback
+    server.expect_exit = 3
     assert server.wait(20) == 3
     server.wait_for_log(r"\[CRITICAL\] workers keep failing while booting \(3 in a row\)")
     forks = {line.split("(pid ")[1].split(")")[0] for line in server.lines
