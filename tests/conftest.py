@@ -5,7 +5,8 @@ leaves a process behind."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ import pytest
 from tests.integration.harness import Server, start
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: Skips that CI (``CI=true``) accepts: what these machines cannot provide, whatever we install.
+#: Any other skip in CI (a missing package, a test that needs root run without it) fails.
+CI_ALLOWED_SKIPS = ("no IPv6 loopback on this machine",)
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,6 +44,28 @@ def check_stopped(server: Server) -> list[str]:
     if not server.traceback_expected and "Traceback" in server.log():
         problems.append(f"{label(server)}: a traceback in the log\n{server.log_tail()}")
     return problems
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """In CI, a skip whose reason is not in ``CI_ALLOWED_SKIPS`` is a failure."""
+    report = yield
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(allowed in reason for allowed in CI_ALLOWED_SKIPS):
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI (CI=true), which allows no skip but " \
+                              f"{CI_ALLOWED_SKIPS}: {reason}"
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons = sorted({r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+                      for r in skipped})
+    terminalreporter.write_line(f"skips: {len(skipped)}" + "".join(f"\n  {r}" for r in reasons)
+                                + ("  (CI=true: each fails unless allowed)" if IN_CI else ""))
 
 
 @pytest.fixture
