@@ -36,6 +36,29 @@ TEARDOWN_STOP = 8.0
 SESSION_EMPTY_WITHIN = 1.0
 
 
+#: Timing tests assert both sides of a promised limit: not before it, and not much after it
+#: (this factor, plus this slack, fits a loaded 2-core machine; a 3x regression fails).
+LATE_FACTOR = 2.5
+LATE_SLACK = 1.0
+#: Our clock starts a little before or after the server's: this much early is still on time.
+EARLY_SLACK = 0.05
+
+
+def assert_took(elapsed: float, limit: float, what: str) -> None:
+    """``elapsed`` is on a promise of ``limit`` seconds: at least it, at most about 2.5x."""
+    late = limit * LATE_FACTOR + LATE_SLACK
+    assert limit - EARLY_SLACK <= elapsed <= late, \
+        f"{what}: took {elapsed:.2f}s; promised {limit}s (allowed {limit}..{late:.1f}s)"
+
+
+def access_line(server: Server, port: int, timeout: float = 10.0) -> tuple[float, str]:
+    """The access-log line (``--access-log -``) of the client whose local port is ``port``:
+    its duration and exit status."""
+    m = server.wait_for_log(rf"127\.0\.0\.1:{port} pid=\d+ duration=([\d.]+)s .*status=(\S+)$",
+                            timeout)
+    return float(m.group(1)), m.group(2)
+
+
 class Leftover(AssertionError):
     """A server that did not stop as an operator expects: it ignored SIGTERM, exited with an
     unexpected status, or left a process of its session behind."""

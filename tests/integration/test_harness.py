@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Leftover, session_procs, start
 from tests.conftest import check_stopped
+from tests.integration.harness import Leftover, session_procs, start
 
 READY_LINE = """
 import os, signal, sys, time
@@ -46,7 +46,7 @@ time.sleep(60)
 def test_a_server_that_ignores_sigterm_fails_and_is_killed(tmp_path: Path) -> None:
     server = start([], tmp_path, script=IGNORES_SIGTERM)
     server.stop_timeout = 1.0
-    with pytest.raises(Leftover, match="still running 1.0s after SIGTERM"):
+    with pytest.raises(Leftover, match=r"still running 1\.0s after SIGTERM"):
         server.stop()
     assert server.proc.returncode == -9
     assert session_procs(server.pid) == []
