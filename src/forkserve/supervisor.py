@@ -209,6 +209,7 @@ class Supervisor:
         self.notifier.ready(f"serving {names} (model={self.model.name})")
         if self._upgrade_ready_fd is not None:
             fd, self._upgrade_ready_fd = self._upgrade_ready_fd, None
+            upgrade.own_socket_files([*self.listeners, *(x for _, x in self.operator_listeners())])
             upgrade.announce_ready(fd)
 
     def operator_listeners(self) -> list[tuple[str, Listener]]:

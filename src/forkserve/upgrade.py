@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from . import pidfile
 
 if TYPE_CHECKING:
+    from .listeners import Listener
     from .supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
@@ -140,6 +141,15 @@ def take_ready_fd() -> int | None:
                     "one", READY_FD, text, exc)
         return None
     return fd
+
+
+def own_socket_files(listeners: Sequence[Listener]) -> None:
+    """The new master's side of the handover: the unix socket files it inherited are its own
+    now (the old master lets go of them), so closing them at its stop removes them."""
+    for listener in listeners:
+        if listener.address.kind == "unix" and listener.unix_inode is None:
+            with contextlib.suppress(OSError):
+                listener.unix_inode = os.stat(listener.address.path).st_ino
 
 
 def announce_ready(fd: int) -> None:
