@@ -28,7 +28,7 @@ from tests.integration.harness import (
     started_at,
     wait_until,
 )
-from tests.integration.test_status import free_port, scrape, status
+from tests.integration.test_status import scrape, status, with_metrics_port
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -357,9 +357,9 @@ EMFILE_SECONDS = 7.0
 
 def test_a_pool_out_of_fds_logs_as_one_server_and_counts_its_pauses(
         server_factory: Factory, tmp_path: Path) -> None:
-    control, port = tmp_path / "fs.ctl", free_port()
-    server = server_factory("--model", "prefork", "--workers", "4", "--control",
-                            f"unix:{control}", "--metrics-bind", f"127.0.0.1:{port}")
+    control = tmp_path / "fs.ctl"
+    port, server = with_metrics_port(server_factory, "--model", "prefork", "--workers", "4",
+                                     "--control", f"unix:{control}")
     pids = wait_for_workers(server, 4)
     assert wait_until(lambda: status(control)["idle"] == 4, 10)
     old = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in pids}
