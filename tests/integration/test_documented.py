@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import grp
 import os
+import pty
 import pwd
+import select
 import signal
 import socket
 import subprocess
@@ -31,6 +33,7 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.test_privileges import limits
+from tests.integration.test_tls import make_pki, tls_args, tls_connect
 from tests.integration.test_upgrade import stop_orphan
 
 Factory = Callable[..., Server]
@@ -329,3 +332,68 @@ def test_the_installed_entry_point_serves(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_exec_programs_end_when_the_master_dies(server_factory: Factory) -> None:
+    server = server_factory("--bind", "127.0.0.1:0", "--", "sh", "-c", "echo up; exec sleep 60",
+                            command="exec")
+    with server.connect() as s:
+        assert recv_exactly(s, 3) == b"up\n"
+        (program,) = server.children()
+        server.expect_exit = -signal.SIGKILL
+        server.signal(signal.SIGKILL)
+        server.wait()
+        # the kernel sends the program SIGTERM (PR_SET_PDEATHSIG); we are its subreaper now
+        assert wait_until(lambda: (p := proc_info(program.pid)) is None or p.state == "Z", 2.0)
+        assert recv_all(s) == b""
+
+
+def test_upgrade_with_tls_serves_tls_from_the_new_master(server_factory: Factory,
+                                                         tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    pid_file = tmp_path / "fs.pid"
+    server = server_factory(*tls_args(pki), "--pid-file", str(pid_file))
+    assert run_cli(["signal", "upgrade", "--pid-file", str(pid_file)]).returncode == 0
+    assert server.wait(20) == 0, server.log_tail()
+    new = int(pid_file.read_text())
+    with tls_connect(server, pki.client()) as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    assert stop_orphan(new) == 0
+
+
+def test_status_live_view_refreshes_on_a_terminal(server_factory: Factory,
+                                                  tmp_path: Path) -> None:
+    control = tmp_path / "fs.ctl"
+    server = server_factory("--control", f"unix:{control}")
+    main, sub = pty.openpty()
+    view = subprocess.Popen([sys.executable, "-m", "forkserve", "status", "--control",
+                             f"unix:{control}", "--interval", "0.2"], stdin=subprocess.DEVNULL,
+                            stdout=sub, stderr=subprocess.PIPE, start_new_session=True)
+    os.close(sub)
+    seen = b""
+
+    def shows(text: bytes) -> bool:
+        nonlocal seen
+        while select.select([main], [], [], 0.1)[0]:
+            try:
+                seen += os.read(main, 65536)
+            except OSError:  # the view has exited: the pty is closed
+                break
+        return text in seen
+
+    try:
+        assert wait_until(lambda: shows(b"0 connections"), 10), seen[-500:]
+        with server.connect() as s:
+            s.sendall(b"hi\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO
+        assert wait_until(lambda: shows(b"1 connections"), 10), "the view refreshes"
+        view.send_signal(signal.SIGINT)
+        assert view.wait(10) == 0
+    finally:
+        if view.poll() is None:
+            view.kill()
+            view.wait(10)
+        os.close(main)
+        assert view.stderr is not None
+        view.stderr.close()
