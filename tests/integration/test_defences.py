@@ -228,3 +228,51 @@ def test_well_behaved_load_from_one_address_loses_nothing(server_factory: Factor
         for s in socks:
             s.close()
     assert "refused" not in server.log()
+
+
+def test_max_startups_per_source_refuses_the_next_silent_connection(
+        server_factory: Factory) -> None:
+    server = server_factory("--max-startups-per-source", "2")
+    silent = open_silent(server, ["127.0.0.2"], 2)
+    try:
+        assert wait_until(lambda: len(server.children()) == 2, 10)
+        with server.connect(source="127.0.0.2") as third:
+            third.settimeout(5)
+            assert third.recv(1) == b"", "closed at once, before any fork"
+        server.wait_for_log(r"refused 127\.0\.0\.2: startups")
+        assert served_in(server, "127.0.0.3") < 5, "another source is not counted with it"
+    finally:
+        for s in silent:
+            s.close()
+    assert wait_until(lambda: not server.children(), 10)
+    assert served_in(server, "127.0.0.2") < 5, "served again once its silent ones are gone"
+
+
+def test_penalty_exempt_sources_are_never_penalised(server_factory: Factory) -> None:
+    server = server_factory("--first-byte-timeout", "0.3", "--penalties", "first_byte:5 min:1",
+                            "--penalty-exempt", "127.0.0.6/32")
+    for _ in range(2):
+        with server.connect(source="127.0.0.6") as silent:
+            silent.settimeout(5)
+            assert silent.recv(1) == b""
+    assert served_in(server, "127.0.0.6") < 5, "exempt: served after its timeouts"
+    assert "penalised" not in server.log()
+
+
+def test_stress_idle_timeout_shortens_the_wait_of_an_idle_client(
+        server_factory: Factory) -> None:
+    server = server_factory("--max-children", "4", "--max-startups", "off", "--penalties",
+                            "off", "--stress-idle-timeout", "1")
+    with server.connect() as talked:
+        talked.sendall(b"hi\n")
+        assert recv_exactly(talked, len(HELLO)) == HELLO  # proven, now idle (300 s)
+        silent = open_silent(server, ["127.0.0.2"], 3)  # 4 of 4: stress
+        try:
+            server.wait_for_log(r"entering stress mode")
+            began = time.monotonic()
+            talked.settimeout(10)
+            assert talked.recv(1) == b"", "the idle timeout shrank to 1 s"
+            assert time.monotonic() - began < 5
+        finally:
+            for s in silent:
+                s.close()

@@ -118,6 +118,7 @@ def test_a_failing_post_fork_in_workers_is_a_boot_failure(server_factory: Factor
     server = server_factory("--chdir", str(tmp_path), "--model", "prefork", "--workers", "2",
                             "--post-fork", "hooks:fail")
     server.traceback_expected = True
+    server.expect_exit = 3  # workers that keep failing to boot
     assert server.wait(20) == 3
     server.wait_for_log(r"workers keep failing while booting")
 
@@ -149,4 +150,5 @@ def test_a_post_fork_hook_that_hangs_is_a_boot_failure(server_factory: Factory,
     server.traceback_expected = True  # the stack of the stuck hook, by faulthandler
     server.wait_for_log(r"is not ready after \d+\.\d s \(a post_fork hook")
     server.wait_for_log(r"line \d+ in hang")
+    server.expect_exit = 3
     assert server.wait(30) == 3

@@ -10,10 +10,12 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from tests.integration.harness import HELLO, Server, recv_exactly, wait_until
+from tests.integration.test_lifecycle import states
 
 Factory = Callable[..., Server]
 
@@ -28,17 +30,20 @@ def answered_after(server: Server) -> float:
 
 
 def test_a_silent_client_holds_a_prefork_worker_for_the_idle_timeout_only(
-        server_factory: Factory) -> None:
+        server_factory: Factory, tmp_path: Path) -> None:
     # issue 11: with --workers 4 --idle-timeout 2, eight silent clients kept a ninth waiting
     # 8 s: each held its worker for the idle timeout and then for a 2 s linger on top
-    server = server_factory("--model", "prefork", "--workers", "1", "--idle-timeout", "1")
+    control = tmp_path / "fs.ctl"
+    server = server_factory("--model", "prefork", "--workers", "1", "--idle-timeout", "1",
+                            "--control", f"unix:{control}")
+    assert wait_until(lambda: states(control) == ["idle"], 10)
     with server.connect() as silent:
-        time.sleep(0.2)  # the worker has taken it
+        assert wait_until(lambda: states(control) == ["reading"], 10), "the worker took it"
         took = answered_after(server)
         silent.settimeout(5)
         assert silent.recv(1) == b"", "a clean end, not a reset"
-    # 1 s of idle timeout; a linger on top would make it 3 s
-    assert took < 2.5, f"the next client waited {took:.2f} s behind one silent client"
+    # 1 s of idle timeout (less what the wait above took); a linger on top would make it 3 s
+    assert 0.5 < took < 2.5, f"the next client waited {took:.2f} s behind one silent client"
 
 
 @pytest.mark.parametrize("model", ["fork", "prefork"])

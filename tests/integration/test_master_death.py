@@ -91,6 +91,7 @@ def clients(server: Server, pki: Pki | None) -> Iterator[None]:
 
 
 def kill_master_and_time_orphans(server: Server) -> float:
+    server.expect_exit = -signal.SIGKILL
     os.kill(server.pid, signal.SIGKILL)
     killed = time.monotonic()
     server.wait()
@@ -146,6 +147,7 @@ def test_a_prefork_port_is_free_at_once_after_the_masters_death(server_factory: 
     port = server.port
     held = [server.connect() for _ in range(2)]
     assert wait_until(lambda: len(live(server)) == 5, 10)
+    server.expect_exit = -signal.SIGKILL
     os.kill(server.pid, signal.SIGKILL)
     server.wait()
     killed = time.monotonic()

@@ -248,3 +248,17 @@ def test_bench_names_each_scenario_once_and_memory_only_where_it_means_that(
     assert records["persist_c1"]["mem_per_conn_kb"] is None, "not the server over 1 client"
     assert records["persist_c10"]["mem_per_conn_kb"] is not None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reload_dir_watches_another_directory_too(server_factory: Factory,
+                                                  tmp_path: Path) -> None:
+    app = tmp_path / "devapp.py"
+    app.write_text(APP_SOURCE.replace("VERSION", "v1"))
+    shared = tmp_path / "shared"  # a library of the app's, outside its directory
+    shared.mkdir()
+    server = server_factory("devapp:handle", "--reload", "--reload-dir", str(shared),
+                            cwd=tmp_path)
+    server.wait_for_log(rf"reload: watching .*{shared}")
+    (shared / "helpers.py").write_text("ANSWER = 2\n")
+    server.wait_for_log(rf"reload: {shared / 'helpers.py'} changed", 20)
+    server.wait_for_log(r"re-imported devapp:handle", 20)

@@ -28,7 +28,7 @@ from tests.integration.harness import (
     started_at,
     wait_until,
 )
-from tests.integration.test_status import free_port, scrape, status
+from tests.integration.test_status import scrape, status, with_metrics_port
 
 HELLO = b"Hello from server!\n"
 Factory = Callable[..., Server]
@@ -215,6 +215,7 @@ def test_silent_queued_clients_cannot_hold_a_stop(server_factory: Factory,
 def test_killing_the_master_stops_every_worker(server_factory: Factory) -> None:
     server = server_factory("--model", "prefork", "--workers", "3")
     pids = wait_for_workers(server, 3)
+    server.expect_exit = -signal.SIGKILL
     server.signal(signal.SIGKILL)
     server.wait()
 
@@ -336,6 +337,7 @@ def test_workers_that_fail_while_booting_stop_the_master_with_status_3(
         server_factory: Factory) -> None:
     server = server_factory(script=BOOT_FAILURE_APP)
     server.traceback_expected = True  # each failed worker logs why, with its traceback
+    server.expect_exit = 3
     assert server.wait(20) == 3
     server.wait_for_log(r"\[CRITICAL\] workers keep failing while booting \(3 in a row\)")
     forks = {line.split("(pid ")[1].split(")")[0] for line in server.lines
@@ -356,9 +358,9 @@ EMFILE_SECONDS = 7.0
 
 def test_a_pool_out_of_fds_logs_as_one_server_and_counts_its_pauses(
         server_factory: Factory, tmp_path: Path) -> None:
-    control, port = tmp_path / "fs.ctl", free_port()
-    server = server_factory("--model", "prefork", "--workers", "4", "--control",
-                            f"unix:{control}", "--metrics-bind", f"127.0.0.1:{port}")
+    control = tmp_path / "fs.ctl"
+    port, server = with_metrics_port(server_factory, "--model", "prefork", "--workers", "4",
+                                     "--control", f"unix:{control}")
     pids = wait_for_workers(server, 4)
     assert wait_until(lambda: status(control)["idle"] == 4, 10)
     old = {pid: resource.prlimit(pid, resource.RLIMIT_NOFILE) for pid in pids}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,12 +93,18 @@ def test_children_run_as_the_user_without_groups_or_capabilities(server_factory:
             assert status_field(pid, "Umask") == "0027"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="as root, switching users is allowed")
-def test_switching_users_without_root_is_refused() -> None:
-    result = run_cli(["serve", "--bind", "127.0.0.1:0", "--user", "root"])
-    assert result.returncode == 2
-    assert "needs root" in result.stderr.decode()
-
+def test_switching_users_without_root_is_refused(tmp_path: Path) -> None:
+    # As root (always, in CI), run the CLI as nobody, so the refusal is exercised everywhere.
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    argv = [*(as_nobody if os.geteuid() == 0 else []), sys.executable, "-m", "forkserve",
+            "serve", "--bind", "127.0.0.1:0", "--user", "root"]
+    result = subprocess.run(argv, capture_output=True, timeout=30, cwd=tmp_path, check=False,
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "invalid user: switching to root (uid 0, gid 0) needs root" in err
+    assert f"this server runs as uid {os.geteuid() or pwd.getpwnam('nobody').pw_uid}" in err
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

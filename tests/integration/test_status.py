@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.integration.harness import (
     Server,
@@ -116,10 +117,21 @@ def free_port() -> int:
         return port
 
 
+def with_metrics_port(factory: Factory, *args: str, **kwargs: Any) -> tuple[int, Server]:
+    """A server with ``--metrics-bind 127.0.0.1:PORT`` on a port picked free; the port is
+    released before the server binds it, so another process may take it first: try again."""
+    for _ in range(5):
+        port = free_port()
+        try:
+            return port, factory(*args, "--metrics-bind", f"127.0.0.1:{port}", **kwargs)
+        except AssertionError as exc:
+            if "address already in use" not in str(exc):
+                raise
+    raise AssertionError("no free port for the metrics in 5 tries")
+
+
 def test_metrics_report_what_the_test_set_up(server_factory: Factory) -> None:
-    port = free_port()
-    server = server_factory("--model", "prefork", "--workers", "2", "--metrics-bind",
-                            f"127.0.0.1:{port}")
+    port, server = with_metrics_port(server_factory, "--model", "prefork", "--workers", "2")
     assert wait_until(lambda: scrape(port)[1].get("forkserve_idle") == 2.0, 10)
     silent = socket.create_connection(("127.0.0.1", port), timeout=10)  # never asks
     with server.connect() as s:
@@ -140,8 +152,7 @@ def test_metrics_report_what_the_test_set_up(server_factory: Factory) -> None:
 
 
 def test_metrics_for_the_fork_model(server_factory: Factory) -> None:
-    port = free_port()
-    server = server_factory("--metrics-bind", f"127.0.0.1:{port}")
+    port, server = with_metrics_port(server_factory)
     with server.connect() as s:
         s.sendall(b"hi\n")
         assert recv_exactly(s, len(HELLO)) == HELLO
@@ -183,10 +194,9 @@ def test_handler_errors_are_counted_per_worker(server_factory: Factory, tmp_path
 
 def test_fd_exhaustion_on_the_operators_sockets_does_not_spin_the_master(
         server_factory: Factory, tmp_path: Path) -> None:
-    port = free_port()
     control = tmp_path / "control.sock"
-    server = server_factory("--model", "single", "--metrics-bind", f"127.0.0.1:{port}",
-                            "--control", f"unix:{control}")
+    port, server = with_metrics_port(server_factory, "--model", "single",
+                                     "--control", f"unix:{control}")
     assert scrape(port)[0] == "HTTP/1.0 200 OK"  # (imports what rendering needs, fds free)
     # Allow the master no fd number beyond those it has: its next accept() gets EMFILE.
     limit = max(int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")) + 1

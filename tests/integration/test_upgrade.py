@@ -62,6 +62,7 @@ def test_usr2_under_load_refuses_and_resets_nothing(server_factory: Factory, tmp
     server.wait_for_log(rf"upgrade: the new master \(pid {new}\) serves")
     assert stop_orphan(new) == 0
     assert not pid_file.exists()
+    assert not control.exists(), "the new master removes the socket files it took over"
 
 
 def test_a_new_master_that_cannot_start_leaves_the_old_one_serving(server_factory: Factory,

@@ -81,3 +81,18 @@ def test_exactly_max_line_is_allowed() -> None:
     assert LineFramer(3).feed(b"abc\n") == [b"abc\n"]
     with pytest.raises(LineTooLong):
         LineFramer(3).feed(b"abcd\n")
+
+
+def test_a_partial_line_after_whole_ones_is_held_up_to_max_line() -> None:
+    # (mutmut survivors: `len(rest) >= max` and the lines a LineTooLong carries on this path)
+    framer = LineFramer(4)
+    assert framer.feed(b"x\nabcd") == [b"x\n"]
+    assert framer.buffered == 4
+    assert framer.feed(b"\n") == [b"abcd\n"]
+    with pytest.raises(LineTooLong) as too_long:
+        framer.feed(b"ok\nabcde")
+    assert too_long.value.complete == [b"ok\n"]
+    assert framer.buffered == 0, "nothing of the bad line is kept"
+    assert framer.feed(b"ab") == []
+    assert framer.end() == b"ab"
+    assert framer.end() is None

@@ -481,3 +481,13 @@ def test_crc32c_known_vectors(data: bytes, crc: int) -> None:
 @given(st.binary(max_size=64), st.binary(max_size=64))
 def test_crc32c_continues_over_chunks(a: bytes, b: bytes) -> None:
     assert crc32c(b, crc32c(a)) == crc32c(a + b)
+
+
+def test_a_v2_header_longer_than_255_bytes_reads_both_length_bytes() -> None:
+    # (mutmut: a length read as buf[14] << 9 | buf[15] survived: no vector was >= 256 bytes)
+    raw = v2(0x21, 0x11, inet("192.0.2.1", "192.0.2.2", 1, 2), ((0x04, bytes(300)),))
+    assert raw[14] == 1, "the length's high byte is in use"
+    header, rest = feed_chunks([raw + TRAILING])
+    assert header is not None
+    assert header.source is not None
+    assert rest == TRAILING
