@@ -354,6 +354,7 @@ class Supervisor:
                 self.upgrader.start(self._cwd)
             elif intent is Intent.REOPEN_LOGS:
                 reopen_files(self.access_log)
+                self.model.reopen_logs()
 
     # ------------------------------------------------------------------ reload
 

@@ -99,7 +99,10 @@ DRAIN_SECONDS = 5.0
 #: A worker logs its refusals (per-source cap, early drop) at most once per reason this often.
 REFUSAL_REPORT_INTERVAL = 5.0
 #: Signals meant for the master that a worker ignores when the whole group gets them.
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+#: From the master (or the whole group): reopen the access log, after the connection in
+#: service (the handler only records it).
+REOPEN = signal.SIGUSR1
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class Worker:
         self._stop_began = 0.0
         self.serving: Connection | None = None
         self.stop = StopSignal(ctx.master_pid)
+        #: SIGUSR1 came: reopen the access log at the next turn of the loop.
+        self._reopen = False
         self.guard = SourceGuard(ctx.scoreboard, ctx.source_limit, ctx.startups,
                                  penalties=ctx.config.penalties != "off")
         self._refusals = RateLimiter(REFUSAL_REPORT_INTERVAL)
@@ -198,6 +203,7 @@ class Worker:
         signal.signal(signal.SIGQUIT, _quit_now)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.signal(LOOK_AGAIN, look_again)
+        signal.signal(REOPEN, self._reopen_asked)
         signal.signal(DROP_UNPROVEN, self._drop_unproven)
         self.stop.install()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -230,6 +236,14 @@ class Worker:
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
                          + CHILD_GRACE_MARGIN)
 
+    def _reopen_asked(self, signum: int, frame: FrameType | None) -> None:
+        self._reopen = True
+
+    def _reopen_access_log(self) -> None:
+        self._reopen = False
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.reopen()
+
     def _drop_unproven(self, signum: int, frame: FrameType | None) -> None:
         """Another worker's newcomer needs room (``sourceguard``): if this worker's client
         still has not proven itself, its input ends now (no grace)."""
@@ -247,6 +261,8 @@ class Worker:
         beat = self.ctx.config.timeout / 2  # idle, it still shows the watchdog it is alive
         while not self.stopping:
             events = self.poller.poll(self._pauses.wait(beat, time.monotonic()))
+            if self._reopen:  # (before a connection that came with it writes its line)
+                self._reopen_access_log()
             if not events:
                 self._state(SlotState.IDLE)
             for fd, _ in events:

@@ -70,6 +70,9 @@ class WithoutPool:
         with contextlib.suppress(ProcessLookupError):
             self.sup.kernel.kill(pid, sig)
 
+    def reopen_logs(self) -> None:
+        pass  # the master writes every access-log line of these models itself
+
 
 class Model(Protocol):
     name: str
@@ -129,6 +132,10 @@ class Model(Protocol):
 
     def signal(self, pid: int, sig: int) -> None:
         """Send a stop's ``sig`` to the process ``pid`` (exec: to its process group)."""
+
+    def reopen_logs(self) -> None:
+        """USR1: the master has reopened its log files; processes that write their own
+        reopen theirs (prefork workers: the access log)."""
 
     def status(self) -> ModelStatus:
         """The model's figures now (read from the scoreboard; no system call)."""

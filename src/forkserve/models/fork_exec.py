@@ -186,7 +186,10 @@ class ExecModel(ForkModel):
             return None
         os.set_blocking(read_fd, False)
         relay = StderrRelay(read_fd, child.pid, self.sup.unwatch)
-        first = child.started + self.sup.config.idle_timeout + CHECK_SLACK
+        config = self.sup.config
+        # a client that stops reading may do so from the start: the write timeout is a
+        # deadline as soon as the idle one (each check looks again within both)
+        first = child.started + min(config.idle_timeout, config.write_timeout) + CHECK_SLACK
         if self.sup.config.max_connection_time:
             first = min(first, child.started + self.sup.config.max_connection_time)
         self.running[child.pid] = Running(child, relay, tcp_inode, first,
@@ -241,7 +244,8 @@ class ExecModel(ForkModel):
         left = config.idle_timeout - quiet.idle
         if quiet.stalled is not None:
             left = min(left, config.write_timeout - quiet.stalled)
-        wait = max(min(left, config.idle_timeout * left_factor),
+        # a stall may begin after this look: look again within write_timeout at most
+        wait = max(min(left, config.idle_timeout * left_factor, config.write_timeout),
                    min(MIN_RECHECK, config.idle_timeout))
         program.next_check = now + wait + CHECK_SLACK
         if limit:

@@ -503,6 +503,10 @@ class PreforkModel:
         with contextlib.suppress(ProcessLookupError):
             self.sup.kernel.kill(pid, sig)
 
+    def reopen_logs(self) -> None:
+        for pid in self.workers:  # each reopens after its connection (``worker``)
+            self.signal(pid, signal.SIGUSR1)
+
     def status(self) -> ModelStatus:
         slots = [self._slot_of(w) for w in self.workers.values()]
         idle = sum(1 for s in slots if s.state is SlotState.IDLE)
