@@ -45,8 +45,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .errors import ConfigError
-
 #: Stress mode ends when no more than this share of the capacity is busy.
 STRESS_EXIT_FRACTION = 0.75
 #: Sources held in the penalty table by default (OpenSSH: 65 536).
@@ -98,10 +96,10 @@ class Startups:
         return uniform < self.drop_probability(unproven)
 
 
-def parse_startups(text: str, setting: str = "max_startups") -> Startups:
+def parse_startups(text: str) -> Startups:
     """Parse ``START:RATE:FULL`` (or ``START``, which means ``START:100:START``, as sshd).
 
-    Raises ``ConfigError`` naming ``setting``."""
+    Raises ``ValueError`` (``config`` names the setting)."""
     parts = text.strip().split(":")
     try:
         numbers = [int(p) for p in parts]
@@ -110,10 +108,10 @@ def parse_startups(text: str, setting: str = "max_startups") -> Startups:
     if len(numbers) == 1:
         numbers = [numbers[0], 100, numbers[0]]
     if len(numbers) != 3:
-        raise ConfigError(setting, f"write it as START:RATE:FULL, as in 10:30:100, got {text!r}")
+        raise ValueError(f"write it as START:RATE:FULL, as in 10:30:100, got {text!r}")
     start, rate, full = numbers
     if not (1 <= start <= full and 0 <= rate <= 100):
-        raise ConfigError(setting, f"needs 1 <= START <= FULL and RATE from 0 to 100 (a "
+        raise ValueError(f"needs 1 <= START <= FULL and RATE from 0 to 100 (a "
                                    f"percentage), got {text!r}")
     return Startups(start, rate, full)
 
@@ -141,9 +139,10 @@ class PenaltyPolicy:
 DEFAULT_PENALTIES = "first_byte:10 handshake:10 line_too_long:5 crash:90 min:15 max:600"
 
 
-def parse_penalties(text: str, setting: str = "penalties") -> PenaltyPolicy | None:
+def parse_penalties(text: str) -> PenaltyPolicy | None:
     """Parse ``CAUSE:SECONDS ...`` plus ``min:SECONDS`` and ``max:SECONDS`` (or ``off``:
-    None). A cause left out costs nothing. Raises ``ConfigError`` naming ``setting``."""
+    None). A cause left out costs nothing. Raises ``ValueError`` (``config`` names the
+    setting)."""
     if text.strip().lower() == "off":
         return None
     durations: dict[Cause, float] = {}
@@ -155,7 +154,7 @@ def parse_penalties(text: str, setting: str = "penalties") -> PenaltyPolicy | No
         except ValueError:
             seconds = math.nan
         if not 0 <= seconds <= MAX_PENALTY_SECONDS:  # (nan fails too)
-            raise ConfigError(setting, f"{word!r}: write CAUSE:SECONDS, seconds from 0 to "
+            raise ValueError(f"{word!r}: write CAUSE:SECONDS, seconds from 0 to "
                                        f"{MAX_PENALTY_SECONDS:g}")
         if name == "max":
             maximum = seconds
@@ -165,7 +164,7 @@ def parse_penalties(text: str, setting: str = "penalties") -> PenaltyPolicy | No
             durations[Cause(name)] = seconds
         else:
             causes = ", ".join(c.value for c in Cause)
-            raise ConfigError(setting, f"{name!r} is not a cause ({causes}), min or max")
+            raise ValueError(f"{name!r} is not a cause ({causes}), min or max")
     return PenaltyPolicy(durations, maximum, minimum)
 
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forkserve.admission import Admission, Reason, source_tag
+from forkserve.config import Config
 from forkserve.defence import (
     DEFAULT_PENALTIES,
     STRESS_EXIT_FRACTION,
@@ -56,8 +57,10 @@ def test_startups_parse(text: str, policy: Startups) -> None:
 
 @pytest.mark.parametrize("text", ["", "a:b:c", "10:30", "0:30:100", "10:130:100", "100:30:10"])
 def test_bad_startups_name_the_setting(text: str) -> None:
-    with pytest.raises(ConfigError, match="max_startups"):
+    with pytest.raises(ValueError, match="START"):
         parse_startups(text)
+    with pytest.raises(ConfigError, match=r"invalid max_startups: .*START"):
+        Config(max_startups=text)
 
 
 # --------------------------------------------------------------------------- penalties
@@ -74,8 +77,10 @@ def test_default_penalties_parse() -> None:
 
 @pytest.mark.parametrize("text", ["bogus:3", "first_byte:x", "crash:-1", "max:1e9", "first_byte"])
 def test_bad_penalties_name_the_setting(text: str) -> None:
-    with pytest.raises(ConfigError, match="penalties"):
+    with pytest.raises(ValueError, match=r"CAUSE:SECONDS|not a cause"):
         parse_penalties(text)
+    with pytest.raises(ConfigError, match="invalid penalties: "):
+        Config(penalties=text)
 
 
 def table(minimum: float = 0.0, max_tracked: int = 100) -> Penalties[str]:
