@@ -310,13 +310,13 @@ class Connection:
             if self._stop_timeout is not None:
                 self._apply_stop()  # the request may have become complete since: never wait then
             wait = self._read_wait(self._read_deadline(called))
-            began = time.monotonic()
-            if self._waiter is not None and not self._tls_buffered():
+            began = time.monotonic() if self._tls else 0.0
+            if self._waiter is not None and not (self._tls and self._tls_buffered()):
                 woke = self._waiter.wait(wait)
-                if woke is Woke.SIGNAL:
-                    continue  # a stop: look again, on its terms
-                if woke is Woke.TIMEOUT:
-                    self._raise_unless_stopping()
+                if woke is not Woke.READY:
+                    if woke is Woke.SIGNAL:
+                        continue  # a stop: look again, on its terms
+                    self._raise_unless_stopping()  # the wait ran out
                     return None
             try:
                 data = self.sock.recv(RECV_SIZE)

@@ -122,8 +122,11 @@ class Waiter:
         """Until the fd is ready (or closed, or in error), ``timeout`` seconds pass (None:
         forever), or a signal arrives; a signal is reported first."""
         ms = None if timeout is None else (timeout * 1000.0 if timeout > NO_WAIT else 0)
+        events = self._poll.poll(ms)
+        if len(events) == 1 and events[0][0] != self._stop_fd:
+            return Woke.READY  # the common case, first (a read on every request)
         woke = Woke.TIMEOUT
-        for fd, _ in self._poll.poll(ms):
+        for fd, _ in events:
             if fd == self._stop_fd:
                 drain(fd)
                 return Woke.SIGNAL
