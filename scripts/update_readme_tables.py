@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from forkserve.config import markdown_table
-from forkserve.signals import signal_table
+from forkserve.master.signals import signal_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TABLES = {"settings-table": markdown_table, "signal-table": signal_table}

@@ -15,8 +15,8 @@ NOPOLL=$(mktemp -d)
 trap 'rm -rf "$NOPOLL"' EXIT
 cp -r "$ROOT/src" "$NOPOLL/"
 sed -i 's/self._waiter: Waiter | None = None if stop is None else stop.waiter(sock.fileno())/self._waiter: Waiter | None = None/' \
-    "$NOPOLL/src/forkserve/connection.py"
-grep -q "self._waiter: Waiter | None = None$" "$NOPOLL/src/forkserve/connection.py"
+    "$NOPOLL/src/forkserve/serving/connection.py"
+grep -q "self._waiter: Waiter | None = None$" "$NOPOLL/src/forkserve/serving/connection.py"
 OFF="--first-byte-timeout 0 --max-startups off --max-startups-per-source 0 --penalties off"
 OFF="$OFF --stress-idle-timeout 0 --stress-first-byte-timeout 0"
 LIST=$(mktemp)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from ._version import __version__
 from .config import Config, from_mapping
-from .connection import Connection
 from .errors import ConfigError, ForkserveError, ListenError
-from .handlers import Handler, adapt
 from .server import run_server
+from .serving.connection import Connection
+from .serving.handlers import Handler, adapt
 
 
 def serve(app: str | object = "hello", **settings: object) -> int:

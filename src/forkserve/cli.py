@@ -13,20 +13,20 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from . import check as check_mod
 from . import config as config_mod
-from . import control
-from . import status as status_mod
 from ._version import __version__
 from .apps import exec as exec_app
-from .client import ClientFailed
-from .client import run as run_client
 from .config import Config
-from .control import VERBS
 from .errors import ConfigError, ExitCode, ForkserveError
+from .master.signals import signal_table
+from .ops import check as check_mod
+from .ops import control
+from .ops import status as status_mod
+from .ops.control import VERBS
+from .ops.status import StatusFailed
 from .server import run_server
-from .signals import signal_table
-from .status import StatusFailed
+from .tools.client import ClientFailed
+from .tools.client import run as run_client
 
 #: The ``app`` setting of an exec server (what status and a reload see).
 EXEC_APP = "exec"
@@ -142,7 +142,7 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     settings.add_argument("--signals", action="store_true",
                           help="print the table of signals the master handles instead")
     if tools:  # not for serve/exec: a master forks, and every module it holds is copied
-        from . import bench, demo  # noqa: PLC0415
+        from .tools import bench, demo  # noqa: PLC0415
 
         bench.add_parser(sub)  # each sets ``tool``: it prints its own errors, returns a status
         demo.add_parser(sub)

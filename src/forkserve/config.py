@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from .admission import parse_rate
-from .defence import DEFAULT_PENALTIES, parse_penalties, parse_startups
 from .errors import ConfigError
+from .protocol.admission import parse_rate
+from .protocol.defence import DEFAULT_PENALTIES, parse_penalties, parse_startups
 
 # --------------------------------------------------------------------------- addresses
 

@@ -73,7 +73,7 @@ class ChildExited:
 
 def resolve(config: Config) -> Config:
     """``config`` with every hook named ``MODULE:ATTR`` imported. Raises ``ConfigError``."""
-    from .handlers import import_object  # noqa: PLC0415  (handlers imports config)
+    from .serving.handlers import import_object  # noqa: PLC0415  (handlers imports config)
 
     changes: dict[str, object] = {}
     for name in HOOK_NAMES:

@@ -7,23 +7,25 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import devreload, gate, hooks, pidfile, privileges, reload, systemd, upgrade
+from . import hooks
 from .apps import App
 from .config import Config
 from .errors import ConfigError
-from .handlers import adapt
-from .handlers import load as load_handler
-from .listeners import Listener, bind_all
-from .logs import configure, log, open_access_log
-from .metrics import require_client as require_metrics_client
-from .supervisor import Supervisor
-from .tls import make_context as make_tls_context
-from .upgrade import CONTROL, METRICS
+from .master import devreload, gate, privileges, reload, systemd, upgrade
+from .master.listeners import Listener, bind_all
+from .master.supervisor import Supervisor
+from .master.upgrade import CONTROL, METRICS
+from .ops import pidfile
+from .ops.logs import configure, log, open_access_log
+from .ops.metrics import require_client as require_metrics_client
+from .serving.handlers import adapt
+from .serving.handlers import load as load_handler
+from .serving.tls import make_context as make_tls_context
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
 
-    from .admission import Admission
+    from .protocol.admission import Admission
 
 #: The control socket serves a few operators' status readers, not clients.
 CONTROL_BACKLOG = 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forkserve.connection import Connection
+from forkserve.serving.connection import Connection
 from tests.unit.fakes import FakeKernel
 
 

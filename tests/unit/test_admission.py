@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forkserve.admission import (
+from forkserve.errors import ConfigError
+from forkserve.protocol.admission import (
     Admission,
     ClientKey,
     InFlight,
@@ -26,7 +27,6 @@ from forkserve.admission import (
     parse_rate,
     parse_rules,
 )
-from forkserve.errors import ConfigError
 
 AnyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 T0 = 1000.0  # the virtual clock's start: any monotonic value

@@ -10,7 +10,7 @@ import pytest
 
 from forkserve.config import Address, Config, add_arguments, from_cli, markdown_table
 from forkserve.errors import ConfigError
-from forkserve.signals import signal_table
+from forkserve.master.signals import signal_table
 
 ROOT = Path(__file__).resolve().parents[2]
 

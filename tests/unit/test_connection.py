@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from forkserve.connection import Connection
 from forkserve.errors import IdleTimeout, LineTooLong, PeerGone
+from forkserve.serving.connection import Connection
 
 
 @pytest.fixture

@@ -7,9 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forkserve.admission import Admission, Reason, source_tag
 from forkserve.config import Config
-from forkserve.defence import (
+from forkserve.errors import ConfigError
+from forkserve.master.sourceguard import SourceGuard
+from forkserve.ops.scoreboard import Scoreboard
+from forkserve.protocol.admission import Admission, Reason, source_tag
+from forkserve.protocol.defence import (
     DEFAULT_PENALTIES,
     STRESS_EXIT_FRACTION,
     Cause,
@@ -20,9 +23,6 @@ from forkserve.defence import (
     parse_penalties,
     parse_startups,
 )
-from forkserve.errors import ConfigError
-from forkserve.scoreboard import Scoreboard
-from forkserve.sourceguard import SourceGuard
 
 T0 = 1000.0
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forkserve.errors import LineTooLong
-from forkserve.framing import LineFramer
+from forkserve.protocol.framing import LineFramer
 
 
 def feed_all(framer: LineFramer, chunks: list[bytes]) -> list[bytes]:

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from forkserve.config import Address, OneAddress
-from forkserve.listeners import bind_all
-from forkserve.loopserver import DEADLINE, LoopServer
+from forkserve.master.listeners import bind_all
+from forkserve.ops.loopserver import DEADLINE, LoopServer
 
 
 class Loop:

@@ -6,9 +6,9 @@ import os
 import socket
 import time
 
-from forkserve.logs import RateLimiter
-from forkserve.scoreboard import Scoreboard, SlotState
-from forkserve.traffic import accept_queue
+from forkserve.master.traffic import accept_queue
+from forkserve.ops.logs import RateLimiter
+from forkserve.ops.scoreboard import Scoreboard, SlotState
 
 
 def test_rate_limiter_allows_one_report_per_interval_and_counts_the_rest() -> None:

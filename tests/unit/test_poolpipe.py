@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from forkserve.poolpipe import MESSAGE, TELL_INTERVAL, Inbox, Kind, Message, PauseTally
+from forkserve.protocol.poolpipe import MESSAGE, TELL_INTERVAL, Inbox, Kind, Message, PauseTally
 
 MESSAGES = [
     Message(Kind.READY, 3, 4001),

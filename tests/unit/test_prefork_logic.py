@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from forkserve.child import STOP_REMINDER
 from forkserve.config import Config
 from forkserve.errors import ConfigError, ExitCode, WorkerExit
+from forkserve.master.supervisor import REPORT_INTERVAL, Supervisor
 from forkserve.models.adaptive import ADAPT_INTERVAL
 from forkserve.models.prefork import (
     ABORT_GRACE,
@@ -22,9 +22,9 @@ from forkserve.models.prefork import (
     RESPAWN_INTERVAL,
     PreforkModel,
 )
-from forkserve.poolpipe import Kind, Message
-from forkserve.scoreboard import SlotState
-from forkserve.supervisor import REPORT_INTERVAL, Supervisor
+from forkserve.ops.scoreboard import SlotState
+from forkserve.protocol.poolpipe import Kind, Message
+from forkserve.serving.child import STOP_REMINDER
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
 

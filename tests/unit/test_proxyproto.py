@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forkserve import proxyproto
 from forkserve.errors import ClientError
-from forkserve.proxyproto import (
+from forkserve.protocol import proxyproto
+from forkserve.protocol.proxyproto import (
     DEFAULT_MAX_SIZE,
     V1_MAX_LINE,
     V2_SIGNATURE,

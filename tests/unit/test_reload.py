@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import forkserve.config
-from forkserve import reload
 from forkserve.apps import App
 from forkserve.config import Config, from_mapping
 from forkserve.errors import ConfigError
-from forkserve.handlers import load
+from forkserve.master import reload
+from forkserve.serving.handlers import load
 
 APP = "from pkg.words import WORD\n\ndef handle(conn):\n    return WORD\n"
 OURS = ("pkg", "pkg.web", "pkg.words", "sibling")

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 from forkserve.apps.exec import Program
-from forkserve.child import STOP_REMINDER
 from forkserve.config import Config
 from forkserve.kernel import Exited, reap
+from forkserve.master.signals import SIGNALS, Intent
+from forkserve.master.supervisor import ACCEPT_PAUSE_SECONDS, FORK_PAUSE_SECONDS, Supervisor
 from forkserve.models.fork import ForkModel
-from forkserve.signals import SIGNALS, Intent
-from forkserve.supervisor import ACCEPT_PAUSE_SECONDS, FORK_PAUSE_SECONDS, Supervisor
+from forkserve.serving.child import STOP_REMINDER
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
 

@@ -27,7 +27,7 @@ import pytest
 
 from forkserve.config import Address
 from forkserve.errors import ConfigError
-from forkserve.systemd import (
+from forkserve.master.systemd import (
     MAX_STATUS_CHARS,
     Heartbeat,
     InheritedSocket,
@@ -327,7 +327,7 @@ os.execv(sys.executable, [sys.executable, "-c", sys.argv[2]])
 REPORTER = """
 import fcntl, json, os
 from forkserve.errors import ConfigError
-from forkserve.systemd import as_listeners, inherited_listeners
+from forkserve.master.systemd import as_listeners, inherited_listeners
 
 def state(fd):
     try:
@@ -455,7 +455,7 @@ def test_sockets_from_systemd_socket_activate(tmp_path: Path) -> None:
 
 
 def test_the_environment_for_a_new_main_process_keeps_the_watchdog() -> None:
-    from forkserve.systemd import Notifier  # noqa: PLC0415
+    from forkserve.master.systemd import Notifier  # noqa: PLC0415
 
     env = {"NOTIFY_SOCKET": "@forkserve-test", "WATCHDOG_USEC": "30000000"}
     notifier = Notifier.from_environ(env, pid=os.getpid())

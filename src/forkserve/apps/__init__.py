@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..connection import Connection
+    from ..serving.connection import Connection
 
 #: A handler serves one connection and returns when it is done with it.
 App = Callable[["Connection"], None]

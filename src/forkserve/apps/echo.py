@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..connection import Connection
+from ..serving.connection import Connection
 
 
 def handle(conn: Connection) -> None:

@@ -62,16 +62,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import hooks
-from ..child import ChildContext, set_parent_death_signal
-from ..connection import format_address
 from ..errors import ClientError, ConfigError
 from ..hooks import Process
-from ..preamble import Proxied, proxy_addresses
-from ..privileges import apply_limits
-from ..scoreboard import SlotState
+from ..master.privileges import apply_limits
+from ..ops.scoreboard import SlotState
+from ..serving.child import ChildContext, set_parent_death_signal
+from ..serving.connection import format_address
+from ..serving.preamble import Proxied, proxy_addresses
 
 if TYPE_CHECKING:
-    from ..connection import Connection
+    from ..serving.connection import Connection
 
 #: The exit status of a child whose ``execve`` failed (the shell's "command not found").
 EXEC_FAILED = 127

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from ..connection import Connection
+from ..serving.connection import Connection
 
 log = logging.getLogger("forkserve.app.hello")
 

@@ -14,14 +14,14 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from ..scoreboard import Slot
+from ..ops.scoreboard import Slot
 
 log = logging.getLogger("forkserve")
 
 if TYPE_CHECKING:
     from ..kernel import Exited
-    from ..listeners import Listener
-    from ..supervisor import Supervisor
+    from ..master.listeners import Listener
+    from ..master.supervisor import Supervisor
 
 
 @dataclass

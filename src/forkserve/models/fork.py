@@ -19,24 +19,24 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
-from ..admission import ClientKey
-from ..child import PENALISED_EXITS, ChildContext, run_child
-from ..connection import format_address
-from ..defence import Cause
 from ..errors import ChildExit, ClientError, PeerGone
-from ..gate import startups, startups_per_source
 from ..kernel import Exited
-from ..listeners import Listener
-from ..logs import AccessRecord
-from ..preamble import Proxied, check_trusted, proxied
-from ..proxyproto import ProxyParser
-from ..scoreboard import Scoreboard
-from ..sourceguard import SourceGuard
+from ..master.gate import startups, startups_per_source
+from ..master.listeners import Listener
+from ..master.sourceguard import SourceGuard
+from ..ops.logs import AccessRecord
+from ..ops.scoreboard import Scoreboard
+from ..protocol.admission import ClientKey
+from ..protocol.defence import Cause
+from ..protocol.proxyproto import ProxyParser
+from ..serving.child import PENALISED_EXITS, ChildContext, run_child
+from ..serving.connection import format_address
+from ..serving.preamble import Proxied, check_trusted, proxied
 from . import ModelStatus, WithoutPool
 from .stress import StressMode
 
 if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 

@@ -51,13 +51,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ..apps.exec import Program, run_program
 from ..kernel import Exited
-from ..listeners import Listener
-from ..preamble import Proxied
-from ..traffic import Quiet, io_total, tcp_quiet
+from ..master.listeners import Listener
+from ..master.traffic import Quiet, io_total, tcp_quiet
+from ..serving.preamble import Proxied
 from .fork import Child, ForkModel
 
 if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 

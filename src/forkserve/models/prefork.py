@@ -51,22 +51,22 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..admission import key_of_tag, tag_of_key
-from ..child import STOP_REMINDER
-from ..defence import CAUSES
 from ..errors import ExitCode, WorkerExit
-from ..gate import rules_wanted, startups, startups_per_source
 from ..kernel import Exited
-from ..listeners import Listener
-from ..poolpipe import Inbox, Kind, Message
-from ..scoreboard import Scoreboard, Slot, SlotState
-from ..worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
+from ..master.gate import rules_wanted, startups, startups_per_source
+from ..master.listeners import Listener
+from ..ops.scoreboard import Scoreboard, Slot, SlotState
+from ..protocol.admission import key_of_tag, tag_of_key
+from ..protocol.defence import CAUSES
+from ..protocol.poolpipe import Inbox, Kind, Message
+from ..serving.child import STOP_REMINDER
+from ..serving.worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
 from . import ModelStatus
 from .adaptive import Adapter, Step, plan
 from .stress import StressMode
 
 if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 

@@ -26,20 +26,20 @@ from collections.abc import Collection
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from ..admission import ClientKey
-from ..child import PENALISED_EXITS, serve_one
-from ..connection import Connection, Patience, format_address
-from ..defence import Cause
 from ..errors import ChildExit, ClientError, ExitCode
 from ..kernel import Exited
-from ..listeners import Listener
-from ..logs import AccessRecord
-from ..preamble import Proxied, open_connection, proxy_addresses
-from ..tls import HandshakeTimeout
+from ..master.listeners import Listener
+from ..ops.logs import AccessRecord
+from ..protocol.admission import ClientKey
+from ..protocol.defence import Cause
+from ..serving.child import PENALISED_EXITS, serve_one
+from ..serving.connection import Connection, Patience, format_address
+from ..serving.preamble import Proxied, open_connection, proxy_addresses
+from ..serving.tls import HandshakeTimeout
 from . import ModelStatus, WithoutPool
 
 if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 

@@ -10,12 +10,12 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..child import LOOK_AGAIN
-from ..defence import Stress
-from ..scoreboard import Scoreboard
+from ..ops.scoreboard import Scoreboard
+from ..protocol.defence import Stress
+from ..serving.child import LOOK_AGAIN
 
 if TYPE_CHECKING:
-    from ..supervisor import Supervisor
+    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 

@@ -1,0 +1,115 @@
+"""Privileges and per-process limits: who the server runs as, and what each child may use.
+
+Theory of operation
+-------------------
+- ``resolve_identity`` turns ``user``/``group`` (names or numbers) into ids before anything is
+  bound, so an unknown user is a one-line error (exit 2), not a failure after binding.
+- ``drop`` runs in the master after every socket is bound (ports below 1024 need root) and
+  before any fork (CERT POS36-C order): ``setgroups([])``, so no supplementary group survives;
+  ``setgid``; ``setuid``. Changing the uid away from 0 clears the permitted and effective
+  capability sets (capabilities(7)), so nothing the master forks can regain root. Unix socket
+  files are handed to the new owner first, so the master can still remove them at exit.
+  Asking for another identity when not root is refused with a clear error, never ignored.
+- ``apply_limits`` runs in each per-connection child and each pre-forked worker right after
+  the fork, before any client byte is read (xinetd's ``rlimit_*``): address space, CPU
+  seconds, open files, processes. Soft and hard limits are both set, so the handler (or an
+  exec'd program) cannot raise them again. ``check_limits`` verifies in the master, before
+  binding, that the values are allowed (an unprivileged master cannot raise a hard limit).
+  The single model has no child to apply them to, and refuses them.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import resource
+from dataclasses import dataclass
+
+from ..config import Config
+from ..errors import ConfigError
+from .listeners import Listener
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+    name: str
+
+
+def resolve_identity(config: Config) -> Identity | None:
+    """The identity ``user``/``group`` ask for, or None. Raises ``ConfigError``."""
+    if config.user is None and config.group is None:
+        return None
+    if config.user is not None:
+        try:
+            entry = (pwd.getpwuid(int(config.user)) if config.user.isdigit()
+                     else pwd.getpwnam(config.user))
+        except (KeyError, OverflowError):
+            raise ConfigError("user", f"no such user: {config.user!r}") from None
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    else:
+        uid, gid, name = os.getuid(), os.getgid(), str(os.getuid())
+    if config.group is not None:
+        try:
+            gid = (grp.getgrgid(int(config.group)).gr_gid if config.group.isdigit()
+                   else grp.getgrnam(config.group).gr_gid)
+        except (KeyError, OverflowError):
+            raise ConfigError("group", f"no such group: {config.group!r}") from None
+    if os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
+        which = "user" if uid != os.geteuid() else "group"
+        raise ConfigError(which, f"switching to {name} (uid {uid}, gid {gid}) needs root; "
+                                 f"this server runs as uid {os.geteuid()}")
+    return Identity(uid, gid, name)
+
+
+def drop(identity: Identity, listeners: list[Listener]) -> None:
+    """Become ``identity`` for good: supplementary groups, then gid, then uid."""
+    if os.geteuid() != 0:
+        return  # already this identity (resolve_identity refused anything else)
+    for listener in listeners:
+        if listener.unix_inode is not None:  # a file forkserve made (not systemd's)
+            os.chown(listener.address.path, identity.uid, identity.gid)
+    os.setgroups([])
+    os.setgid(identity.gid)
+    os.setuid(identity.uid)
+    if identity.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return
+        raise RuntimeError("privileges could be regained after setuid")  # never expected
+
+
+#: setting -> (resource, how many bytes or units one unit of the setting is)
+LIMITS = {
+    "limit_as": (resource.RLIMIT_AS, 1024 * 1024),
+    "limit_cpu": (resource.RLIMIT_CPU, 1),
+    "limit_nofile": (resource.RLIMIT_NOFILE, 1),
+    "limit_nproc": (resource.RLIMIT_NPROC, 1),
+}
+
+
+def _wanted(config: Config) -> list[tuple[str, int, int]]:
+    return [(name, res, getattr(config, name) * unit)
+            for name, (res, unit) in LIMITS.items() if getattr(config, name)]
+
+
+def check_limits(config: Config) -> None:
+    """Refuse limits that cannot be applied here. Raises ``ConfigError``."""
+    wanted = _wanted(config)
+    if wanted and config.model == "single":
+        raise ConfigError(wanted[0][0], "limits apply to each child or worker; the single "
+                                        "model serves in the master and has none")
+    for name, res, value in wanted:
+        hard = resource.getrlimit(res)[1]
+        if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and value > hard:
+            raise ConfigError(name, f"above the hard limit {hard} of this process, which "
+                                    "only root may raise")
+
+
+def apply_limits(config: Config) -> None:
+    """In a child or worker: set soft and hard limits. Raises ``OSError``."""
+    for _name, res, value in _wanted(config):
+        resource.setrlimit(res, (value, value))

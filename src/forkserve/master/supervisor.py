@@ -1,0 +1,590 @@
+"""The master: one selectors loop that accepts, reaps, and runs the lifecycle.
+
+Theory of operation
+-------------------
+The master is single-threaded and blocks in exactly one place: ``selector.select`` with a
+timeout equal to the nearest deadline (an accept pause ending, the graceful stop deadline), or
+no timeout at all. It never polls on a timer: an idle master uses no CPU.
+
+Signals (DESIGN decision 1, STYLE rules 4 and 5): ``SIGNALS`` is the one table that maps each
+signal to an intent; it drives installation, dispatch and the docs. A handler only appends the
+signal number to a queue (and, for a stop, lets the model interrupt a connection it serves
+in-process); ``signal.set_wakeup_fd`` makes the selector return, and the loop then acts on the
+queued intents by name. PEP 475 retries system calls after a handler that does not raise, so
+nothing may block outside ``select``.
+
+Reaping (decision 2, rule 7): after every wake-up, ``kernel.reap`` loops ``waitpid(-1,
+WNOHANG)`` until nothing is left, because SIGCHLDs coalesce. Children are registered in the
+same loop iteration that forked them, before any reaping, so there is no registration race.
+
+Backpressure (decision 4): the listeners are registered in the selector only while the model
+has room and accepting is not paused; otherwise clients wait in the kernel backlog. Capacity
+errors of accept() and fork() pause accepting briefly (decision 5: never spin) and are logged
+through one rate limiter for the whole server: at most one line per kind of trouble per
+``REPORT_INTERVAL``, with the count of what it held back. Prefork workers do not log their
+accept errors: they tell the master (``accept_paused``), so a pool of 64 logs what one
+process would.
+
+Stopping (rule 17), a checklist with a deadline: close the listeners (new clients are refused,
+not left hanging in a queue nobody will read), ask every child to finish (SIGTERM: a child
+stops reading and writes what it owes; repeated once ``STOP_REMINDER`` later, see ``child``), wait
+for them up to ``graceful_timeout``, SIGKILL what is left, reap, exit 1 if anything had to be
+killed, else 0. A fast stop (SIGQUIT) kills at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import logging
+import math
+import os
+import selectors
+import signal
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from .. import hooks, models
+from .._version import __version__
+from ..apps import App
+from ..config import Config
+from ..errors import ExitCode, ForkserveError
+from ..hooks import ChildExited
+from ..kernel import Exited, Kernel, OsKernel, reap
+from ..ops import pidfile
+from ..ops.logs import AccessLog, AccessRecord, RateLimiter, configure, reopen_files
+from ..ops.loopserver import LoopServer
+from ..ops.metrics import MetricsServer
+from ..ops.status import StatusServer, process_row
+from ..protocol.admission import Admission
+from ..serving.child import STOP_REMINDER, set_title
+from . import gate, ready, reload, systemd, upgrade
+from .gate import Gate
+from .listeners import ACCEPT_CAPACITY_ERRNOS, ACCEPT_TRANSIENT_ERRNOS, Listener
+from .signals import _INTENTS, HANDLED, SIGNALS, Intent, SignalsBlocked
+from .upgrade import Upgrader
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
+
+log = logging.getLogger("forkserve")
+
+
+#: How long accepting pauses after a capacity error: short enough that a passing spike costs
+#: little latency, long enough that a lasting one costs ten wake-ups a second, not a spin.
+ACCEPT_PAUSE_SECONDS = 0.1
+#: The same after fork() fails for lack of resources (EAGAIN, ENOMEM).
+FORK_PAUSE_SECONDS = 0.1
+#: At most one report per kind of trouble per this many seconds, for the whole server: a
+#: lasting EMFILE is one line every 5 s with its count, not a flood (pg_doorman PR#262 paces
+#: its log the same way after a log storm in an outage).
+REPORT_INTERVAL = 5.0
+
+
+@dataclass
+class Stop:
+    fast: bool
+    deadline: float
+    #: When SIGTERM went to the processes (``child.STOP_REMINDER``) ...
+    told_at: float
+    #: ... and whether it went again to those still running.
+    reminded: bool = False
+    killed: bool = False
+    #: An upgrade's new master serves the same sockets now.
+    handover: bool = False
+    #: Connections (processes serving them) killed to stop.
+    cut: int = 0
+
+
+class Supervisor:
+    """The master process's loop. Create it after binding; ``run()`` serves until stopped."""
+
+    def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
+                 access_log: AccessLog | None = None, kernel: Kernel | None = None,
+                 origin: reload.Origin | None = None,
+                 control: Listener | None = None, metrics: Listener | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 admission: Admission | None = None,
+                 notifier: systemd.Notifier | None = None, cwd: str | None = None,
+                 upgrade_ready_fd: upgrade.Successor | None = None) -> None:
+        self.config = config
+        self.app = app
+        #: The TLS context (made before privileges were dropped), or None.
+        self.tls = tls
+        self.listeners = list(listeners)
+        self.kernel: Kernel = kernel or OsKernel()
+        self.access_log = access_log
+        #: Where a reload finds the settings and the app again.
+        self._origin = origin or reload.Origin(config)
+        #: The operators' servers in this loop: the status socket and the metrics endpoint.
+        self._loop_servers: list[LoopServer] = []
+        if control is not None:
+            self._loop_servers.append(StatusServer(control, self.snapshot, self,
+                                                   self.kernel.monotonic))
+        if metrics is not None:
+            self._loop_servers.append(MetricsServer(metrics, self, self.kernel.monotonic))
+        #: Events as (kind, label): accept pauses by errno, fork failures by errno, refused
+        #: connections by reason, worker exits by reason. Status and metrics show them.
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self.pid = os.getpid()
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._received: deque[int] = deque()
+        #: Set by the signal handler for anything but SIGCHLD: the loop acts before accepting.
+        self._urgent = False
+        #: Set by the signal handler on TERM, INT or QUIT, before the loop has seen them.
+        self.stop_requested = False
+        self._accepting = False
+        self._paused_until = 0.0
+        self._stop: Stop | None = None
+        self._killed = False
+        #: Set by ``halt``: the reason and exit status of a stop the server itself decided.
+        self._halt: tuple[str, ExitCode] | None = None
+        self._reports = RateLimiter(REPORT_INTERVAL)
+        self._started = self.kernel.monotonic()
+        #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
+        self.notifier = notifier or systemd.Notifier(None)
+        self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
+        #: Where the server was started (an upgrade's new master starts there too).
+        self._cwd = cwd or os.getcwd()
+        self.upgrader = Upgrader(self)
+        #: Set when an upgrade started this master: written to once it serves.
+        self._upgrade_ready_fd = upgrade_ready_fd
+        self._operator_listeners = [(upgrade.CONTROL, control), (upgrade.METRICS, metrics)]
+        if admission is None:
+            admission = gate.build(config)
+        self.gate = Gate(admission, config, clock=self.kernel.monotonic, count=self.count,
+                         report=self._report, host=self)
+        self.model = models.create(config.model, self)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        """Serve until a stop completes; return the exit status. Runs in the master."""
+        try:
+            with self._signals_installed():
+                self._start()
+                while not self._finished():
+                    self._wait()
+                    self._act_on_signals()
+                    self._reap()
+                    self._advance_stop()
+                    self._tick()
+                    self.model.manage()
+                    self.update_accepting()
+        except BaseException:
+            self._abandon()
+            raise
+        finally:
+            self._close()
+        if self._halt is not None:
+            log.critical("stopped: %s", self._halt[0])
+        status = self._halt[1] if self._halt else ExitCode.KILLED if self._killed else ExitCode.OK
+        ready.stopped(self._stop, status)
+        return status
+
+    def halt(self, reason: str, status: ExitCode) -> None:
+        """The server cannot go on (workers cannot boot): stop gracefully, exit ``status``."""
+        if self._halt is None:
+            self._halt = (reason, status)
+            log.critical("%s", reason)
+            self.notifier.status(reason)
+        self._begin_stop(fast=False)
+
+    def _start(self) -> None:
+        # Everything imported and built so far is shared with every child: freeze it so that a
+        # child's garbage collector never writes to those pages (bpo-31558).
+        gc.collect()
+        gc.freeze()
+        for server in self._loop_servers:
+            server.start()
+        self.model.start()
+        names = " ".join(listener.name for listener in self.listeners)
+        set_title(f"forkserve: master [{self.model.name}] {names}")
+        self.update_accepting()
+        operators = self.operator_listeners()
+        ready.announce(self.listeners, operators, self.model.name, self.pid)
+        self.notifier.ready(f"serving {names} (model={self.model.name})")
+        if self._upgrade_ready_fd is not None:
+            successor, self._upgrade_ready_fd = self._upgrade_ready_fd, None
+            upgrade.announce_ready(successor, [*self.listeners, *(x for _, x in operators)])
+
+    def operator_listeners(self) -> list[tuple[str, Listener]]:
+        """The control and metrics sockets, by their names for an upgrade's handover."""
+        return [(name, lst) for name, lst in self._operator_listeners if lst is not None]
+
+    def begin_graceful_stop(self, *, handover: bool = False) -> None:
+        """``handover``: a new master serves the same sockets now (an upgrade): what the
+        kernel has queued is left to it, and systemd is not told the service stops."""
+        self._begin_stop(fast=False, handover=handover)
+
+    def _finished(self) -> bool:
+        return self._stop is not None and not self.model.pids() and not self.model.pending()
+
+    def _wait(self) -> None:
+        for key, _ in self.selector.select(self._timeout()):
+            if key.data is None:
+                self._drain_wakeup()
+            elif callable(key.data):
+                key.data()  # a model's own fd (the prefork ready pipe)
+            elif self._urgent:
+                return  # a signal came in (perhaps a stop): act on it before taking more
+            elif self._stop is None and self._accepting:
+                self.model.on_readable(key.data)
+
+    # ------------------------------------------------------------------ status
+
+    def count(self, kind: str, label: str) -> None:
+        self.counters[kind, label] += 1
+
+    def counter_table(self) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        for (kind, label), n in sorted(self.counters.items()):
+            table.setdefault(kind, {})[label] = n
+        return table
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status of this server now, as the control socket serves it (see ``status``)."""
+        now = self.kernel.monotonic()
+        model = self.model.status()
+        return {
+            "pid": self.pid, "model": self.model.name, "version": __version__,
+            "uptime_s": round(now - self._started, 3), "generation": model.generation,
+            "listeners": [lst.name for lst in self.listeners if lst.sock.fileno() >= 0],
+            "connections_total": model.connections_total, "busy": model.busy,
+            "idle": model.idle, "capacity": model.capacity,
+            "counters": {**self.counter_table(),
+                         "errors": {"handler": model.handler_errors}},
+            "processes": [process_row(slot, now) for slot in model.processes],
+            "stress": model.stress, "penalised": self.gate.penalised(now),
+        }
+
+    def _tick(self) -> None:
+        """Deadlines of the master's helpers: peers of the loop servers, the rules file."""
+        now = self.kernel.monotonic()
+        for server in self._loop_servers:
+            server.tick(now)
+        self.gate.tick(now)
+        self.heartbeat.tick(now)
+        self.upgrader.tick(now)
+
+    def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None:
+        """Call ``callback`` from the loop whenever ``fd`` is readable (or writable)."""
+        self.selector.register(fd, selectors.EVENT_WRITE if write else selectors.EVENT_READ,
+                               callback)
+
+    def unwatch(self, fd: int) -> None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.selector.unregister(fd)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None
+
+    def _timeout(self) -> float | None:
+        deadlines = []
+        if self._paused_until and self._stop is None:
+            deadlines.append(self._paused_until)
+        stop = self._stop
+        if stop is not None and not stop.killed:
+            deadlines.append(stop.deadline)
+            if not stop.fast and self.model.pids():
+                deadlines.append(self._reminder_due(stop))  # (inf when none is due)
+        for deadline in (self.model.next_deadline(), self.gate.next_deadline(),
+                         self.heartbeat.next_deadline(), self.upgrader.next_deadline(),
+                         *(server.next_deadline() for server in self._loop_servers)):
+            if deadline is not None:
+                deadlines.append(deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self.kernel.monotonic())
+
+    def _drain_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    # ------------------------------------------------------------------ signals
+
+    @contextlib.contextmanager
+    def _signals_installed(self) -> Iterator[None]:
+        """Install the table's handlers and the wakeup fd; restore the previous ones after."""
+        previous = {route.signal: signal.signal(route.signal, self._record) for route in SIGNALS}
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: record, and nothing else (see the module doc)."""
+        self._received.append(signum)
+        intent = _INTENTS.get(signum)
+        if intent is not Intent.REAP:
+            self._urgent = True
+        if intent is Intent.GRACEFUL_STOP or intent is Intent.FAST_STOP:
+            self.stop_requested = True
+            self.model.interrupt(fast=intent is Intent.FAST_STOP)
+
+    def handled_signals(self) -> tuple[int, ...]:
+        return HANDLED
+
+    def signals_blocked(self) -> SignalsBlocked:
+        """Hold the handled signals back around a fork (see ``SignalsBlocked``)."""
+        return SignalsBlocked()
+
+    def _act_on_signals(self) -> None:
+        self._urgent = False
+        while self._received:
+            intent = _INTENTS.get(self._received.popleft())
+            if intent is Intent.GRACEFUL_STOP:
+                self._begin_stop(fast=False)
+            elif intent is Intent.FAST_STOP:
+                self._begin_stop(fast=True)
+            elif intent is Intent.RELOAD and self._stop is None:
+                self._reload()
+            elif intent in (Intent.MORE, Intent.FEWER) and self._stop is None:
+                self.model.scale(1 if intent is Intent.MORE else -1)
+            elif intent is Intent.UPGRADE and self._stop is None:
+                self.upgrader.start(self._cwd)
+            elif intent is Intent.REOPEN_LOGS:
+                reopen_files(self.access_log)
+                self.model.reopen_logs()
+
+    # ------------------------------------------------------------------ reload
+
+    def _reload(self) -> None:
+        """Settings and app code again, new processes forked from them (see ``reload``); or
+        keep the running ones and say why."""
+        self.notifier.reloading()
+        outcome = "reload failed: still serving with the running config"
+        try:
+            if self._apply_reload():
+                outcome = "reloaded the config"
+        finally:
+            self.notifier.ready(outcome)  # systemd's reload ends with READY=1, whatever it was
+
+    def _apply_reload(self) -> bool:
+        try:
+            new = reload.prepare(self.config, self.app, self.access_log, self._origin,
+                                 self.gate.admission)
+        except ForkserveError as exc:
+            log.error("reload failed, still serving with the running code and config: %s", exc)
+            return False
+        if new.kept:
+            log.warning("reload: %s can only change with a restart; kept the running value",
+                        ", ".join(new.kept))
+        if new.access_log is not self.access_log and self.access_log is not None:
+            self.access_log.close()
+        self.config, self.app, self.access_log = new.config, new.app, new.access_log
+        self.tls = new.tls
+        self.gate.replace(new.admission, new.config)
+        configure(new.config.log_level, new.config.log_file)
+        reload.refreeze()
+        log.info("%s; %s", new.summary, self.model.reconfigure())
+        hooks.call(self.config, "on_reload", self.config)
+        return True
+
+    # ------------------------------------------------------------------ children
+
+    def _reap(self) -> None:
+        for exited in reap(self.kernel):
+            if self.model.on_exit(exited):
+                if self.config.child_exit is not None:
+                    hooks.call(self.config, "child_exit",
+                               ChildExited(exited.pid, exited.describe(), exited.code))
+            elif not self.upgrader.on_reaped(exited.pid, exited.describe()):
+                log.info("reaped pid %d, which is not one of ours (exit %d)",
+                         exited.pid, exited.code)
+
+    def report_abnormal_exit(self, exited: Exited, what: str) -> None:
+        if exited.signal is None:
+            log.warning("pid %d (%s) exited with status %d", exited.pid, what, exited.code)
+            return
+        oom = exited.signal == signal.SIGKILL and self._stop is None
+        log.warning("pid %d (%s) was killed by %s%s", exited.pid, what, exited.describe(),
+                    " (out of memory?)" if oom else "")
+
+    def write_access(self, record: AccessRecord) -> None:
+        if self.access_log is not None:
+            self.access_log.write(record)
+
+    # ------------------------------------------------------------------ accepting
+
+    def update_accepting(self) -> None:
+        """Watch the listeners exactly when the model has room and accepting is not paused."""
+        now = self.kernel.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+        want = (self.model.accepts and self._stop is None and not self._paused_until
+                and not (self.model.full and self.config.on_full == "defer"))
+        if want == self._accepting:
+            return
+        self._accepting = want
+        for listener in self.listeners:
+            if want:
+                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+            else:
+                self.selector.unregister(listener.sock)
+
+    def _pause(self, seconds: float) -> None:
+        self._paused_until = self.kernel.monotonic() + seconds
+        self.update_accepting()
+
+    def _report(self, key: str, level: int, message: str, *args: object,
+                events: int = 1) -> None:
+        held = self._reports.allow(key, self.kernel.monotonic(), events)
+        if held is not None:
+            suffix = f" ({held} more since the last report)" if held else ""
+            log.log(level, message + suffix, *args)
+
+    def accept_failed(self, exc: OSError) -> bool:
+        """Handle an accept() error; True if the model should stop accepting for now."""
+        code = exc.errno or 0
+        if code in ACCEPT_TRANSIENT_ERRNOS:
+            return False
+        self._pause(ACCEPT_PAUSE_SECONDS)
+        self.accept_paused(code)
+        return True
+
+    def accept_paused(self, code: int, pauses: int = 1, *, by: str = "",
+                      pause: float = ACCEPT_PAUSE_SECONDS) -> None:
+        """Count ``pauses`` pauses of ``pause`` seconds after accept() failed with errno
+        ``code``, and report them through the server's one rate limiter. ``by``: who paused,
+        when not the master (prefork workers tell theirs through the pool pipe)."""
+        name = errno.errorcode.get(code, str(code))
+        self.counters["accept_pauses", name] += pauses
+        level = logging.WARNING if code in ACCEPT_CAPACITY_ERRNOS else logging.ERROR
+        self._report(f"accept:{name}", level,
+                     "%saccept failed: %s (%s); pausing accepts for %.1f s",
+                     by, os.strerror(code), name, pause, events=pauses)
+
+    def fork_failed(self, exc: OSError, *, refused: bool = True) -> None:
+        """fork() failed; report it (rate-limited). ``refused``: a client was closed for it,
+        and accepting pauses; otherwise (a pool's worker) the model retries later itself."""
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self.count("fork_failures", name)
+        if not refused:
+            self._report(f"fork:{name}", logging.ERROR, "fork failed: %s (%s); retrying",
+                         exc.strerror, name)
+            return
+        self.count("refused", "fork_failed")
+        self._pause(FORK_PAUSE_SECONDS)
+        self._report(f"fork:{name}", logging.ERROR,
+                     "fork failed: %s (%s); closed that connection, pausing accepts for %.1f s",
+                     exc.strerror, name, FORK_PAUSE_SECONDS)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _begin_stop(self, *, fast: bool, handover: bool = False) -> None:
+        now = self.kernel.monotonic()
+        if self._stop is not None:
+            if fast and not self._stop.fast:
+                self._stop.fast, self._stop.cut = True, len(self.model.pids())
+                self._kill_all(signal.SIGKILL)
+            return
+        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout, told_at=now,
+                          handover=handover)
+        if not handover:
+            self.notifier.stopping()
+        self.update_accepting()
+        for listener in self.listeners:
+            if not fast and not handover:
+                self.model.drain(listener)
+            listener.close()
+        pending = len(self.model.pids())
+        if fast:
+            self._stop.cut = pending
+            log.info("fast stop: killing %d process(es)", pending)
+        else:
+            log.info("graceful stop: waiting up to %g s for %d process(es)",
+                     self.config.graceful_timeout, pending)
+        if fast or not (handover and self.model.ends_on_sigterm):
+            # (an upgrade's old programs end on their own: SIGTERM would cut them short)
+            self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)
+
+    def _kill_all(self, sig: int) -> None:
+        for pid in list(self.model.pids()):
+            self.model.signal(pid, sig)
+
+    def _advance_stop(self) -> None:
+        stop = self._stop
+        if stop is None or stop.killed or stop.fast:
+            return
+        left = self.model.pids()
+        now = self.kernel.monotonic()
+        if left and now >= stop.deadline:
+            stop.killed, stop.cut = True, len(left)
+            self.note_killed(f"graceful timeout: killing {len(left)} connection(s) still open")
+            self._kill_all(signal.SIGKILL)
+        elif left and self._reminder_due(stop) <= now:
+            stop.reminded = True
+            self._kill_all(signal.SIGTERM)
+
+    def _reminder_due(self, stop: Stop) -> float:
+        """When SIGTERM goes again to what a graceful stop still waits for (inf: never)."""
+        if stop.reminded or not self.model.remind_stop:
+            return math.inf
+        return stop.told_at + STOP_REMINDER
+
+    def note_killed(self, message: str) -> None:
+        """Something had to be killed to stop: say so, and exit 1 at the end."""
+        self._killed = True
+        log.warning("%s", message)
+
+    # ------------------------------------------------------------------ cleaning up
+
+    def close_in_child(self, *, worker: bool = False) -> None:
+        """In a forked child: close the fds that belong to the master (not the unix files).
+
+        A pre-fork ``worker`` keeps the listeners (it accepts) and the access log (it writes).
+        """
+        if not worker:
+            for listener in self.listeners:
+                listener.sock.close()
+            if self.access_log is not None:
+                self.access_log.close()
+        for server in self._loop_servers:
+            server.close_in_child()
+        self.gate.close_in_child()
+        self.model.close_in_child()
+        self.notifier.close_in_child()
+        self.upgrader.close_in_child()
+        if self._upgrade_ready_fd is not None:
+            os.close(self._upgrade_ready_fd.fd)
+            self._upgrade_ready_fd = None
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _abandon(self) -> None:
+        """The loop failed: do not leave children behind. Kill them and reap them, blocking."""
+        for pid in list(self.model.pids()):
+            with contextlib.suppress(OSError):
+                self.kernel.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                self.kernel.waitpid(pid, 0)
+
+    def _close(self) -> None:
+        if self.config.pid_file is not None:
+            pidfile.remove(self.config.pid_file, self.pid)
+        for server in self._loop_servers:
+            server.close()
+        self.gate.close()
+        self.notifier.close()
+        self.upgrader.close()
+        for listener in self.listeners:
+            listener.close()
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.model.close()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -1,0 +1,1 @@
+"""Operator surfaces: logs, scoreboard, status, metrics, control verbs, pid file, check."""

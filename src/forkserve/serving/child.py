@@ -1,0 +1,307 @@
+"""What a process does with one connection: the handler call, and a forked child's hygiene.
+
+Theory of operation
+-------------------
+``serve_one`` runs the app on one ``Connection`` and turns every outcome into an exit status;
+it is shared by the fork model (in a child) and the single model (in the master).
+
+``run_child`` is the body of a per-connection child (fork model). Rules:
+
+1. It never returns into the master's code: every path, exceptions included, ends in
+   ``os._exit`` (the seed's child fell back into the accept loop; DESIGN decision 3).
+2. First it closes what belongs to the master (listeners, the master's selector and wakeup
+   pipe), so no client can ever reach this child but its own and the port is not held.
+3. Signals, before anything waits on the client (the PROXY header, the TLS handshake): the
+   master's dispositions and its wakeup fd are undone, the child's own wakeup pipe is
+   installed (``stopsignal``: every wait on the client polls it too, so no stop is missed),
+   and the mask is cleared. SIGTERM and SIGINT mean "finish gracefully": the handler records
+   the stop, calls ``Connection.interrupt`` (answer what was received, then end the input and
+   close with lingering) and arms a timer of ``graceful_timeout`` plus a margin, whose SIGALRM
+   (default action) ends a handler that will not finish. These few system calls are the whole
+   signal handler: no logging, no locks (a deliberate, documented exception to "handlers only
+   record": the child has no loop to record into). A handler that reads the socket itself (a
+   socketserver one) does not poll the pipe, so the master still sends SIGTERM once more
+   ``STOP_REMINDER`` later to a child still there; only the first one arms the timer. SIGQUIT
+   ends the child at once (``os._exit``, no core dump); SIGHUP and SIGUSR1, which an operator
+   may send to the whole process group, are ignored (exec'd programs must get them back at
+   their defaults).
+4. Parent death: PR_SET_PDEATHSIG delivers SIGTERM when the master dies, plus a ``getppid``
+   check for a master that died before the call (prctl(2)). It is set in the child, after
+   every credential change (the master drops privileges before it forks; the kernel clears
+   the setting on any change of uid or gid). An orphan finishes without the grace for
+   incomplete requests (``stopsignal``): it is gone within milliseconds, not seconds.
+5. The RNG: CPython's ``random`` reseeds itself in every fork child (``os.register_at_fork``),
+   and OpenSSL detects the fork itself; nothing to do here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
+
+from .. import hooks
+from ..apps import App
+from ..config import Config
+from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong
+from ..hooks import Process
+from ..kernel import SIG_DFL, SIG_IGN, pthread_sigmask, set_handler
+from ..master.privileges import apply_limits
+from ..master.sourceguard import DROP_UNPROVEN
+from ..ops.scoreboard import Scoreboard, SlotState
+from ..protocol.defence import Cause
+from .connection import Connection, Patience, format_address
+from .preamble import Proxied, open_connection
+from .stopsignal import StopSignal
+from .tls import HandshakeTimeout
+
+if TYPE_CHECKING:
+    import ssl  # only with TLS on: the module costs a forking master 6 MB
+
+log = logging.getLogger("forkserve")
+
+#: What a client gets before the connection closes when a line is over ``max_line``.
+LINE_TOO_LONG_ANSWER = b"ERR line too long\n"
+#: The child's own stop timer runs this much longer than the master's graceful deadline, so
+#: that a live master does the killing (and knows it had to).
+CHILD_GRACE_MARGIN = 1.0
+#: A process told to stop (SIGTERM) and still running is told once more this much later by the
+#: master. A signal that lands after Python's last check and before a blocking ``recv``
+#: starts runs its Python handler only when that ``recv`` returns, up to ``idle_timeout``
+#: later; the second SIGTERM interrupts the ``recv`` (EINTR), and the handler runs then.
+#: Once only: a kernel timeout in progress (a write's, the closing linger's) restarts when a
+#: signal interrupts it, so a periodic reminder would keep it from ever expiring.
+STOP_REMINDER = 1.0
+#: Signals that ask a child to finish gracefully.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Signals meant for the master that a child ignores when the whole group gets them.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+#: The master's word to serving processes: "the stress mode changed, look at your deadlines
+#: again" (``defence``). Harmless when an operator sends SIGUSR2 (upgrade) to the whole group.
+LOOK_AGAIN = signal.SIGUSR2
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the getppid check still works
+    _prctl = None
+
+_setproctitle: Callable[[str], None] | None
+try:
+    from setproctitle import setproctitle as _setproctitle
+except ImportError:  # an optional extra: titles are a nicety
+    _setproctitle = None
+
+
+def set_title(title: str) -> None:
+    """Show ``title`` in ps/top when setproctitle is installed; otherwise do nothing."""
+    if _setproctitle is not None:
+        _setproctitle(title)
+
+
+#: What each exit status earns the client's source (``defence.Cause``).
+PENALISED_EXITS: dict[int, Cause] = {
+    ChildExit.FIRST_BYTE: Cause.FIRST_BYTE, ChildExit.HANDSHAKE: Cause.HANDSHAKE,
+    ChildExit.LINE_TOO_LONG: Cause.LINE_TOO_LONG,
+}
+
+
+def serve_one(app: App, conn: Connection) -> ChildExit:
+    """Run ``app`` on ``conn``, close it, and say how it went. Raises nothing but BaseException.
+
+    Client misbehaviour (idle, reset, over-long line) is a normal end; the ends that earn the
+    client's source a penalty have statuses of their own (``ChildExit.FIRST_BYTE``,
+    ``LINE_TOO_LONG``); a handler exception is logged with its traceback and gives
+    ``HANDLER_ERROR``.
+    """
+    try:
+        app(conn)
+        return ChildExit.OK
+    except LineTooLong:
+        with contextlib.suppress(ClientError, OSError):
+            conn.write(LINE_TOO_LONG_ANSWER)
+        log.info("%s: closed: line longer than max_line", conn.peer)
+        return ChildExit.LINE_TOO_LONG
+    except FirstByteTimeout as exc:
+        log.debug("%s: closed: %s", conn.peer, exc)
+        return ChildExit.FIRST_BYTE
+    except ClientError as exc:
+        log.debug("%s: closed: %s", conn.peer, exc)
+        return ChildExit.OK
+    except (Exception, SystemExit):
+        log.exception("handler failed on the connection from %s", conn.peer)
+        return ChildExit.HANDLER_ERROR
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+@dataclass(frozen=True)
+class ChildContext:
+    """What a forked child needs from the master, fixed at fork time."""
+
+    app: App
+    config: Config
+    scoreboard: Scoreboard
+    master_pid: int
+    #: Closes every fd that belongs to the master (listeners, selector, wakeup pipe).
+    close_master_fds: Callable[[], None]
+    #: Signals the master handles: their dispositions are reset to the default in the child.
+    master_signals: Iterable[int]
+    #: The TLS context, when TLS is on.
+    tls: ssl.SSLContext | None = None
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask the kernel for ``sig`` when the parent dies (Linux; elsewhere a no-op)."""
+    if _prctl is not None:  # a failure leaves the caller's getppid check and the master's kill
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def _quit_now(signum: int, frame: object) -> None:
+    os._exit(ChildExit.QUIT)  # a fast stop: nothing to finish, no core dump
+
+
+def patience_for(config: Config, board: Scoreboard, slot: int) -> Patience:
+    """A connection's first-byte and stress deadlines, and where it records its proof (the
+    master's early drop reads it)."""
+    return Patience(first_byte=config.first_byte_timeout or None,
+                    stress_idle=config.stress_idle_timeout or None,
+                    stress_first_byte=config.stress_first_byte_timeout or None,
+                    stressed=lambda: board.stressed,
+                    on_proven=functools.partial(board.mark_proven, slot))
+
+
+def look_again(signum: int, frame: object) -> None:
+    """SIGUSR2 from the master: the stress mode changed. The signal has already woken any
+    wait on the client (its wakeup pipe), which looks at its deadline again."""
+
+
+class _Finish:
+    """The child's SIGTERM/SIGINT handler: record the stop, tell the connection (once it
+    exists), arm the backstop timer once (the master's reminder must not push it back)."""
+
+    def __init__(self, stop: StopSignal, stop_after: float) -> None:
+        self.stop = stop
+        self.stop_after = stop_after
+        self.conn: Connection | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        first = self.stop.record()
+        if self.conn is not None:
+            self.conn.interrupt(self.stop.grace)
+        if first:
+            signal.setitimer(signal.ITIMER_REAL, self.stop_after)
+
+    def give_way(self, signum: int, frame: object) -> None:
+        """DROP_UNPROVEN (``sourceguard``): a newcomer needs this unproven connection's room.
+        Its input ends now, or its handshake; a client that proved itself meanwhile stays."""
+        conn = self.conn
+        if conn is None:
+            self.stop.give_way()
+        elif not conn.proven:
+            conn.interrupt(0.0)
+
+    def serving(self, conn: Connection) -> None:
+        """``conn`` is open: a stop that came during its handshake applies to it now."""
+        self.conn = conn
+        if self.stop.requested:
+            conn.interrupt(self.stop.grace)
+
+
+def _reset_signals(ctx: ChildContext) -> _Finish:
+    # (kernel.set_handler and kernel.pthread_sigmask: no enum conversions on this path)
+    signal.set_wakeup_fd(-1)
+    for sig in ctx.master_signals:
+        set_handler(sig, SIG_DFL)
+    stop = StopSignal(ctx.master_pid)
+    stop.install()
+    finish = _Finish(stop, ctx.config.graceful_timeout + CHILD_GRACE_MARGIN)
+    for sig in STOP_SIGNALS:
+        set_handler(sig, finish)
+    for sig in IGNORED_SIGNALS:
+        set_handler(sig, SIG_IGN)
+    set_handler(signal.SIGQUIT, _quit_now)
+    set_handler(LOOK_AGAIN, look_again)
+    set_handler(DROP_UNPROVEN, finish.give_way)
+    set_handler(signal.SIGALRM, SIG_DFL)
+    pthread_sigmask(signal.SIG_SETMASK, ())
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now
+        finish(signal.SIGTERM, None)
+    return finish
+
+
+#: After ``max_connection_time`` (which Connection enforces at each read and write), the
+#: kernel's timer ends the process this much later: a client that trickles one TLS record a
+#: byte at a time never lets a read return, so only a timer bounds it.
+MAX_TIME_BACKSTOP = 5.0
+
+
+def arm_connection_timer(config: Config, started: float) -> None:
+    """Arm SIGALRM (default action: the process ends) as the backstop of
+    ``max_connection_time`` for a connection accepted at ``started``; a stop re-arms it."""
+    if config.max_connection_time:
+        left = config.max_connection_time - (time.monotonic() - started)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.0) + MAX_TIME_BACKSTOP)
+
+
+def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int,
+                    header: Proxied | None) -> ChildExit:
+    ctx.close_master_fds()
+    apply_limits(ctx.config)
+    pid, start = os.getpid(), time.monotonic()
+    peer = format_address(addr, sock.family)
+    board = ctx.scoreboard
+    board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
+                peer=peer)
+    arm_connection_timer(ctx.config, start)  # (a stop re-arms it: see _Finish)
+    finish = _reset_signals(ctx)
+    try:
+        conn = open_connection(sock, addr, ctx.config, ctx.tls, header=header,
+                               stop=finish.stop, patience=patience_for(ctx.config, board, slot))
+    except (ClientError, OSError) as exc:
+        log.info("%s: closed before the handler: %s", peer, exc)
+        return ChildExit.HANDSHAKE if isinstance(exc, HandshakeTimeout) else ChildExit.OK
+    if conn.peer != peer:  # the PROXY header named the real client
+        board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
+                    peer=conn.peer)
+    finish.serving(conn)
+    set_title(f"forkserve: conn {conn.peer}")
+    if (ctx.config.post_fork is not None
+            and not hooks.call(ctx.config, "post_fork", Process(pid, "child", slot))):
+        conn.close()
+        return ChildExit.HANDLER_ERROR
+    status = serve_one(ctx.app, conn)
+    board.write(slot, pid=pid, state=SlotState.CLOSING, connections=1, bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out, conn_start=start, heartbeat=time.monotonic(),
+                peer=conn.peer)
+    return status
+
+
+def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int, *,
+              header: Proxied | None = None) -> NoReturn:
+    """Serve one connection in a freshly forked child, then exit. Never returns."""
+    status: int = ChildExit.HANDLER_ERROR
+    try:
+        status = _serve_in_child(ctx, sock, addr, slot, header)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("child failed before or after its handler")
+    finally:
+        # This must never return into the master's accept loop, hence os._exit() on every
+        # path: the seed's child fell through into accept() and served as a second master.
+        # os._exit skips Python's exit, so flush what a handler may have printed.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(status)

@@ -1,0 +1,1 @@
+"""Tools beside the server: the tutorial's client, the benchmark, the demo."""
