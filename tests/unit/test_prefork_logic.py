@@ -83,7 +83,7 @@ def test_workers_failing_at_boot_stop_the_master_with_status_3(sup: Supervisor,
 def test_boot_failures_do_not_halt_while_ready_workers_serve(sup: Supervisor,
                                                              kernel: FakeKernel) -> None:
     ready(sup, *pool(sup).workers)
-    sup.model.reconfigure()  # a new generation whose workers cannot boot
+    sup.model.reconfigure(sup.serving)  # a new generation whose workers cannot boot
     sup.model.manage()
     delays = []
     for _ in range(8):
@@ -164,7 +164,8 @@ def test_the_watchdog_uses_the_timeout_each_worker_was_forked_with(
         sup: Supervisor, kernel: FakeKernel) -> None:
     old = list(pool(sup).workers)
     ready(sup, *old)
-    sup.config = sup.config.replace(timeout=1.0)  # a reload lowers the timeout
+    model = pool(sup)  # a reload lowers the timeout (the model forks from this config now)
+    model.serving = model.serving.with_config(model.config.replace(timeout=1.0))
     for pid in old:
         show(sup, pid, SlotState.WRITING)
     kernel.now += 2.0
@@ -241,7 +242,7 @@ def test_reload_retires_old_workers_only_as_new_ones_are_ready(sup: Supervisor,
                                                                kernel: FakeKernel) -> None:
     old = list(pool(sup).workers)
     ready(sup, *old)
-    sup.model.reconfigure()
+    sup.model.reconfigure(sup.serving)
     sup.model.manage()
     new = [pid for pid in pool(sup).workers if pid not in old]
     assert len(new) == 3
@@ -421,9 +422,8 @@ def test_a_reload_keeps_the_size_the_load_gave_an_adaptive_pool(
     settle(default_pool, SlotState.READING)
     settle(default_pool, SlotState.READING)
     assert model.pool.target == 8
-    model.reconfigure()
+    model.reconfigure(model.serving)
     assert model.pool.target == 8, "not back to 5 under the load that made it 8"
-    default_pool.config = default_pool.config.replace(workers=3)
-    model.reconfigure()
+    model.reconfigure(model.serving.with_config(model.config.replace(workers=3)))
     assert model.pool.target == 3, "a pool the operator fixes has the size asked for"
     assert not model.adapter.plan.adaptive

@@ -34,8 +34,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ConfigError
 from ..serving.handlers import app_dir
@@ -43,7 +43,6 @@ from ._watcher import WATCHING
 
 if TYPE_CHECKING:
     from ..config import Config
-    from .supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 
@@ -64,11 +63,20 @@ def directories(config: Config) -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+class Host(Protocol):
+    """What the watcher needs from the master's loop."""
+
+    @property
+    def stopping(self) -> bool: ...
+    def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None: ...
+    def unwatch(self, fd: int) -> None: ...
+
+
 class Watcher:
     """The master's side: spawn the watcher, turn its lines into SIGHUP. Runs in the master."""
 
-    def __init__(self, sup: Supervisor, dirs: Sequence[str]) -> None:
-        self.sup = sup
+    def __init__(self, host: Host, dirs: Sequence[str]) -> None:
+        self.host = host
         self.dirs = list(dirs)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
@@ -85,7 +93,7 @@ class Watcher:
             os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.fd = read_fd
-        sup.watch(read_fd, self._on_readable)
+        host.watch(read_fd, self._on_readable)
 
     def _on_readable(self) -> None:
         data = b""
@@ -104,8 +112,8 @@ class Watcher:
             os.kill(os.getpid(), signal.SIGHUP)  # what `forkserve signal reload` does
 
     def _ended(self) -> None:
-        self.sup.unwatch(self.fd)
+        self.host.unwatch(self.fd)
         os.close(self.fd)
-        if not self.sup.stopping:
+        if not self.host.stopping:
             log.warning("reload: the file watcher (pid %d) ended; serving on without it",
                         self.pid)

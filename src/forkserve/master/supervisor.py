@@ -55,8 +55,9 @@ from ..config import Config
 from ..errors import ExitCode, ForkserveError
 from ..hooks import ChildExited
 from ..kernel import Exited, Kernel, OsKernel, reap
+from ..models import Parts, Serving
 from ..ops import pidfile
-from ..ops.logs import AccessLog, AccessRecord, RateLimiter, configure, reopen_files
+from ..ops.logs import AccessLog, RateLimiter, configure, reopen_files
 from ..ops.loopserver import LoopServer
 from ..ops.metrics import MetricsServer
 from ..ops.status import StatusServer, process_row
@@ -111,13 +112,11 @@ class Supervisor:
                  admission: Admission | None = None,
                  notifier: systemd.Notifier | None = None, cwd: str | None = None,
                  upgrade_ready_fd: upgrade.Successor | None = None) -> None:
-        self.config = config
-        self.app = app
-        #: The TLS context (made before privileges were dropped), or None.
-        self.tls = tls
+        #: What serving processes are made from (config, app, TLS, access log): the model
+        #: gets it, and a reload replaces it.
+        self.serving = Serving(config, app, tls, access_log)
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
-        self.access_log = access_log
         #: Where a reload finds the settings and the app again.
         self._origin = origin or reload.Origin(config)
         #: The operators' servers in this loop: the status socket and the metrics endpoint.
@@ -152,15 +151,26 @@ class Supervisor:
         self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
         #: Where the server was started (an upgrade's new master starts there too).
         self._cwd = cwd or os.getcwd()
-        self.upgrader = Upgrader(self)
         #: Set when an upgrade started this master: written to once it serves.
         self._upgrade_ready_fd = upgrade_ready_fd
         self._operator_listeners = [(upgrade.CONTROL, control), (upgrade.METRICS, metrics)]
+        self.upgrader = Upgrader(self, self.kernel, self.notifier, listeners=self.listeners,
+                                 operators=self.operator_listeners(),
+                                 pid_file=config.pid_file, pid=self.pid)
         if admission is None:
             admission = gate.build(config)
         self.gate = Gate(admission, config, clock=self.kernel.monotonic, count=self.count,
                          report=self._report, host=self)
-        self.model = models.create(config.model, self)
+        self.model = models.create(Parts(self.serving, self, self.kernel, self.listeners,
+                                         self.gate))
+
+    @property
+    def config(self) -> Config:
+        return self.serving.config
+
+    @property
+    def access_log(self) -> AccessLog | None:
+        return self.serving.access_log
 
     # ------------------------------------------------------------------ the loop
 
@@ -333,7 +343,9 @@ class Supervisor:
             self.stop_requested = True
             self.model.interrupt(fast=intent is Intent.FAST_STOP)
 
+    @property
     def handled_signals(self) -> tuple[int, ...]:
+        """The signals this master handles (a forked process resets them)."""
         return HANDLED
 
     def signals_blocked(self) -> SignalsBlocked:
@@ -373,7 +385,7 @@ class Supervisor:
 
     def _apply_reload(self) -> bool:
         try:
-            new = reload.prepare(self.config, self.app, self.access_log, self._origin,
+            new = reload.prepare(self.config, self.serving.app, self.access_log, self._origin,
                                  self.gate.admission)
         except ForkserveError as exc:
             log.error("reload failed, still serving with the running code and config: %s", exc)
@@ -383,12 +395,11 @@ class Supervisor:
                         ", ".join(new.kept))
         if new.access_log is not self.access_log and self.access_log is not None:
             self.access_log.close()
-        self.config, self.app, self.access_log = new.config, new.app, new.access_log
-        self.tls = new.tls
+        self.serving = Serving(new.config, new.app, new.tls, new.access_log)
         self.gate.replace(new.admission, new.config)
         configure(new.config.log_level, new.config.log_file)
         reload.refreeze()
-        log.info("%s; %s", new.summary, self.model.reconfigure())
+        log.info("%s; %s", new.summary, self.model.reconfigure(self.serving))
         hooks.call(self.config, "on_reload", self.config)
         return True
 
@@ -411,10 +422,6 @@ class Supervisor:
         oom = exited.signal == signal.SIGKILL and self._stop is None
         log.warning("pid %d (%s) was killed by %s%s", exited.pid, what, exited.describe(),
                     " (out of memory?)" if oom else "")
-
-    def write_access(self, record: AccessRecord) -> None:
-        if self.access_log is not None:
-            self.access_log.write(record)
 
     # ------------------------------------------------------------------ accepting
 

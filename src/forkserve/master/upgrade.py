@@ -34,15 +34,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from ..kernel import Kernel
 from ..ops import pidfile
 
 if TYPE_CHECKING:
     from .listeners import Listener
-    from .supervisor import Supervisor
+    from .systemd import Notifier
 
 log = logging.getLogger("forkserve")
 
@@ -195,34 +197,56 @@ def announce_ready(successor: Successor, listeners: Sequence[Listener]) -> None:
             listener.unix_inode = inode
 
 
-class Upgrader:
-    """The old master's side, driven by its loop (see the module doc)."""
+class Host(Protocol):
+    """What an upgrade needs from the master's loop."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
+    def watch(self, fd: int, callback: Callable[[], None], *, write: bool = False) -> None: ...
+    def unwatch(self, fd: int) -> None: ...
+    def signals_blocked(self) -> AbstractContextManager[None]: ...
+    def begin_graceful_stop(self, *, handover: bool = False) -> None: ...
+
+
+class Upgrader:
+    """The old master's side, driven by its loop (see the module doc).
+
+    ``listeners`` are the clients' sockets, ``operators`` the control and metrics sockets by
+    their handover names; ``pid_file`` is restored if an upgrade fails."""
+
+    def __init__(self, host: Host, kernel: Kernel, notifier: Notifier, *,
+                 listeners: Sequence[Listener], operators: Sequence[tuple[str, Listener]],
+                 pid_file: str | None, pid: int) -> None:
+        self.host = host
+        self.kernel = kernel
+        self.notifier = notifier
+        self.listeners = list(listeners)
+        self.operators = list(operators)
+        self.pid_file = pid_file
+        self.pid = pid
         self.pending: Upgrade | None = None
         #: New masters started by this one (a pid reaped here is not a model's child).
         self.started: set[int] = set()
 
     def start(self, cwd: str) -> None:
-        sup = self.sup
         if self.pending is not None:
             log.info("upgrade: already under way (new master pid %d)", self.pending.pid)
             return
-        sockets = [(LISTENER, listener.fileno()) for listener in sup.listeners]
-        sockets += [(name, listener.fileno()) for name, listener in sup.operator_listeners()]
-        files = owned_files([*sup.listeners, *(lst for _, lst in sup.operator_listeners())])
+        sockets = [(LISTENER, listener.fileno()) for listener in self.listeners]
+        sockets += [(name, listener.fileno()) for name, listener in self.operators]
+        files = owned_files(self._all_sockets())
         try:
-            with sup.signals_blocked():
-                self.pending = spawn(sockets, cwd, sup.notifier.environment(),
-                                     sup.kernel.monotonic() + READY_TIMEOUT, files)
+            with self.host.signals_blocked():
+                self.pending = spawn(sockets, cwd, self.notifier.environment(),
+                                     self.kernel.monotonic() + READY_TIMEOUT, files)
         except OSError as exc:
             log.error("upgrade: cannot fork the new master: %s; still serving", exc.strerror)
             return
         self.started.add(self.pending.pid)
-        sup.watch(self.pending.ready_r, self._on_readable)
+        self.host.watch(self.pending.ready_r, self._on_readable)
         log.info("upgrade: started a new master, pid %d, on the same %d socket(s)",
                  self.pending.pid, len(sockets))
+
+    def _all_sockets(self) -> list[Listener]:
+        return [*self.listeners, *(lst for _, lst in self.operators)]
 
     def _on_readable(self) -> None:
         assert self.pending is not None
@@ -235,24 +259,23 @@ class Upgrader:
     def _hand_over(self) -> None:
         assert self.pending is not None
         pid = self._end()
-        sup = self.sup
-        sup.notifier.mainpid(pid)
-        for listener in (*sup.listeners, *(lst for _, lst in sup.operator_listeners())):
+        self.notifier.mainpid(pid)
+        for listener in self._all_sockets():
             listener.unix_inode = None  # the socket files are the new master's now
         log.info("upgrade: the new master (pid %d) serves; this one stops gracefully", pid)
-        sup.begin_graceful_stop(handover=True)
+        self.host.begin_graceful_stop(handover=True)
 
     def _abandon(self, why: str) -> None:
         assert self.pending is not None
         pid = self.pending.pid
         self._end()
         with contextlib.suppress(ProcessLookupError):
-            self.sup.kernel.kill(pid, signal.SIGTERM)
+            self.kernel.kill(pid, signal.SIGTERM)
         log.error("upgrade failed: %s; this master goes on serving", why)
-        path = self.sup.config.pid_file
+        path = self.pid_file
         if path is not None:  # the new master may have written its pid there already
             try:
-                pidfile.write(path, self.sup.pid)
+                pidfile.write(path, self.pid)
             except OSError as exc:
                 log.warning("upgrade: could not restore the pid file %s: %s", path,
                             exc.strerror)
@@ -260,7 +283,7 @@ class Upgrader:
     def _close_pipe(self) -> None:
         assert self.pending is not None
         if self.pending.ready_r >= 0:
-            self.sup.unwatch(self.pending.ready_r)
+            self.host.unwatch(self.pending.ready_r)
             os.close(self.pending.ready_r)
             self.pending.ready_r = -1
 

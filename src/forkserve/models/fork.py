@@ -17,11 +17,12 @@ import signal
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
+from ..config import Config
 from ..errors import ChildExit, ClientError, PeerGone
-from ..kernel import Exited
-from ..master.gate import startups, startups_per_source
+from ..kernel import Exited, Kernel
+from ..master.gate import Gate, startups, startups_per_source
 from ..master.listeners import Listener
 from ..master.sourceguard import SourceGuard
 from ..ops.logs import AccessRecord
@@ -32,11 +33,8 @@ from ..protocol.proxyproto import ProxyParser
 from ..serving.child import PENALISED_EXITS, ChildContext, run_child
 from ..serving.connection import format_address
 from ..serving.preamble import Proxied, check_trusted, proxied
-from . import ModelStatus, WithoutPool
+from .host import Host, ModelStatus, Serving, WithoutPool
 from .stress import StressMode
-
-if TYPE_CHECKING:
-    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 
@@ -94,9 +92,12 @@ class ForkModel(WithoutPool):
     #: (exec): their exit statuses are their own, and SIGUSR2 would end them.
     client_proof = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
-        size = supervisor.config.max_children
+    def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
+        self.serving = serving
+        self.host = host
+        self.kernel = kernel
+        self.gate = gate
+        size = self.config.max_children
         self.scoreboard = Scoreboard(size)
         self.children: dict[int, Child] = {}
         self._free_slots = list(range(size - 1, -1, -1))
@@ -105,27 +106,32 @@ class ForkModel(WithoutPool):
         self.handler_errors = 0
         #: PROXY protocol: accepted sockets whose header is still being read, by fd.
         self._awaiting: dict[int, AwaitingHeader] = {}
-        self.stress = StressMode(supervisor, self.scoreboard)
+        self.stress = StressMode(self.scoreboard, self.kernel, self.host.count)
         self.guard = self._make_guard()
 
+    @property
+    def config(self) -> Config:
+        return self.serving.config
+
     def _make_context(self) -> ChildContext:
-        sup = self.sup
+        serving, host = self.serving, self.host
         return ChildContext(
-            app=sup.app, config=sup.config, scoreboard=self.scoreboard, master_pid=sup.pid,
-            close_master_fds=sup.close_in_child, master_signals=sup.handled_signals(),
-            tls=sup.tls,
+            app=serving.app, config=serving.config, scoreboard=self.scoreboard,
+            master_pid=host.pid, close_master_fds=host.close_in_child,
+            master_signals=host.handled_signals, tls=serving.tls,
         )
 
     def start(self) -> None:
         pass
 
     def _make_guard(self) -> SourceGuard:
-        config = self.sup.config
+        config = self.config
         return SourceGuard(self.scoreboard, startups_per_source(config), startups(config))
 
-    def reconfigure(self) -> str:
-        """The supervisor's config and app were reloaded: children forked from now on use
-        them (those running keep what they were forked with)."""
+    def reconfigure(self, serving: Serving) -> str:
+        """A reload: children forked from now on use ``serving`` (those running keep what
+        they were forked with)."""
+        self.serving = serving
         self._context = self._make_context()
         self.guard = self._make_guard()
         return "new children use it"
@@ -133,7 +139,7 @@ class ForkModel(WithoutPool):
     @property
     def full(self) -> bool:
         # a connection waiting for its PROXY header holds the room its child will need
-        return len(self.children) + len(self._awaiting) >= self.sup.config.max_children
+        return len(self.children) + len(self._awaiting) >= self.config.max_children
 
     def on_readable(self, listener: Listener) -> None:
         self._take(listener, ACCEPT_BATCH)
@@ -141,25 +147,25 @@ class ForkModel(WithoutPool):
     def drain(self, listener: Listener) -> None:
         """A graceful stop is about to close ``listener``: take what the kernel has queued
         (bounded by the backlog and by room), so those clients are served, not reset."""
-        self._take(listener, self.sup.config.backlog)
+        self._take(listener, self.config.backlog)
 
     def _take(self, listener: Listener, limit: int) -> None:
         for _ in range(limit):
-            if self.full and self.sup.config.on_full == "defer":
-                self.sup.update_accepting()
+            if self.full and self.config.on_full == "defer":
+                self.host.update_accepting()
                 return
             try:
                 sock, addr = listener.sock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                if self.sup.accept_failed(exc):
+                if self.host.accept_failed(exc):
                     return
                 continue
             if self.full:  # on_full = refuse
-                self.sup.gate.refuse(sock, "full", format_address(addr, sock.family))
+                self.gate.refuse(sock, "full", format_address(addr, sock.family))
                 continue
-            if self.sup.config.proxy_protocol:
+            if self.config.proxy_protocol:
                 self._await_header(sock, addr)
                 continue
             if not self._admit_and_spawn(sock, addr, None):
@@ -168,15 +174,15 @@ class ForkModel(WithoutPool):
     def _admit_and_spawn(self, sock: socket.socket, addr: object,
                          header: Proxied | None) -> bool:
         """Admission (on the real client's address), then a child; False if forking failed."""
-        admitted, key = self.sup.gate.admit(sock, addr)
+        admitted, key = self.gate.admit(sock, addr)
         if not admitted:
             return True
         if not self._guard(sock, addr):
-            self.sup.gate.release(key)
+            self.gate.release(key)
             return True
         child = self._spawn(sock, addr, header)
         if child is None:
-            self.sup.gate.release(key)
+            self.gate.release(key)
             return False
         child.key = key
         self._update_stress()
@@ -192,33 +198,34 @@ class ForkModel(WithoutPool):
             return True
         refused = guard.admit(self._free_slots[-1], addr[0])  # (the slot _spawn takes)
         if refused is not None:
-            self.sup.gate.refuse(sock, str(refused), str(addr[0]))
+            self.gate.refuse(sock, str(refused), str(addr[0]))
             return False
         if guard.displaced is not None:
             displaced = self.children.get(guard.displaced)
             if displaced is not None:
                 displaced.displaced = True
-            self.sup.count("refused", "displaced")
+            self.host.count("refused", "displaced")
         return True
 
     def _update_stress(self) -> None:
         if self.client_proof:  # (SIGUSR2 would end a program: exec has no stress mode)
-            self.stress.update(len(self.children), self.sup.config.max_children, self.children)
+            self.stress.update(self.config, len(self.children), self.config.max_children,
+                               self.children)
 
     def _await_header(self, sock: socket.socket, addr: object) -> None:
         """PROXY protocol: read the header here, without waiting, before admission and the
         fork, so the rules and per-IP limits see the real client (see the module doc)."""
         peer = format_address(addr, sock.family)
         try:
-            check_trusted(sock, addr, self.sup.config)
+            check_trusted(sock, addr, self.config)
         except ClientError as exc:
-            self.sup.gate.refuse(sock, "proxy", f"{peer}: {exc}")
+            self.gate.refuse(sock, "proxy", f"{peer}: {exc}")
             return
         sock.setblocking(False)
         fd = sock.fileno()
-        deadline = self.sup.kernel.monotonic() + self.sup.config.handshake_timeout
+        deadline = self.kernel.monotonic() + self.config.handshake_timeout
         self._awaiting[fd] = AwaitingHeader(sock, addr, ProxyParser(), deadline)
-        self.sup.watch(fd, functools.partial(self._on_header_bytes, fd))
+        self.host.watch(fd, functools.partial(self._on_header_bytes, fd))
 
     def _on_header_bytes(self, fd: int) -> None:
         waiting = self._awaiting[fd]
@@ -235,25 +242,25 @@ class ForkModel(WithoutPool):
         if header is None:
             return
         del self._awaiting[fd]
-        self.sup.unwatch(fd)
+        self.host.unwatch(fd)
         named = proxied(header, waiting.sock, waiting.addr)
         before = set(self.children)
         if not self._admit_and_spawn(waiting.sock, named.addr, named):
-            self.sup.update_accepting()
-        if self.sup.stopping:  # the stop's SIGTERM went out before this child existed
+            self.host.update_accepting()
+        if self.host.stopping:  # the stop's SIGTERM went out before this child existed
             for pid in set(self.children) - before:
                 with contextlib.suppress(ProcessLookupError):
-                    self.sup.kernel.kill(pid, signal.SIGTERM)
+                    self.kernel.kill(pid, signal.SIGTERM)
 
     def pending(self) -> int:
         return len(self._awaiting)
 
     def _drop_awaiting(self, fd: int, why: str) -> None:
         waiting = self._awaiting.pop(fd)
-        self.sup.unwatch(fd)
-        self.sup.gate.refuse(waiting.sock, "proxy",
+        self.host.unwatch(fd)
+        self.gate.refuse(waiting.sock, "proxy",
                              f"{format_address(waiting.addr, waiting.sock.family)}: {why}")
-        self.sup.update_accepting()
+        self.host.update_accepting()
 
     def next_deadline(self) -> float | None:
         return min((w.deadline for w in self._awaiting.values()), default=None)
@@ -261,11 +268,11 @@ class ForkModel(WithoutPool):
     def manage(self) -> None:
         if not self._awaiting:
             return
-        now = self.sup.kernel.monotonic()
+        now = self.kernel.monotonic()
         late = [fd for fd, w in self._awaiting.items() if w.deadline <= now]
         for fd in late:
             self._drop_awaiting(fd, f"no whole PROXY header within "
-                                    f"{self.sup.config.handshake_timeout:g} s")
+                                    f"{self.config.handshake_timeout:g} s")
 
     def close_in_child(self) -> None:
         """In a child: the sockets still waiting for their header are the master's."""
@@ -277,9 +284,9 @@ class ForkModel(WithoutPool):
                header: Proxied | None = None) -> Child | None:
         """Fork a child for ``sock``; None if forking failed (accepting is then paused)."""
         slot = self._free_slots.pop()  # (tagged unproven by _guard: the child clears it)
-        kernel = self.sup.kernel
+        kernel = self.kernel
         try:
-            with self.sup.signals_blocked():
+            with self.host.signals_blocked():
                 pid = kernel.fork()
                 if pid == 0:
                     self._run_child(sock, addr, slot, header)  # never returns
@@ -287,7 +294,7 @@ class ForkModel(WithoutPool):
             self.scoreboard.mark_proven(slot)
             self._free_slots.append(slot)
             sock.close()  # this client is refused: better than a master that dies
-            self.sup.fork_failed(exc)
+            self.host.fork_failed(exc)
             return None
         sock.close()  # the child has its copy; the master must not keep one
         self.accepted += 1
@@ -309,38 +316,39 @@ class ForkModel(WithoutPool):
         self.scoreboard.clear(child.slot)
         self.scoreboard.mark_proven(child.slot)
         self._free_slots.append(child.slot)
-        self.sup.gate.release(child.key)
+        self.gate.release(child.key)
         cause = penalty_cause(exited, child.displaced) if self.client_proof else None
         if cause is not None:
-            self.sup.gate.penalise(child.key, cause)
+            self.gate.penalise(child.key, cause)
         self._report_exit(child, exited)
         self._update_stress()
-        if self.sup.access_log is not None:  # (nothing built per connection without one)
+        access_log = self.serving.access_log
+        if access_log is not None:  # (nothing built per connection without one)
             ours = slot.pid == exited.pid
-            self.sup.write_access(AccessRecord(
+            access_log.write(AccessRecord(
                 peer=slot.peer if ours and slot.peer else child.peer, pid=exited.pid,
-                duration_s=round(self.sup.kernel.monotonic() - child.started, 6),
+                duration_s=round(self.kernel.monotonic() - child.started, 6),
                 bytes_in=slot.bytes_in if ours else 0, bytes_out=slot.bytes_out if ours else 0,
                 status=exited.describe(),
             ))
-        self.sup.update_accepting()
+        self.host.update_accepting()
         return True
 
     def _report_exit(self, child: Child, exited: Exited) -> None:
         """Count and log how a child ended (the access record is written after this)."""
         self.handler_errors += exited.code == ChildExit.HANDLER_ERROR
         if exited.code not in NORMAL_EXITS:
-            self.sup.report_abnormal_exit(exited, f"connection from {child.peer}")
+            self.host.report_abnormal_exit(exited, f"connection from {child.peer}")
 
     def interrupt(self, fast: bool) -> None:
-        pass  # children are signalled by the supervisor's stop checklist
+        pass  # children are signalled by the master's stop checklist
 
     def pids(self) -> Collection[int]:
         return self.children.keys()
 
     def status(self) -> ModelStatus:
         return ModelStatus(
-            capacity=self.sup.config.max_children, busy=len(self.children), idle=None,
+            capacity=self.config.max_children, busy=len(self.children), idle=None,
             connections_total=self.accepted, handler_errors=self.handler_errors,
             stress=self.stress.active,
             processes=[self.scoreboard.read(c.slot) for c in self.children.values()],
@@ -349,7 +357,7 @@ class ForkModel(WithoutPool):
     def close(self) -> None:
         for fd in list(self._awaiting):
             waiting = self._awaiting.pop(fd)
-            self.sup.unwatch(fd)
+            self.host.unwatch(fd)
             waiting.sock.close()
         with contextlib.suppress(BufferError):
             self.scoreboard.close()

@@ -7,7 +7,7 @@ fork model's (this class only adds to it); the child becomes the program
 (``apps.exec.run_program``). The master adds three things per program, all from its one loop:
 
 1. **stderr**. Before the fork the master makes a pipe; the child puts its write end on fd
-   2, the master watches the read end (``Supervisor.watch``) and logs each line at info
+   2, the master watches the read end (``Host.watch``) and logs each line at info
    level as ``[PID] line``. Reads are non-blocking, one ``STDERR_READ`` chunk per readiness
    event, so a chatty program costs the master work in proportion to what it writes and can
    neither block it nor starve the other fds; a line longer than ``MAX_STDERR_LINE`` is cut
@@ -47,17 +47,16 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from ..apps.exec import Program, run_program
-from ..kernel import Exited
+from ..kernel import Exited, Kernel
+from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..master.traffic import Quiet, io_total, tcp_quiet
 from ..serving.preamble import Proxied
 from .fork import Child, ForkModel
-
-if TYPE_CHECKING:
-    from ..master.supervisor import Supervisor
+from .host import Host, Serving
 
 log = logging.getLogger("forkserve")
 
@@ -148,15 +147,15 @@ class Running:
 
 
 class ExecModel(ForkModel):
-    """``forkserve exec``: the fork model whose children become ``supervisor.app``."""
+    """``forkserve exec``: the fork model whose children become ``serving.app``."""
 
     remind_stop = False  # a program gets one SIGTERM at a stop, as from inetd or systemd
     ends_on_sigterm = True  # (an upgrade leaves the old master's programs to end by themselves)
     client_proof = False  # its exit statuses are the program's own; SIGUSR2 would end it
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        super().__init__(supervisor)
-        assert isinstance(supervisor.app, Program)
+    def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
+        super().__init__(serving, host=host, kernel=kernel, gate=gate)
+        self.program = self._program(serving)
         self.running: dict[int, Running] = {}
         self._checks: list[tuple[float, int]] = []  # (when, pid), stale entries skipped
         self._stderr_w = -1
@@ -164,6 +163,15 @@ class ExecModel(ForkModel):
         self._killed_for: str | None = None
         #: Programs started by a stop's drain: not sent the stop's SIGTERM (see ``signal``).
         self._spared: set[int] = set()
+
+    @staticmethod
+    def _program(serving: Serving) -> Program:
+        assert isinstance(serving.app, Program), "models.create gives exec a Program"
+        return serving.app
+
+    def reconfigure(self, serving: Serving) -> str:
+        self.program = self._program(serving)
+        return super().reconfigure(serving)
 
     # ------------------------------------------------------------------ starting
 
@@ -174,7 +182,7 @@ class ExecModel(ForkModel):
             read_fd, self._stderr_w = os.pipe2(os.O_CLOEXEC)
         except OSError as exc:  # out of fds: refuse this client and pause, as accept() would
             sock.close()
-            self.sup.accept_failed(exc)
+            self.host.accept_failed(exc)
             return None
         try:
             child = super()._spawn(sock, addr, header)
@@ -185,23 +193,22 @@ class ExecModel(ForkModel):
             os.close(read_fd)
             return None
         os.set_blocking(read_fd, False)
-        relay = StderrRelay(read_fd, child.pid, self.sup.unwatch)
-        config = self.sup.config
+        relay = StderrRelay(read_fd, child.pid, self.host.unwatch)
+        config = self.config
         # a client that stops reading may do so from the start: the write timeout is a
         # deadline as soon as the idle one (each check looks again within both)
         first = child.started + min(config.idle_timeout, config.write_timeout) + CHECK_SLACK
-        if self.sup.config.max_connection_time:
-            first = min(first, child.started + self.sup.config.max_connection_time)
+        if self.config.max_connection_time:
+            first = min(first, child.started + self.config.max_connection_time)
         self.running[child.pid] = Running(child, relay, tcp_inode, first,
                                           io_since=child.started)
         heapq.heappush(self._checks, (first, child.pid))
-        self.sup.watch(read_fd, relay.on_readable)
+        self.host.watch(read_fd, relay.on_readable)
         return child
 
     def _run_child(self, sock: socket.socket, addr: object, slot: int,
                    header: Proxied | None) -> NoReturn:
-        assert isinstance(self.sup.app, Program)
-        run_program(self._context, self.sup.app, sock, addr, slot, stderr_fd=self._stderr_w,
+        run_program(self._context, self.program, sock, addr, slot, stderr_fd=self._stderr_w,
                     header=header)
 
     # ------------------------------------------------------------------ timeouts
@@ -221,13 +228,13 @@ class ExecModel(ForkModel):
 
     def manage(self) -> None:
         super().manage()  # PROXY headers past their deadline
-        now = self.sup.kernel.monotonic()
+        now = self.kernel.monotonic()
         while (when := self._next_check()) is not None and when <= now:
             _, pid = heapq.heappop(self._checks)
             self._check(self.running[pid], now)
 
     def _check(self, program: Running, now: float) -> None:
-        config = self.sup.config
+        config = self.config
         limit = config.max_connection_time
         if limit and now - program.child.started >= limit:
             self._kill(program, "max connection time")
@@ -277,14 +284,14 @@ class ExecModel(ForkModel):
         if sig == signal.SIGTERM and pid in self._spared:
             return
         try:
-            self.sup.kernel.kill(-pid, sig)
+            self.kernel.kill(-pid, sig)
         except ProcessLookupError:
             with contextlib.suppress(ProcessLookupError):
-                self.sup.kernel.kill(pid, sig)
+                self.kernel.kill(pid, sig)
         except OSError as exc:  # EPERM: a member changed its uid; at least the program
             if exc.errno == errno.EPERM:
                 with contextlib.suppress(ProcessLookupError):
-                    self.sup.kernel.kill(pid, sig)
+                    self.kernel.kill(pid, sig)
 
     def drain(self, listener: Listener) -> None:
         before = set(self.children)
@@ -295,10 +302,10 @@ class ExecModel(ForkModel):
 
     def on_exit(self, exited: Exited) -> bool:
         self._spared.discard(exited.pid)
-        if self.sup.stopping and exited.pid in self.children:
+        if self.host.stopping and exited.pid in self.children:
             # what is left of its pipeline goes with it at a stop (nothing else would end it)
             with contextlib.suppress(OSError):
-                self.sup.kernel.kill(-exited.pid, signal.SIGKILL)
+                self.kernel.kill(-exited.pid, signal.SIGKILL)
         program = self.running.pop(exited.pid, None)
         if program is not None:
             program.stderr.drain()  # its last words come before its end line
@@ -311,9 +318,9 @@ class ExecModel(ForkModel):
     def _report_exit(self, child: Child, exited: Exited) -> None:
         """The ``end`` line (tcpserver -v): pid, peer, status, duration."""
         reason = self._killed_for
-        duration = self.sup.kernel.monotonic() - child.started
+        duration = self.kernel.monotonic() - child.started
         status = exited.describe() + (f" ({reason})" if reason else "")
-        unexpected = exited.signal is not None and reason is None and not self.sup.stopping
+        unexpected = exited.signal is not None and reason is None and not self.host.stopping
         log.log(logging.WARNING if unexpected else logging.INFO,
                 "end pid %d peer %s status %s duration %.3fs", exited.pid, child.peer, status,
                 duration)

@@ -47,13 +47,13 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..errors import ExitCode, WorkerExit
-from ..kernel import Exited
-from ..master.gate import rules_wanted, startups, startups_per_source
+from ..kernel import Exited, Kernel
+from ..master.gate import Gate, rules_wanted, startups, startups_per_source
 from ..master.listeners import Listener
 from ..ops.scoreboard import Scoreboard, Slot, SlotState
 from ..protocol.admission import key_of_tag, tag_of_key
@@ -61,12 +61,9 @@ from ..protocol.defence import CAUSES
 from ..protocol.poolpipe import Inbox, Kind, Message
 from ..serving.child import STOP_REMINDER
 from ..serving.worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
-from . import ModelStatus
 from .adaptive import Adapter, Step, plan
+from .host import Host, ModelStatus, Serving
 from .stress import StressMode
-
-if TYPE_CHECKING:
-    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 
@@ -122,15 +119,21 @@ class PreforkModel:
     ends_on_sigterm = False
     full = False
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
-        config = supervisor.config
+    def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate,
+                 listeners: Sequence[Listener]) -> None:
+        self.serving = serving
+        self.host = host
+        self.kernel = kernel
+        self.gate = gate
+        #: The workers accept on them (the master does not).
+        self.listeners = listeners
+        config = self.config
         # room for two full generations: a reload forks the new one before the old one leaves
         self.scoreboard = Scoreboard(2 * config.max_workers)
         self.workers: dict[int, WorkerInfo] = {}
         self.adapter = Adapter(plan(config))
         self.pool = Pool(target=self.adapter.plan.start)
-        self.stress = StressMode(supervisor, self.scoreboard)
+        self.stress = StressMode(self.scoreboard, self.kernel, self.host.count)
         #: When the earliest published penalty ends (the scoreboard is written again then).
         self._penalties_end: float | None = None
         #: Connections served by workers that have exited (the live ones are in their slots).
@@ -142,18 +145,22 @@ class PreforkModel:
         os.set_blocking(self._ready_w, False)
         self._inbox = Inbox()
 
+    @property
+    def config(self) -> Config:
+        return self.serving.config
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self.sup.watch(self._ready_r, self._on_pipe)
+        self.host.watch(self._ready_r, self._on_pipe)
         self.manage()
 
     def manage(self) -> None:
         """Fork what the pool lacks now; called after every turn of the master's loop."""
-        if self.sup.stopping:
+        if self.host.stopping:
             return
         self._retire_replaced()
-        now = self.sup.kernel.monotonic()
+        now = self.kernel.monotonic()
         if self._penalties_end is not None and now >= self._penalties_end:
             self._publish_penalties(now)  # one ended: the workers let that source in again
         self._remind_retiring(now)
@@ -166,7 +173,7 @@ class PreforkModel:
             self._spawn(slot, now)
 
     def next_deadline(self) -> float | None:
-        if self.sup.stopping:
+        if self.host.stopping:
             return None
         deadlines = self._watchdog_deadlines()
         deadlines += [w.told_at + STOP_REMINDER for w in self.workers.values()
@@ -195,10 +202,11 @@ class PreforkModel:
             self.adapter.wait(now, unproven)
             return
         idle = [w for w in current if self._is_idle(w)]
-        self.stress.update(len(current) - len(idle), self.sup.config.max_workers, self.workers)
+        self.stress.update(self.config, len(current) - len(idle), self.config.max_workers,
+                           self.workers)
         step, n = self.adapter.decide(now, workers=len(current), idle=len(idle),
                                       target=self.pool.target,
-                                      ceiling=self.sup.config.max_workers, unproven=unproven)
+                                      ceiling=self.config.max_workers, unproven=unproven)
         spares = self.adapter.plan
         if step is Step.GROW:
             self.pool.target += n
@@ -223,7 +231,7 @@ class PreforkModel:
 
     def _stir(self) -> None:
         """A worker spoke, or the pool changed: a pool at rest is judged again now."""
-        if self.adapter.stir(self.sup.kernel.monotonic()):
+        if self.adapter.stir(self.kernel.monotonic()):
             self.scoreboard.want_wake(False)
 
     def _current(self) -> list[WorkerInfo]:
@@ -261,7 +269,7 @@ class PreforkModel:
                 if now >= due:
                     worker.killed_at = now
                     with contextlib.suppress(ProcessLookupError):
-                        self.sup.kernel.kill(worker.pid, signal.SIGKILL)
+                        self.kernel.kill(worker.pid, signal.SIGKILL)
                 continue
             if not worker.ready:
                 if now - worker.started >= worker.timeout:
@@ -271,7 +279,7 @@ class PreforkModel:
                               now - worker.started)
                     worker.aborted_at = now
                     with contextlib.suppress(ProcessLookupError):
-                        self.sup.kernel.kill(worker.pid, signal.SIGABRT)
+                        self.kernel.kill(worker.pid, signal.SIGABRT)
                 continue
             slot = self.scoreboard.read(worker.slot)
             if slot.pid != worker.pid or slot.state not in WATCHED:
@@ -286,13 +294,13 @@ class PreforkModel:
                       worker.pid, stalled, doing)
             worker.aborted_at = now
             with contextlib.suppress(ProcessLookupError):
-                self.sup.kernel.kill(worker.pid, signal.SIGABRT)
+                self.kernel.kill(worker.pid, signal.SIGABRT)
 
     def _current_count(self) -> int:
         return len(self._current())
 
     def _slots(self) -> range:
-        base = (self.pool.generation % 2) * self.sup.config.max_workers
+        base = (self.pool.generation % 2) * self.config.max_workers
         return range(base, base + self.pool.target)
 
     def _free_slot(self, now: float) -> int | None:
@@ -303,33 +311,34 @@ class PreforkModel:
         return None
 
     def _spawn(self, slot: int, now: float) -> None:
-        sup = self.sup
+        serving, host = self.serving, self.host
+        config = serving.config
         self.pool.slot_free_at[slot] = now + RESPAWN_INTERVAL
         ctx = WorkerContext(
-            app=sup.app, config=sup.config, listeners=sup.listeners,
-            scoreboard=self.scoreboard, access_log=sup.access_log, master_pid=sup.pid,
+            app=serving.app, config=config, listeners=self.listeners,
+            scoreboard=self.scoreboard, access_log=serving.access_log, master_pid=host.pid,
             ready_fd=self._ready_w, close_master_fds=self._close_in_worker,
-            master_signals=sup.handled_signals(), tls=sup.tls,
-            gate=sup.gate if rules_wanted(sup.config) else None,
-            source_limit=startups_per_source(sup.config), startups=startups(sup.config),
+            master_signals=host.handled_signals, tls=serving.tls,
+            gate=self.gate if rules_wanted(config) else None,
+            source_limit=startups_per_source(config), startups=startups(config),
         )
         # before the fork: once forked, the slot is the worker's alone (it writes IDLE there)
         self.scoreboard.write(slot, pid=0, generation=self.pool.generation,
                               state=SlotState.STARTING, heartbeat=now)
         try:
-            with sup.signals_blocked():
-                pid = sup.kernel.fork()
+            with host.signals_blocked():
+                pid = self.kernel.fork()
                 if pid == 0:
                     run_worker(ctx, slot, self.pool.generation)  # never returns
         except OSError as exc:
             self.scoreboard.clear(slot)
-            sup.fork_failed(exc, refused=False)
+            host.fork_failed(exc, refused=False)
             return
         self.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, now,
-                                       timeout=sup.config.timeout)
+                                       timeout=config.timeout)
 
     def _close_in_worker(self) -> None:
-        self.sup.close_in_child(worker=True)
+        self.host.close_in_child(worker=True)
         os.close(self._ready_r)
 
     # ------------------------------------------------------------------ events
@@ -353,16 +362,16 @@ class PreforkModel:
                 worker.ready = True
                 self.pool.boot_failures = 0
         elif message.kind is Kind.ACCEPT_PAUSED:
-            self.sup.accept_paused(message.errno, message.count, by="workers: ",
+            self.host.accept_paused(message.errno, message.count, by="workers: ",
                                    pause=ACCEPT_PAUSE_SECONDS)
         elif message.kind is Kind.ENDED_BADLY and 0 <= message.errno < len(CAUSES):
-            self.sup.gate.penalise(key_of_tag(message.tag), CAUSES[message.errno])
-            self._publish_penalties(self.sup.kernel.monotonic())
+            self.gate.penalise(key_of_tag(message.tag), CAUSES[message.errno])
+            self._publish_penalties(self.kernel.monotonic())
 
     def _publish_penalties(self, now: float) -> None:
         """The sources refused for a penalty now, for the workers to see at accept (they
         keep no table: the master does, from their ENDED_BADLY messages)."""
-        table = self.sup.gate.admission.penalties if self.sup.gate.admission else None
+        table = self.gate.admission.penalties if self.gate.admission else None
         if table is None:
             return
         active = list(table.active(now))
@@ -382,9 +391,9 @@ class PreforkModel:
 
     def _retire(self, worker: WorkerInfo) -> None:
         worker.retiring = True
-        worker.told_at = self.sup.kernel.monotonic()
+        worker.told_at = self.kernel.monotonic()
         with contextlib.suppress(ProcessLookupError):
-            self.sup.kernel.kill(worker.pid, signal.SIGTERM)
+            self.kernel.kill(worker.pid, signal.SIGTERM)
 
     def _remind_retiring(self, now: float) -> None:
         """SIGTERM once more to a retiring worker still there after ``STOP_REMINDER``: the
@@ -394,7 +403,7 @@ class PreforkModel:
                     and now >= worker.told_at + STOP_REMINDER):
                 worker.reminded = True
                 with contextlib.suppress(ProcessLookupError):
-                    self.sup.kernel.kill(worker.pid, signal.SIGTERM)
+                    self.kernel.kill(worker.pid, signal.SIGTERM)
 
     def on_exit(self, exited: Exited) -> bool:
         if exited.pid not in self.workers:
@@ -411,8 +420,8 @@ class PreforkModel:
             self.served_by_gone += slot.connections + (slot.state in BUSY)
             self.errors_by_gone += slot.errors
         self.scoreboard.clear(worker.slot)
-        self.sup.count("worker_exits", self._exit_reason(worker, exited))
-        if self.sup.stopping or worker.retiring:
+        self.host.count("worker_exits", self._exit_reason(worker, exited))
+        if self.host.stopping or worker.retiring:
             return True
         if not worker.ready:
             self._boot_failed(worker, exited)  # a boot the watchdog ended included
@@ -422,7 +431,7 @@ class PreforkModel:
         elif exited.code == WorkerExit.OK:
             self.pool.slot_free_at[worker.slot] = 0.0  # recycled: replace it at once
         else:
-            self.sup.report_abnormal_exit(exited, f"worker {worker.slot}")
+            self.host.report_abnormal_exit(exited, f"worker {worker.slot}")
         return True
 
     @staticmethod
@@ -443,12 +452,12 @@ class PreforkModel:
             return
         serving = sum(1 for w in self.workers.values() if w.ready and not w.retiring)
         if not serving:
-            self.sup.halt(f"workers keep failing while booting ({self.pool.boot_failures} in "
+            self.host.halt(f"workers keep failing while booting ({self.pool.boot_failures} in "
                           "a row): stopping; the log above says why", ExitCode.BOOT_ERROR)
             return
         extra = self.pool.boot_failures - BOOT_FAILURES_TO_HALT
         backoff = min(RESPAWN_INTERVAL * 2 ** (extra + 1), BOOT_BACKOFF_MAX)
-        self.pool.slot_free_at[worker.slot] = self.sup.kernel.monotonic() + backoff
+        self.pool.slot_free_at[worker.slot] = self.kernel.monotonic() + backoff
         log.error("workers keep failing while booting (%d in a row); %d ready worker(s) "
                   "still serve; retrying this slot in %.0f s", self.pool.boot_failures,
                   serving, backoff)
@@ -456,10 +465,10 @@ class PreforkModel:
     # ------------------------------------------------------------------ operator intents
 
     def scale(self, delta: int) -> None:
-        target = min(max(self.pool.target + delta, 1), self.sup.config.max_workers)
+        target = min(max(self.pool.target + delta, 1), self.config.max_workers)
         if target == self.pool.target:
             log.info("workers: staying at %d (between 1 and max_workers=%d)", target,
-                     self.sup.config.max_workers)
+                     self.config.max_workers)
             return
         self.pool.target = target
         self._stir()
@@ -470,11 +479,12 @@ class PreforkModel:
         for worker in current[: max(0, len(current) - target)]:
             self._retire(worker)
 
-    def reconfigure(self) -> str:
+    def reconfigure(self, serving: Serving) -> str:
         """A reload: fork a new generation; old workers retire as new ones become ready."""
+        self.serving = serving
         self.pool.generation += 1
         was_adaptive = self.adapter.plan.adaptive
-        self.adapter.plan = plan(self.sup.config)
+        self.adapter.plan = plan(self.config)
         # an adaptive pool keeps the size the load gave it; a fixed one takes its new size
         if not (was_adaptive and self.adapter.plan.adaptive):
             self.pool.target = self.adapter.plan.start
@@ -494,14 +504,14 @@ class PreforkModel:
         pass  # the master never watches the listeners in this model: the workers accept
 
     def interrupt(self, fast: bool) -> None:
-        pass  # workers are signalled by the supervisor's stop checklist
+        pass  # workers are signalled by the master's stop checklist
 
     def pids(self) -> Collection[int]:
         return self.workers.keys()
 
     def signal(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            self.sup.kernel.kill(pid, sig)
+            self.kernel.kill(pid, sig)
 
     def reopen_logs(self) -> None:
         for pid in self.workers:  # each reopens after its connection (``worker``)
@@ -529,7 +539,7 @@ class PreforkModel:
                     0.0, worker.started, "")
 
     def close(self) -> None:
-        self.sup.unwatch(self._ready_r)
+        self.host.unwatch(self._ready_r)
         os.close(self._ready_r)
         os.close(self._ready_w)
         with contextlib.suppress(BufferError):

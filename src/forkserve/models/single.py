@@ -3,7 +3,7 @@
 It exists to show what the fork model fixes: while one client holds the connection, every other
 client waits in the kernel backlog. It has the same apps, limits and lifecycle as the others.
 
-A stop while a connection is being served: the supervisor's signal handler calls
+A stop while a connection is being served: the master's signal handler calls
 ``interrupt``, which tells the connection to finish (``Connection.interrupt``: answer what was
 received, then end the input) and arms a timer of ``graceful_timeout``. If the handler is still
 running when it fires, SIGALRM raises ``StopDeadline`` out of the handler (the only way to end
@@ -11,8 +11,9 @@ Python code running in this same process), the connection is closed and the mast
 as the fork model does when it has to kill a child. A handler that swallows even that (a bare
 ``except:``) is given ``FINAL_GRACE`` more seconds, then the process exits at once.
 
-A stop that arrives between accept() and the start of the handler is not lost: ``_serve``
-checks the supervisor's stop flag after it has published the connection.
+A stop that arrives between accept() and the start of the handler is not lost: ``interrupt``
+records it even with no connection in service, and ``_run_handler`` looks at that record
+after it has published the connection.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import signal
 import socket
 from collections.abc import Collection
 from types import FrameType
-from typing import TYPE_CHECKING
 
+from ..config import Config
 from ..errors import ChildExit, ClientError, ExitCode
-from ..kernel import Exited
+from ..kernel import Exited, Kernel
+from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.logs import AccessRecord
 from ..protocol.admission import ClientKey
@@ -36,10 +38,7 @@ from ..serving.child import PENALISED_EXITS, serve_one
 from ..serving.connection import Connection, Patience, format_address
 from ..serving.preamble import Proxied, open_connection, proxy_addresses
 from ..serving.tls import HandshakeTimeout
-from . import ModelStatus, WithoutPool
-
-if TYPE_CHECKING:
-    from ..master.supervisor import Supervisor
+from .host import Host, ModelStatus, Serving, WithoutPool
 
 log = logging.getLogger("forkserve")
 
@@ -60,14 +59,23 @@ class SingleModel(WithoutPool):
     #: Never full: while it serves, it does not look at the listeners at all.
     full = False
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.sup = supervisor
+    def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
+        self.serving = serving
+        self.host = host
+        self.kernel = kernel
+        self.gate = gate
         self._serving: Connection | None = None
         self._served = 0
         self._errors = 0
         self._fast_stop = False
+        #: Set by ``interrupt`` (in the signal handler), with or without a connection.
+        self._stop_asked = False
         self._deadline_hit = False
         self._previous_alarm: signal._HANDLER = None
+
+    @property
+    def config(self) -> Config:
+        return self.serving.config
 
     def start(self) -> None:
         self._previous_alarm = signal.signal(signal.SIGALRM, self._deadline)
@@ -90,37 +98,37 @@ class SingleModel(WithoutPool):
         except BlockingIOError:
             return
         except OSError as exc:
-            self.sup.accept_failed(exc)
+            self.host.accept_failed(exc)
             return
         header = None
-        if self.sup.config.proxy_protocol:  # first: admission must see the real client
-            deadline = self.sup.kernel.monotonic() + self.sup.config.handshake_timeout
+        if self.config.proxy_protocol:  # first: admission must see the real client
+            deadline = self.kernel.monotonic() + self.config.handshake_timeout
             try:
-                header = Proxied(*proxy_addresses(sock, addr, self.sup.config, deadline))
+                header = Proxied(*proxy_addresses(sock, addr, self.config, deadline))
             except (ClientError, OSError) as exc:
-                self.sup.gate.refuse(sock, "proxy", f"{format_address(addr, sock.family)}: "
+                self.gate.refuse(sock, "proxy", f"{format_address(addr, sock.family)}: "
                                                     f"{exc}")
                 return
             addr = header.addr
-        admitted, key = self.sup.gate.admit(sock, addr)
+        admitted, key = self.gate.admit(sock, addr)
         if admitted:
             try:
                 self._serve(sock, addr, header, key)
             finally:
-                self.sup.gate.release(key)
+                self.gate.release(key)
 
     def _serve(self, sock: socket.socket, addr: object, header: Proxied | None,
                key: ClientKey | None) -> None:
-        config, kernel = self.sup.config, self.sup.kernel
+        config, kernel = self.config, self.kernel
         started = kernel.monotonic()
         peer = format_address(addr, sock.family if header is None else header.family)
         try:
-            conn = open_connection(sock, addr, config, self.sup.tls, header=header,
+            conn = open_connection(sock, addr, config, self.serving.tls, header=header,
                                    patience=Patience(first_byte=config.first_byte_timeout or None))
         except (ClientError, OSError) as exc:  # reset, or a failed TLS handshake
             log.info("%s: closed before the handler: %s", peer, exc)
             if isinstance(exc, HandshakeTimeout):
-                self.sup.gate.penalise(key, Cause.HANDSHAKE)
+                self.gate.penalise(key, Cause.HANDSHAKE)
             return
         self._served += 1
         try:
@@ -130,18 +138,20 @@ class SingleModel(WithoutPool):
         self._errors += status == str(int(ChildExit.HANDLER_ERROR))
         cause = PENALISED_EXITS.get(int(status)) if status.isdigit() else None
         if cause is not None:
-            self.sup.gate.penalise(key, cause)
-        self.sup.write_access(AccessRecord(
-            peer=conn.peer, pid=self.sup.pid, duration_s=round(kernel.monotonic() - started, 6),
-            bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=status,
-        ))
+            self.gate.penalise(key, cause)
+        if self.serving.access_log is not None:
+            self.serving.access_log.write(AccessRecord(
+                peer=conn.peer, pid=self.host.pid,
+                duration_s=round(kernel.monotonic() - started, 6),
+                bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, status=status,
+            ))
 
     def _run_handler(self, conn: Connection) -> str:
         self._serving = conn
         try:
-            if self.sup.stop_requested:  # the stop came before the connection was published
+            if self._stop_asked:  # the stop came before the connection was published
                 self.interrupt(self._fast_stop)
-            return str(int(serve_one(self.sup.app, conn)))
+            return str(int(serve_one(self.serving.app, conn)))
         except StopDeadline:
             return self._killed(conn)
         finally:
@@ -152,15 +162,15 @@ class SingleModel(WithoutPool):
         signal.setitimer(signal.ITIMER_REAL, 0)
         self._serving = None
         if not self._fast_stop:  # a fast stop kills by design; only a graceful one fails
-            self.sup.note_killed(f"the connection from {conn.peer} outlived the stop deadline")
+            self.host.note_killed(f"the connection from {conn.peer} outlived the stop deadline")
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             conn.close()
         return "killed"
 
-    def reconfigure(self) -> str:
-        # each connection reads the supervisor's config and app when it starts
+    def reconfigure(self, serving: Serving) -> str:
+        self.serving = serving  # each connection takes the config and app when it starts
         return "the next connection uses it"
 
     def on_exit(self, exited: Exited) -> bool:
@@ -173,6 +183,7 @@ class SingleModel(WithoutPool):
         """
         conn = self._serving
         self._fast_stop = self._fast_stop or fast
+        self._stop_asked = True
         if conn is None:
             return
         if fast:
@@ -180,7 +191,7 @@ class SingleModel(WithoutPool):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         else:
             conn.interrupt()
-        limit = FAST_STOP_SECONDS if fast else self.sup.config.graceful_timeout
+        limit = FAST_STOP_SECONDS if fast else self.config.graceful_timeout
         signal.setitimer(signal.ITIMER_REAL, max(limit, 0.001))
 
     def pids(self) -> Collection[int]:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
+from ..config import Config
+from ..kernel import Kernel
 from ..ops.scoreboard import Scoreboard
 from ..protocol.defence import Stress
 from ..serving.child import LOOK_AGAIN
-
-if TYPE_CHECKING:
-    from ..master.supervisor import Supervisor
 
 log = logging.getLogger("forkserve")
 
@@ -23,20 +21,23 @@ log = logging.getLogger("forkserve")
 class StressMode:
     """One model's stress mode: ``update`` after anything that changes how busy it is."""
 
-    def __init__(self, sup: Supervisor, board: Scoreboard) -> None:
-        self.sup = sup
+    def __init__(self, board: Scoreboard, kernel: Kernel,
+                 count: Callable[[str, str], None]) -> None:
         self.board = board
+        self.kernel = kernel
+        self._count = count
         self.stress = Stress()
 
     @property
     def active(self) -> bool:
         return self.stress.active
 
-    def update(self, busy: int, capacity: int, pids: Iterable[int]) -> None:
-        config = self.sup.config
+    def update(self, config: Config, busy: int, capacity: int, pids: Iterable[int]) -> None:
+        """``busy`` of ``capacity`` in use, under ``config``'s stress settings; on a change,
+        ``pids`` are told to look at their deadlines again."""
         if not (config.stress_idle_timeout or config.stress_first_byte_timeout):
             return
-        if not self.stress.update(busy, capacity, self.sup.kernel.monotonic()):
+        if not self.stress.update(busy, capacity, self.kernel.monotonic()):
             return
         on = self.stress.active
         self.board.set_stress(on)
@@ -47,7 +48,7 @@ class StressMode:
                         config.stress_first_byte_timeout or config.first_byte_timeout)
         else:
             log.warning("leaving stress mode: %d of %d connections in use", busy, capacity)
-        self.sup.count("stress", "entered" if on else "left")
+        self._count("stress", "entered" if on else "left")
         for pid in list(pids):
             with contextlib.suppress(ProcessLookupError):
-                self.sup.kernel.kill(pid, LOOK_AGAIN)
+                self.kernel.kill(pid, LOOK_AGAIN)
