@@ -13,7 +13,8 @@ import pytest
 
 from forkserve.config import Config
 from forkserve.errors import ConfigError, ExitCode, WorkerExit
-from forkserve.master.supervisor import REPORT_INTERVAL, Supervisor
+from forkserve.master.events import REPORT_INTERVAL
+from forkserve.master.supervisor import Supervisor
 from forkserve.models.adaptive import ADAPT_INTERVAL
 from forkserve.models.prefork import (
     ABORT_GRACE,
@@ -127,7 +128,7 @@ def test_a_ready_message_read_after_the_exit_is_not_a_boot_failure(sup: Supervis
     kernel.exit(pid, WorkerExit.OK)  # recycled at once
     sup._reap()
     assert model.pool.boot_failures == 0
-    assert sup.counters["worker_exits", "recycled"] == 1
+    assert sup.events.counters["worker_exits", "recycled"] == 1
 
 
 def test_the_watchdog_kills_once_a_second_until_the_worker_is_reaped(
@@ -157,7 +158,7 @@ def test_the_watchdog_kills_once_a_second_until_the_worker_is_reaped(
     assert len(kernel.killed) == 3
     kernel.die(stuck, signal.SIGKILL)
     sup._reap()
-    assert sup.counters["worker_exits", "watchdog"] == 1
+    assert sup.events.counters["worker_exits", "watchdog"] == 1
 
 
 def test_the_watchdog_uses_the_timeout_each_worker_was_forked_with(
@@ -206,8 +207,8 @@ def test_a_failed_worker_fork_refuses_no_client(sup: Supervisor, kernel: FakeKer
     kernel.fork_error = OSError(11, "Resource temporarily unavailable")
     sup.model.scale(+1)
     sup.model.manage()
-    assert sup.counters["fork_failures", "EAGAIN"] == 1
-    assert sup.counters["refused", "fork_failed"] == 0
+    assert sup.events.counters["fork_failures", "EAGAIN"] == 1
+    assert sup.events.counters["refused", "fork_failed"] == 0
 
 
 def test_a_crashing_slot_is_replaced_at_most_once_per_interval(sup: Supervisor,
@@ -346,7 +347,7 @@ def test_the_pools_accept_pauses_are_counted_and_logged_as_one_servers(
     pause = "workers: accept failed: Too many open files (EMFILE); pausing accepts for 0.1 s"
     assert lines == [f"{pause} (9 more since the last report)",
                      f"{pause} ({3 * 10 * 5 - 1} more since the last report)"]
-    assert sup.counters["accept_pauses", "EMFILE"] == 3 * 10 * 6
+    assert sup.events.counters["accept_pauses", "EMFILE"] == 3 * 10 * 6
 
 
 @pytest.fixture

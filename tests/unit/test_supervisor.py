@@ -13,9 +13,11 @@ import pytest
 from forkserve.apps.exec import Program
 from forkserve.config import Config
 from forkserve.kernel import Exited, reap
+from forkserve.master.accepting import FORK_PAUSE_SECONDS
 from forkserve.master.signals import SIGNALS, Intent
-from forkserve.master.supervisor import ACCEPT_PAUSE_SECONDS, FORK_PAUSE_SECONDS, Supervisor
+from forkserve.master.supervisor import Supervisor
 from forkserve.models.fork import ForkModel
+from forkserve.serving.accept import ACCEPT_PAUSE_SECONDS
 from forkserve.serving.child import STOP_REMINDER
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
@@ -54,7 +56,7 @@ def test_reap_loops_until_nothing_is_left_and_decodes(kernel: FakeKernel) -> Non
 def test_fork_failure_closes_that_client_and_pauses_accepting(
         sup: Supervisor, kernel: FakeKernel, caplog: pytest.LogCaptureFixture) -> None:
     sup.update_accepting()
-    assert sup._accepting
+    assert sup.accepting.active
     kernel.fork_error = OSError(errno.EAGAIN, "Resource temporarily unavailable")
     a, b = socket.socketpair()
     model = sup.model
@@ -63,7 +65,7 @@ def test_fork_failure_closes_that_client_and_pauses_accepting(
         assert not model._spawn(a, ("127.0.0.1", 1))
         assert a.fileno() == -1
         assert b.recv(1) == b"", "the refused client sees its connection closed"
-        assert not sup._accepting
+        assert not sup.accepting.active
         assert sup._timeout() == pytest.approx(FORK_PAUSE_SECONDS)
         c, d = socket.socketpair()
         assert not model._spawn(c, ("127.0.0.1", 2))  # a second failure within the second
@@ -74,7 +76,7 @@ def test_fork_failure_closes_that_client_and_pauses_accepting(
     kernel.now += FORK_PAUSE_SECONDS
     kernel.fork_error = None
     sup.update_accepting()
-    assert sup._accepting
+    assert sup.accepting.active
     for s in (b, d):
         s.close()
 
@@ -83,15 +85,15 @@ def test_accept_errors_capacity_pauses_transient_skips(sup: Supervisor,
                                                        kernel: FakeKernel) -> None:
     sup.update_accepting()
     assert sup.accept_failed(OSError(errno.ECONNABORTED, "aborted")) is False
-    assert sup._accepting
+    assert sup.accepting.active
     assert sup.accept_failed(OSError(errno.EMFILE, "Too many open files")) is True
-    assert not sup._accepting
+    assert not sup.accepting.active
     kernel.now += ACCEPT_PAUSE_SECONDS / 2
     sup.update_accepting()
-    assert not sup._accepting
+    assert not sup.accepting.active
     kernel.now += ACCEPT_PAUSE_SECONDS
     sup.update_accepting()
-    assert sup._accepting
+    assert sup.accepting.active
 
 
 def test_at_max_children_accepting_stops_until_a_child_is_reaped(sup: Supervisor,
@@ -99,10 +101,10 @@ def test_at_max_children_accepting_stops_until_a_child_is_reaped(sup: Supervisor
     sup.update_accepting()
     pids = [spawn(sup) for _ in range(3)]
     sup.update_accepting()
-    assert not sup._accepting, "at max_children the listeners are not watched"
+    assert not sup.accepting.active, "at max_children the listeners are not watched"
     kernel.exit(pids[0])
     sup._reap()
-    assert sup._accepting
+    assert sup.accepting.active
 
 
 def test_graceful_stop_terms_waits_then_kills_at_the_deadline(sup: Supervisor,

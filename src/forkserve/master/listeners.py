@@ -20,17 +20,6 @@ from ..config import Address
 from ..errors import ListenError
 from ..serving.connection import format_address
 
-#: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
-#: the pending connection stays queued, so retrying at once would spin.
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: accept() errors that belong to one connection that is already gone (accept(2), "Error
-#: handling"): skip it and take the next. The master and prefork workers both use these.
-ACCEPT_TRANSIENT_ERRNOS = frozenset({
-    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
-    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM,
-    errno.EINTR,
-})
-
 _REASONS = {
     errno.EADDRINUSE: "address already in use",
     errno.EACCES: "permission denied",

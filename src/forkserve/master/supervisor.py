@@ -35,14 +35,13 @@ killed, else 0. A fast stop (SIGQUIT) kills at once.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import logging
 import math
 import os
 import selectors
 import signal
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
@@ -57,15 +56,18 @@ from ..hooks import ChildExited
 from ..kernel import Exited, Kernel, OsKernel, reap
 from ..models import Parts, Serving
 from ..ops import pidfile
-from ..ops.logs import AccessLog, RateLimiter, configure, reopen_files
+from ..ops.logs import AccessLog, configure, reopen_files
 from ..ops.loopserver import LoopServer
 from ..ops.metrics import MetricsServer
 from ..ops.status import StatusServer, process_row
 from ..protocol.admission import Admission
+from ..serving.accept import ACCEPT_PAUSE_SECONDS
 from ..serving.child import STOP_REMINDER, set_title
 from . import gate, ready, reload, systemd, upgrade
+from .accepting import Accepting
+from .events import Events
 from .gate import Gate
-from .listeners import ACCEPT_CAPACITY_ERRNOS, ACCEPT_TRANSIENT_ERRNOS, Listener
+from .listeners import Listener
 from .signals import _INTENTS, HANDLED, SIGNALS, Intent, SignalsBlocked
 from .upgrade import Upgrader
 
@@ -74,16 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkserve")
 
-
-#: How long accepting pauses after a capacity error: short enough that a passing spike costs
-#: little latency, long enough that a lasting one costs ten wake-ups a second, not a spin.
-ACCEPT_PAUSE_SECONDS = 0.1
-#: The same after fork() fails for lack of resources (EAGAIN, ENOMEM).
-FORK_PAUSE_SECONDS = 0.1
-#: At most one report per kind of trouble per this many seconds, for the whole server: a
-#: lasting EMFILE is one line every 5 s with its count, not a flood (pg_doorman PR#262 paces
-#: its log the same way after a log storm in an outage).
-REPORT_INTERVAL = 5.0
 
 
 @dataclass
@@ -126,11 +118,12 @@ class Supervisor:
                                                    self.kernel.monotonic))
         if metrics is not None:
             self._loop_servers.append(MetricsServer(metrics, self, self.kernel.monotonic))
-        #: Events as (kind, label): accept pauses by errno, fork failures by errno, refused
-        #: connections by reason, worker exits by reason. Status and metrics show them.
-        self.counters: Counter[tuple[str, str]] = Counter()
+        #: Counters (status, metrics) and the one rate limiter of reports.
+        self.events = Events(self.kernel.monotonic)
         self.pid = os.getpid()
         self.selector = selectors.DefaultSelector()
+        self.accepting = Accepting(self.selector, self.listeners, self.kernel.monotonic,
+                                   self.events)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._received: deque[int] = deque()
@@ -138,13 +131,10 @@ class Supervisor:
         self._urgent = False
         #: Set by the signal handler on TERM, INT or QUIT, before the loop has seen them.
         self.stop_requested = False
-        self._accepting = False
-        self._paused_until = 0.0
         self._stop: Stop | None = None
         self._killed = False
         #: Set by ``halt``: the reason and exit status of a stop the server itself decided.
         self._halt: tuple[str, ExitCode] | None = None
-        self._reports = RateLimiter(REPORT_INTERVAL)
         self._started = self.kernel.monotonic()
         #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
         self.notifier = notifier or systemd.Notifier(None)
@@ -159,8 +149,8 @@ class Supervisor:
                                  pid_file=config.pid_file, pid=self.pid)
         if admission is None:
             admission = gate.build(config)
-        self.gate = Gate(admission, config, clock=self.kernel.monotonic, count=self.count,
-                         report=self._report, host=self)
+        self.gate = Gate(admission, config, clock=self.kernel.monotonic,
+                         count=self.events.count, report=self.events.report, host=self)
         self.model = models.create(Parts(self.serving, self, self.kernel, self.listeners,
                                          self.gate))
 
@@ -244,19 +234,13 @@ class Supervisor:
                 key.data()  # a model's own fd (the prefork ready pipe)
             elif self._urgent:
                 return  # a signal came in (perhaps a stop): act on it before taking more
-            elif self._stop is None and self._accepting:
+            elif self._stop is None and self.accepting.active:
                 self.model.on_readable(key.data)
 
     # ------------------------------------------------------------------ status
 
     def count(self, kind: str, label: str) -> None:
-        self.counters[kind, label] += 1
-
-    def counter_table(self) -> dict[str, dict[str, int]]:
-        table: dict[str, dict[str, int]] = {}
-        for (kind, label), n in sorted(self.counters.items()):
-            table.setdefault(kind, {})[label] = n
-        return table
+        self.events.count(kind, label)
 
     def snapshot(self) -> dict[str, Any]:
         """The status of this server now, as the control socket serves it (see ``status``)."""
@@ -268,7 +252,7 @@ class Supervisor:
             "listeners": [lst.name for lst in self.listeners if lst.sock.fileno() >= 0],
             "connections_total": model.connections_total, "busy": model.busy,
             "idle": model.idle, "capacity": model.capacity,
-            "counters": {**self.counter_table(),
+            "counters": {**self.events.counter_table(),
                          "errors": {"handler": model.handler_errors}},
             "processes": [process_row(slot, now) for slot in model.processes],
             "stress": model.stress, "penalised": self.gate.penalised(now),
@@ -298,8 +282,8 @@ class Supervisor:
 
     def _timeout(self) -> float | None:
         deadlines = []
-        if self._paused_until and self._stop is None:
-            deadlines.append(self._paused_until)
+        if (paused := self.accepting.deadline()) is not None and self._stop is None:
+            deadlines.append(paused)
         stop = self._stop
         if stop is not None and not stop.killed:
             deadlines.append(stop.deadline)
@@ -427,66 +411,18 @@ class Supervisor:
 
     def update_accepting(self) -> None:
         """Watch the listeners exactly when the model has room and accepting is not paused."""
-        now = self.kernel.monotonic()
-        if self._paused_until and now >= self._paused_until:
-            self._paused_until = 0.0
-        want = (self.model.accepts and self._stop is None and not self._paused_until
-                and not (self.model.full and self.config.on_full == "defer"))
-        if want == self._accepting:
-            return
-        self._accepting = want
-        for listener in self.listeners:
-            if want:
-                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
-            else:
-                self.selector.unregister(listener.sock)
-
-    def _pause(self, seconds: float) -> None:
-        self._paused_until = self.kernel.monotonic() + seconds
-        self.update_accepting()
-
-    def _report(self, key: str, level: int, message: str, *args: object,
-                events: int = 1) -> None:
-        held = self._reports.allow(key, self.kernel.monotonic(), events)
-        if held is not None:
-            suffix = f" ({held} more since the last report)" if held else ""
-            log.log(level, message + suffix, *args)
+        self.accepting.update(self.model.accepts and self._stop is None
+                              and not (self.model.full and self.config.on_full == "defer"))
 
     def accept_failed(self, exc: OSError) -> bool:
-        """Handle an accept() error; True if the model should stop accepting for now."""
-        code = exc.errno or 0
-        if code in ACCEPT_TRANSIENT_ERRNOS:
-            return False
-        self._pause(ACCEPT_PAUSE_SECONDS)
-        self.accept_paused(code)
-        return True
+        return self.accepting.failed(exc)
 
     def accept_paused(self, code: int, pauses: int = 1, *, by: str = "",
                       pause: float = ACCEPT_PAUSE_SECONDS) -> None:
-        """Count ``pauses`` pauses of ``pause`` seconds after accept() failed with errno
-        ``code``, and report them through the server's one rate limiter. ``by``: who paused,
-        when not the master (prefork workers tell theirs through the pool pipe)."""
-        name = errno.errorcode.get(code, str(code))
-        self.counters["accept_pauses", name] += pauses
-        level = logging.WARNING if code in ACCEPT_CAPACITY_ERRNOS else logging.ERROR
-        self._report(f"accept:{name}", level,
-                     "%saccept failed: %s (%s); pausing accepts for %.1f s",
-                     by, os.strerror(code), name, pause, events=pauses)
+        self.accepting.paused(code, pauses, by=by, pause=pause)
 
     def fork_failed(self, exc: OSError, *, refused: bool = True) -> None:
-        """fork() failed; report it (rate-limited). ``refused``: a client was closed for it,
-        and accepting pauses; otherwise (a pool's worker) the model retries later itself."""
-        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        self.count("fork_failures", name)
-        if not refused:
-            self._report(f"fork:{name}", logging.ERROR, "fork failed: %s (%s); retrying",
-                         exc.strerror, name)
-            return
-        self.count("refused", "fork_failed")
-        self._pause(FORK_PAUSE_SECONDS)
-        self._report(f"fork:{name}", logging.ERROR,
-                     "fork failed: %s (%s); closed that connection, pausing accepts for %.1f s",
-                     exc.strerror, name, FORK_PAUSE_SECONDS)
+        self.accepting.fork_failed(exc, refused=refused)
 
     # ------------------------------------------------------------------ stopping
 

@@ -59,8 +59,9 @@ from ..ops.scoreboard import Scoreboard, Slot, SlotState
 from ..protocol.admission import key_of_tag, tag_of_key
 from ..protocol.defence import CAUSES
 from ..protocol.poolpipe import Inbox, Kind, Message
+from ..serving.accept import ACCEPT_PAUSE_SECONDS
 from ..serving.child import STOP_REMINDER
-from ..serving.worker import ACCEPT_PAUSE_SECONDS, WorkerContext, run_worker
+from ..serving.worker import WorkerContext, run_worker
 from .adaptive import Adapter, Step, plan
 from .host import Host, ModelStatus, Serving
 from .stress import StressMode

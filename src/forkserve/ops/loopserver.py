@@ -23,7 +23,6 @@ master's selector. Every peer costs the master bounded memory and bounded time:
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import socket
@@ -32,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..master.listeners import Listener
+from ..serving.accept import skip
 
 log = logging.getLogger("forkserve")
 
@@ -41,10 +41,10 @@ MAX_PENDING = 32
 MAX_REQUEST = 8192
 #: A peer must have sent its request and taken its answer within this many seconds.
 DEADLINE = 5.0
-#: How long the listener is left alone after an accept error that is not one connection's.
+#: How long the listener is left alone after an accept error that is not one connection's
+#: (``serving.accept`` classifies them, for every accepting process): an operator's socket
+#: can wait longer than the clients' listeners (``ACCEPT_PAUSE_SECONDS``).
 ACCEPT_PAUSE = 0.5
-#: accept() errors of one connection already gone: take the next one.
-_SKIP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
 
 class Host(Protocol):
@@ -97,7 +97,7 @@ class LoopServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _SKIP:
+                if skip(exc):  # that peer is gone: take the next one
                     continue
                 self._pause(exc)
                 return

@@ -58,7 +58,7 @@ from ..config import Config
 from ..errors import ChildExit, ClientError, WorkerExit
 from ..hooks import Process
 from ..master.gate import Gate
-from ..master.listeners import ACCEPT_TRANSIENT_ERRNOS, Listener
+from ..master.listeners import Listener
 from ..master.privileges import apply_limits
 from ..master.sourceguard import DROP_UNPROVEN, SourceGuard
 from ..master.traffic import accept_queue
@@ -67,6 +67,7 @@ from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.admission import source_tag
 from ..protocol.defence import CAUSES, Cause, Startups
 from ..protocol.poolpipe import Kind, Message, PauseTally
+from .accept import ACCEPT_PAUSE_SECONDS, skip
 from .child import (
     CHILD_GRACE_MARGIN,
     LOOK_AGAIN,
@@ -88,9 +89,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkserve")
 
-#: After an accept() error that is not one connection's (EMFILE, ENOBUFS ...), this worker
-#: waits this long before it accepts again: never spin. It tells the master, which logs.
-ACCEPT_PAUSE_SECONDS = 0.1
 #: At a stop of the whole server, a worker takes the clients queued on the listeners for at
 #: most this long, and only until half of ``graceful_timeout`` after the stop: each may cost
 #: it a STOP_GRACE (a silent one) and a linger (one that does not close), one after the
@@ -312,10 +310,11 @@ class Worker:
         except BlockingIOError:
             return False  # another worker took it
         except OSError as exc:
-            if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+            if skip(exc):
                 return True  # that client is gone; the next one may be there
+            # (``accept``: never spin) the master logs it, for the whole pool
             self._pauses.add(exc.errno or 0)
-            self._tell_pauses(time.monotonic())  # the master logs, for the whole pool
+            self._tell_pauses(time.monotonic())
             self._stop_poll.poll(ACCEPT_PAUSE_SECONDS * 1000)  # a stop ends the pause
             return False
         header = None
