@@ -115,17 +115,17 @@ def test_graceful_stop_terms_waits_then_kills_at_the_deadline(sup: Supervisor,
     kernel.exit(pids[0])
     sup._reap()
     kernel.now += 9.9
-    sup._advance_stop()
+    sup.checklist.advance()
     assert not sup._finished()
     assert sup._timeout() == pytest.approx(0.1)
     kernel.now += 0.1
-    sup._advance_stop()
+    sup.checklist.advance()
     assert kernel.killed[-1] == (pids[1], signal.SIGKILL)
     assert sup._timeout() is None, "after the kill, only SIGCHLD can wake the loop"
     kernel.die(pids[1], signal.SIGKILL)
     sup._reap()
     assert sup._finished()
-    assert sup._killed, "exit status 1: something had to be killed"
+    assert sup.checklist.killed, "exit status 1: something had to be killed"
 
 
 def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
@@ -136,17 +136,17 @@ def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
     kernel.exit(pids[0])
     sup._reap()
     kernel.now += STOP_REMINDER
-    sup._advance_stop()
+    sup.checklist.advance()
     assert kernel.killed == [(pids[0], signal.SIGTERM), (pids[1], signal.SIGTERM),
                              (pids[1], signal.SIGTERM)]
     assert sup._timeout() == pytest.approx(10 - STOP_REMINDER), "then only the deadline"
     kernel.now += 5
-    sup._advance_stop()
+    sup.checklist.advance()
     assert len(kernel.killed) == 3
     kernel.exit(pids[1])
     sup._reap()
     assert sup._finished()
-    assert not sup._killed
+    assert not sup.checklist.killed
 
 
 def test_exec_programs_get_one_sigterm_as_inetd_sends(kernel: FakeKernel) -> None:
@@ -157,7 +157,7 @@ def test_exec_programs_get_one_sigterm_as_inetd_sends(kernel: FakeKernel) -> Non
         sup._begin_stop(fast=False)
         for _ in range(3):
             kernel.now += STOP_REMINDER
-            sup._advance_stop()
+            sup.checklist.advance()
         assert kernel.killed == [(pid, signal.SIGTERM)]
         assert sup._timeout() == pytest.approx(10 - 3 * STOP_REMINDER)
     finally:
@@ -170,7 +170,7 @@ def test_graceful_stop_without_stragglers_exits_0(sup: Supervisor, kernel: FakeK
     kernel.exit(pid)
     sup._reap()
     assert sup._finished()
-    assert not sup._killed
+    assert not sup.checklist.killed
 
 
 def test_quit_during_a_graceful_stop_kills_at_once(sup: Supervisor, kernel: FakeKernel) -> None:

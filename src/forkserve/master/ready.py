@@ -17,7 +17,7 @@ from .upgrade import CONTROL, METRICS
 
 if TYPE_CHECKING:
     from .listeners import Listener
-    from .supervisor import Stop
+    from .stopping import Stop
 
 log = logging.getLogger("forkserve")
 

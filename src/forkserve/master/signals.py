@@ -65,6 +65,9 @@ SIGNALS: tuple[SignalRoute, ...] = (
     SignalRoute(signal.SIGCHLD, Intent.REAP, None, "A child ended: reap it (internal)."),
 )
 _INTENTS = {route.signal.value: route.intent for route in SIGNALS}
+#: Intents dropped once a stop has begun: a reload, a resize or an upgrade would fork new
+#: processes that the stop would then have to wait for (or kill). Stops and USR1 still act.
+IGNORED_WHILE_STOPPING = frozenset({Intent.RELOAD, Intent.MORE, Intent.FEWER, Intent.UPGRADE})
 
 
 def signal_table() -> str:

@@ -17,33 +17,27 @@ Reaping (decision 2, rule 7): after every wake-up, ``kernel.reap`` loops ``waitp
 WNOHANG)`` until nothing is left, because SIGCHLDs coalesce. Children are registered in the
 same loop iteration that forked them, before any reaping, so there is no registration race.
 
-Backpressure (decision 4): the listeners are registered in the selector only while the model
-has room and accepting is not paused; otherwise clients wait in the kernel backlog. Capacity
-errors of accept() and fork() pause accepting briefly (decision 5: never spin) and are logged
-through one rate limiter for the whole server: at most one line per kind of trouble per
-``REPORT_INTERVAL``, with the count of what it held back. Prefork workers do not log their
-accept errors: they tell the master (``accept_paused``), so a pool of 64 logs what one
-process would.
+The parts (each in its own module, the loop calls them by name):
 
-Stopping (rule 17), a checklist with a deadline: close the listeners (new clients are refused,
-not left hanging in a queue nobody will read), ask every child to finish (SIGTERM: a child
-stops reading and writes what it owes; repeated once ``STOP_REMINDER`` later, see ``child``), wait
-for them up to ``graceful_timeout``, SIGKILL what is left, reap, exit 1 if anything had to be
-killed, else 0. A fast stop (SIGQUIT) kills at once.
+- ``accepting``: backpressure (decision 4) and the pauses after accept and fork errors
+  (decision 5; the errno classification is ``serving.accept``, shared with prefork workers).
+- ``events``: the status counters and the one rate limiter of the master's reports.
+- ``stopping``: the stop checklist with its deadlines (rule 17).
+- ``signals``: the signal table; ``_steps`` maps each intent to its step.
+- the model, behind ``models.host``: the Supervisor is the model's ``Host``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
-import math
 import os
 import selectors
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -62,13 +56,14 @@ from ..ops.metrics import MetricsServer
 from ..ops.status import StatusServer, process_row
 from ..protocol.admission import Admission
 from ..serving.accept import ACCEPT_PAUSE_SECONDS
-from ..serving.child import STOP_REMINDER, set_title
+from ..serving.child import set_title
 from . import gate, ready, reload, systemd, upgrade
 from .accepting import Accepting
 from .events import Events
 from .gate import Gate
 from .listeners import Listener
-from .signals import _INTENTS, HANDLED, SIGNALS, Intent, SignalsBlocked
+from .signals import _INTENTS, HANDLED, IGNORED_WHILE_STOPPING, SIGNALS, Intent, SignalsBlocked
+from .stopping import StopChecklist
 from .upgrade import Upgrader
 
 if TYPE_CHECKING:
@@ -76,21 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkserve")
 
-
-
-@dataclass
-class Stop:
-    fast: bool
-    deadline: float
-    #: When SIGTERM went to the processes (``child.STOP_REMINDER``) ...
-    told_at: float
-    #: ... and whether it went again to those still running.
-    reminded: bool = False
-    killed: bool = False
-    #: An upgrade's new master serves the same sockets now.
-    handover: bool = False
-    #: Connections (processes serving them) killed to stop.
-    cut: int = 0
 
 
 class Supervisor:
@@ -109,50 +89,64 @@ class Supervisor:
         self.serving = Serving(config, app, tls, access_log)
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
+        self.pid = os.getpid()
+        self._started = self.kernel.monotonic()
         #: Where a reload finds the settings and the app again.
         self._origin = origin or reload.Origin(config)
-        #: The operators' servers in this loop: the status socket and the metrics endpoint.
+        #: Where the server was started (an upgrade's new master starts there too).
+        self._cwd = cwd or os.getcwd()
+        #: Set when an upgrade started this master: written to once it serves.
+        self._upgrade_ready_fd = upgrade_ready_fd
+        #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
+        self.notifier = notifier or systemd.Notifier(None)
+        self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
+        self._make_loop()
+        self._make_operators(control, metrics)
+        self.gate = Gate(admission or gate.build(config), config, clock=self.kernel.monotonic,
+                         count=self.events.count, report=self.events.report, host=self)
+        self.model = models.create(Parts(self.serving, self, self.kernel, self.listeners,
+                                         self.gate))
+        self.checklist = StopChecklist(self.model, self.listeners, self.kernel, self.notifier,
+                                       self.update_accepting)
+        #: Set by ``halt``: the reason and exit status of a stop the server itself decided.
+        self._halt: tuple[str, ExitCode] | None = None
+
+    def _make_loop(self) -> None:
+        """The selector, its wakeup pipe, the queue of signals received, accept control."""
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._received: deque[int] = deque()
+        #: Set by the signal handler for anything but SIGCHLD: the loop acts before accepting.
+        self._urgent = False
+        #: Counters (status, metrics) and the one rate limiter of reports.
+        self.events = Events(self.kernel.monotonic)
+        self.accepting = Accepting(self.selector, self.listeners, self.kernel.monotonic,
+                                   self.events)
+        #: What each signal's intent does, in the loop (``signals.SIGNALS``).
+        self._steps: dict[Intent, Callable[[], None]] = {
+            Intent.GRACEFUL_STOP: functools.partial(self._begin_stop, fast=False),
+            Intent.FAST_STOP: functools.partial(self._begin_stop, fast=True),
+            Intent.RELOAD: self._reload,
+            Intent.MORE: lambda: self.model.scale(1),
+            Intent.FEWER: lambda: self.model.scale(-1),
+            Intent.UPGRADE: lambda: self.upgrader.start(self._cwd),
+            Intent.REOPEN_LOGS: self._reopen_logs,
+        }
+
+    def _make_operators(self, control: Listener | None, metrics: Listener | None) -> None:
+        """The operators' servers in this loop (the status socket, the metrics endpoint) and
+        the upgrader, which hands their sockets over too."""
         self._loop_servers: list[LoopServer] = []
         if control is not None:
             self._loop_servers.append(StatusServer(control, self.snapshot, self,
                                                    self.kernel.monotonic))
         if metrics is not None:
             self._loop_servers.append(MetricsServer(metrics, self, self.kernel.monotonic))
-        #: Counters (status, metrics) and the one rate limiter of reports.
-        self.events = Events(self.kernel.monotonic)
-        self.pid = os.getpid()
-        self.selector = selectors.DefaultSelector()
-        self.accepting = Accepting(self.selector, self.listeners, self.kernel.monotonic,
-                                   self.events)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._received: deque[int] = deque()
-        #: Set by the signal handler for anything but SIGCHLD: the loop acts before accepting.
-        self._urgent = False
-        #: Set by the signal handler on TERM, INT or QUIT, before the loop has seen them.
-        self.stop_requested = False
-        self._stop: Stop | None = None
-        self._killed = False
-        #: Set by ``halt``: the reason and exit status of a stop the server itself decided.
-        self._halt: tuple[str, ExitCode] | None = None
-        self._started = self.kernel.monotonic()
-        #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
-        self.notifier = notifier or systemd.Notifier(None)
-        self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
-        #: Where the server was started (an upgrade's new master starts there too).
-        self._cwd = cwd or os.getcwd()
-        #: Set when an upgrade started this master: written to once it serves.
-        self._upgrade_ready_fd = upgrade_ready_fd
         self._operator_listeners = [(upgrade.CONTROL, control), (upgrade.METRICS, metrics)]
         self.upgrader = Upgrader(self, self.kernel, self.notifier, listeners=self.listeners,
                                  operators=self.operator_listeners(),
-                                 pid_file=config.pid_file, pid=self.pid)
-        if admission is None:
-            admission = gate.build(config)
-        self.gate = Gate(admission, config, clock=self.kernel.monotonic,
-                         count=self.events.count, report=self.events.report, host=self)
-        self.model = models.create(Parts(self.serving, self, self.kernel, self.listeners,
-                                         self.gate))
+                                 pid_file=self.config.pid_file, pid=self.pid)
 
     @property
     def config(self) -> Config:
@@ -173,19 +167,20 @@ class Supervisor:
                     self._wait()
                     self._act_on_signals()
                     self._reap()
-                    self._advance_stop()
+                    self.checklist.advance()
                     self._tick()
                     self.model.manage()
                     self.update_accepting()
         except BaseException:
-            self._abandon()
+            self.checklist.abandon()
             raise
         finally:
             self._close()
         if self._halt is not None:
             log.critical("stopped: %s", self._halt[0])
-        status = self._halt[1] if self._halt else ExitCode.KILLED if self._killed else ExitCode.OK
-        ready.stopped(self._stop, status)
+        killed = ExitCode.KILLED if self.checklist.killed else ExitCode.OK
+        status = self._halt[1] if self._halt else killed
+        ready.stopped(self.checklist.stop, status)
         return status
 
     def halt(self, reason: str, status: ExitCode) -> None:
@@ -224,7 +219,7 @@ class Supervisor:
         self._begin_stop(fast=False, handover=handover)
 
     def _finished(self) -> bool:
-        return self._stop is not None and not self.model.pids() and not self.model.pending()
+        return self.checklist.finished()
 
     def _wait(self) -> None:
         for key, _ in self.selector.select(self._timeout()):
@@ -234,7 +229,7 @@ class Supervisor:
                 key.data()  # a model's own fd (the prefork ready pipe)
             elif self._urgent:
                 return  # a signal came in (perhaps a stop): act on it before taking more
-            elif self._stop is None and self.accepting.active:
+            elif not self.stopping and self.accepting.active:
                 self.model.on_readable(key.data)
 
     # ------------------------------------------------------------------ status
@@ -278,17 +273,12 @@ class Supervisor:
 
     @property
     def stopping(self) -> bool:
-        return self._stop is not None
+        return self.checklist.stop is not None
 
     def _timeout(self) -> float | None:
-        deadlines = []
-        if (paused := self.accepting.deadline()) is not None and self._stop is None:
+        deadlines = self.checklist.deadlines()
+        if (paused := self.accepting.deadline()) is not None and not self.stopping:
             deadlines.append(paused)
-        stop = self._stop
-        if stop is not None and not stop.killed:
-            deadlines.append(stop.deadline)
-            if not stop.fast and self.model.pids():
-                deadlines.append(self._reminder_due(stop))  # (inf when none is due)
         for deadline in (self.model.next_deadline(), self.gate.next_deadline(),
                          self.heartbeat.next_deadline(), self.upgrader.next_deadline(),
                          *(server.next_deadline() for server in self._loop_servers)):
@@ -324,7 +314,6 @@ class Supervisor:
         if intent is not Intent.REAP:
             self._urgent = True
         if intent is Intent.GRACEFUL_STOP or intent is Intent.FAST_STOP:
-            self.stop_requested = True
             self.model.interrupt(fast=intent is Intent.FAST_STOP)
 
     @property
@@ -337,22 +326,18 @@ class Supervisor:
         return SignalsBlocked()
 
     def _act_on_signals(self) -> None:
+        """Each intent received, in order, by its step (``_steps``); an intent that makes no
+        sense during a stop (``IGNORED_WHILE_STOPPING``) is dropped then."""
         self._urgent = False
         while self._received:
             intent = _INTENTS.get(self._received.popleft())
-            if intent is Intent.GRACEFUL_STOP:
-                self._begin_stop(fast=False)
-            elif intent is Intent.FAST_STOP:
-                self._begin_stop(fast=True)
-            elif intent is Intent.RELOAD and self._stop is None:
-                self._reload()
-            elif intent in (Intent.MORE, Intent.FEWER) and self._stop is None:
-                self.model.scale(1 if intent is Intent.MORE else -1)
-            elif intent is Intent.UPGRADE and self._stop is None:
-                self.upgrader.start(self._cwd)
-            elif intent is Intent.REOPEN_LOGS:
-                reopen_files(self.access_log)
-                self.model.reopen_logs()
+            step = self._steps.get(intent) if intent is not None else None
+            if step is not None and not (self.stopping and intent in IGNORED_WHILE_STOPPING):
+                step()
+
+    def _reopen_logs(self) -> None:
+        reopen_files(self.access_log)
+        self.model.reopen_logs()
 
     # ------------------------------------------------------------------ reload
 
@@ -403,7 +388,7 @@ class Supervisor:
         if exited.signal is None:
             log.warning("pid %d (%s) exited with status %d", exited.pid, what, exited.code)
             return
-        oom = exited.signal == signal.SIGKILL and self._stop is None
+        oom = exited.signal == signal.SIGKILL and not self.stopping
         log.warning("pid %d (%s) was killed by %s%s", exited.pid, what, exited.describe(),
                     " (out of memory?)" if oom else "")
 
@@ -411,7 +396,7 @@ class Supervisor:
 
     def update_accepting(self) -> None:
         """Watch the listeners exactly when the model has room and accepting is not paused."""
-        self.accepting.update(self.model.accepts and self._stop is None
+        self.accepting.update(self.model.accepts and not self.stopping
                               and not (self.model.full and self.config.on_full == "defer"))
 
     def accept_failed(self, exc: OSError) -> bool:
@@ -427,60 +412,12 @@ class Supervisor:
     # ------------------------------------------------------------------ stopping
 
     def _begin_stop(self, *, fast: bool, handover: bool = False) -> None:
-        now = self.kernel.monotonic()
-        if self._stop is not None:
-            if fast and not self._stop.fast:
-                self._stop.fast, self._stop.cut = True, len(self.model.pids())
-                self._kill_all(signal.SIGKILL)
-            return
-        self._stop = Stop(fast=fast, deadline=now + self.config.graceful_timeout, told_at=now,
-                          handover=handover)
-        if not handover:
-            self.notifier.stopping()
-        self.update_accepting()
-        for listener in self.listeners:
-            if not fast and not handover:
-                self.model.drain(listener)
-            listener.close()
-        pending = len(self.model.pids())
-        if fast:
-            self._stop.cut = pending
-            log.info("fast stop: killing %d process(es)", pending)
-        else:
-            log.info("graceful stop: waiting up to %g s for %d process(es)",
-                     self.config.graceful_timeout, pending)
-        if fast or not (handover and self.model.ends_on_sigterm):
-            # (an upgrade's old programs end on their own: SIGTERM would cut them short)
-            self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)
-
-    def _kill_all(self, sig: int) -> None:
-        for pid in list(self.model.pids()):
-            self.model.signal(pid, sig)
-
-    def _advance_stop(self) -> None:
-        stop = self._stop
-        if stop is None or stop.killed or stop.fast:
-            return
-        left = self.model.pids()
-        now = self.kernel.monotonic()
-        if left and now >= stop.deadline:
-            stop.killed, stop.cut = True, len(left)
-            self.note_killed(f"graceful timeout: killing {len(left)} connection(s) still open")
-            self._kill_all(signal.SIGKILL)
-        elif left and self._reminder_due(stop) <= now:
-            stop.reminded = True
-            self._kill_all(signal.SIGTERM)
-
-    def _reminder_due(self, stop: Stop) -> float:
-        """When SIGTERM goes again to what a graceful stop still waits for (inf: never)."""
-        if stop.reminded or not self.model.remind_stop:
-            return math.inf
-        return stop.told_at + STOP_REMINDER
+        self.checklist.begin(fast=fast, handover=handover,
+                             timeout=self.config.graceful_timeout)
 
     def note_killed(self, message: str) -> None:
         """Something had to be killed to stop: say so, and exit 1 at the end."""
-        self._killed = True
-        log.warning("%s", message)
+        self.checklist.note_killed(message)
 
     # ------------------------------------------------------------------ cleaning up
 
@@ -506,14 +443,6 @@ class Supervisor:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-    def _abandon(self) -> None:
-        """The loop failed: do not leave children behind. Kill them and reap them, blocking."""
-        for pid in list(self.model.pids()):
-            with contextlib.suppress(OSError):
-                self.kernel.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                self.kernel.waitpid(pid, 0)
 
     def _close(self) -> None:
         if self.config.pid_file is not None:
