@@ -61,6 +61,7 @@ from ..protocol.defence import CAUSES
 from ..protocol.poolpipe import Inbox, Kind, Message
 from ..serving.accept import ACCEPT_PAUSE_SECONDS
 from ..serving.child import STOP_REMINDER
+from ..serving.signals import REOPEN
 from ..serving.worker import WorkerContext, run_worker
 from .adaptive import Adapter, Step, plan
 from .host import Host, ModelStatus, Serving
@@ -516,7 +517,7 @@ class PreforkModel:
 
     def reopen_logs(self) -> None:
         for pid in self.workers:  # each reopens after its connection (``worker``)
-            self.signal(pid, signal.SIGUSR1)
+            self.signal(pid, REOPEN)
 
     def status(self) -> ModelStatus:
         slots = [self._slot_of(w) for w in self.workers.values()]
