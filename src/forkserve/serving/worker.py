@@ -58,17 +58,14 @@ from ..apps import App
 from ..config import Config
 from ..errors import ChildExit, ClientError, WorkerExit
 from ..hooks import Process
-from ..master.gate import Gate
-from ..master.listeners import Listener
 from ..master.privileges import apply_limits
 from ..master.sourceguard import SourceGuard
-from ..master.traffic import accept_queue
 from ..ops.logs import AccessLog, AccessRecord, RateLimiter
 from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.admission import source_tag
 from ..protocol.defence import CAUSES, Cause, Startups
 from ..protocol.poolpipe import Kind, Message, PauseTally
-from .accept import ACCEPT_PAUSE_SECONDS, skip
+from .accept import ACCEPT_PAUSE_SECONDS, Listening, Rules, accept_queue, skip
 from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
@@ -104,7 +101,7 @@ class WorkerContext:
 
     app: App
     config: Config
-    listeners: Sequence[Listener]
+    listeners: Sequence[Listening]
     scoreboard: Scoreboard
     access_log: AccessLog | None
     master_pid: int
@@ -116,7 +113,7 @@ class WorkerContext:
     #: The TLS context, when TLS is on.
     tls: ssl.SSLContext | None = None
     #: Admission rules (allow/deny, rules_file), applied by the worker itself.
-    gate: Gate | None = None
+    gate: Rules | None = None
     #: The per-source cap in force (0: none) and the early drop (``sourceguard``).
     source_limit: int = 0
     startups: Startups | None = None
@@ -292,7 +289,7 @@ class Worker:
             return True
         return False
 
-    def _accept(self, listener: Listener) -> bool:
+    def _accept(self, listener: Listening) -> bool:
         """Take one connection and serve it; False if none was queued (or accept failed)."""
         try:
             sock, addr = listener.sock.accept()
