@@ -18,6 +18,7 @@ from .master.upgrade import CONTROL, METRICS
 from .ops import pidfile
 from .ops.logs import configure, log, open_access_log
 from .ops.metrics import require_client as require_metrics_client
+from .serving import limits
 from .serving.handlers import adapt
 from .serving.handlers import load as load_handler
 from .serving.tls import make_context as make_tls_context
@@ -88,7 +89,7 @@ def prepare(config: Config, app: App | None = None) -> tuple[
     _chdir(config)
     config = hooks.resolve(config)
     identity = privileges.resolve_identity(config)
-    privileges.check_limits(config)
+    limits.check_limits(config)
     context = make_tls_context(config)  # before privileges are dropped: keys are often root's
     admission = gate.build(config)  # reads the rules file: a typo is exit 2, nothing bound
     if config.umask is not None:

@@ -72,6 +72,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConnectionExpired, FirstByteTimeout, IdleTimeout, LineTooLong, PeerGone
 from ..ops.scoreboard import SlotMonitor
+
+# Re-exported: the models, child.py and worker.py import it from here until issue 15 part 1
+# merges (then from protocol.address, and this becomes a plain import).
+from ..protocol.address import format_address as format_address  # noqa: PLC0414
 from ..protocol.framing import LineFramer
 from .stopsignal import STOP_GRACE, StopSignal, Waiter, Woke
 
@@ -105,16 +109,6 @@ def _timeval(seconds: float) -> bytes:
 def _expired(began: float, timeout: float | None) -> bool:
     """Has a kernel timeout of ``timeout`` seconds, started at ``began``, run out?"""
     return timeout is not None and time.monotonic() - began >= timeout * 0.99
-
-
-def format_address(addr: object, family: int) -> str:
-    """``ip:port``, ``[ip6]:port`` or ``unix:path`` (``unix`` for an unnamed peer)."""
-    if family == socket.AF_UNIX:
-        return f"unix:{addr}" if addr else "unix"
-    if isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-    return str(addr)
 
 
 @dataclass(frozen=True)
