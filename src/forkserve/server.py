@@ -57,17 +57,7 @@ def run_server(config: Config, app: App | None = None,
         if access_log is not None:
             undo.callback(access_log.close)
         undo.callback(notifier.close)
-        for item in inherited:
-            undo.callback(item.sock.close)
-        listeners, control, metrics = _listeners(config, inherited)
-        for listener in (*listeners, control, metrics):
-            if listener is not None:
-                undo.callback(listener.close)
-        if config.pid_file is not None:  # before privileges are dropped: /run is root's
-            _write_pid_file(config.pid_file)
-            undo.callback(pidfile.remove, config.pid_file, os.getpid())
-        if identity is not None:
-            _drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
+        listeners, control, metrics = _bind_and_drop(config, inherited, identity, undo)
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 origin=origin, control=control,
                                 metrics=metrics, tls=context, admission=admission,
@@ -101,6 +91,25 @@ def prepare(config: Config, app: App | None = None) -> tuple[
         devreload.require_watchfiles()
         devreload.directories(config)
     return config, app, identity, context, admission
+
+
+def _bind_and_drop(config: Config, inherited: list[systemd.InheritedSocket],
+                   identity: privileges.Identity | None, undo: contextlib.ExitStack,
+                   ) -> tuple[list[Listener], Listener | None, Listener | None]:
+    """Bind (or take over) the listeners, write the pid file, then drop privileges: in that
+    order, since ports below 1024 and /run are root's. Each is undone by ``undo``."""
+    for item in inherited:
+        undo.callback(item.sock.close)
+    listeners, control, metrics = _listeners(config, inherited)
+    for listener in (*listeners, control, metrics):
+        if listener is not None:
+            undo.callback(listener.close)
+    if config.pid_file is not None:  # before privileges are dropped: /run is root's
+        _write_pid_file(config.pid_file)
+        undo.callback(pidfile.remove, config.pid_file, os.getpid())
+    if identity is not None:
+        _drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
+    return listeners, control, metrics
 
 
 def _listeners(config: Config, inherited: list[systemd.InheritedSocket],
