@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, info, _default in settings():
         flag = info.flag or flag_of(name)
         kwargs: dict[str, Any] = {
-            "dest": name, "default": argparse.SUPPRESS, "help": info.doc,
+            "dest": name, "default": argparse.SUPPRESS, "help": info.doc.replace("%", "%%"),
             "metavar": info.kind.metavar,
         }
         if info.kind.repeat:
