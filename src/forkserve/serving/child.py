@@ -56,10 +56,10 @@ from ..config import Config
 from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong
 from ..hooks import Process
 from ..kernel import pthread_sigmask
-from ..master.privileges import apply_limits
 from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.defence import Cause
 from .connection import Connection, Patience, format_address
+from .limits import apply_limits
 from .preamble import Proxied, open_connection
 from .signals import CHILD, Step, install, look_again, reset
 from .stopsignal import StopSignal

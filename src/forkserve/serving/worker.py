@@ -58,7 +58,6 @@ from ..apps import App
 from ..config import Config
 from ..errors import ChildExit, ClientError, WorkerExit
 from ..hooks import Process
-from ..master.privileges import apply_limits
 from ..master.sourceguard import SourceGuard
 from ..ops.logs import AccessLog, AccessRecord, RateLimiter
 from ..ops.scoreboard import Scoreboard, SlotState
@@ -76,6 +75,7 @@ from .child import (
     set_title,
 )
 from .connection import Connection, format_address
+from .limits import apply_limits
 from .preamble import Proxied, open_connection, proxy_addresses
 from .signals import WORKER, Step, install, look_again, reset
 from .stopsignal import StopSignal, drain
