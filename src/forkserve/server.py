@@ -13,8 +13,9 @@ from .config import Config
 from .errors import ConfigError
 from .master import devreload, gate, privileges, reload, systemd, upgrade
 from .master.listeners import Listener, bind_all
-from .master.supervisor import Supervisor
+from .master.supervisor import Launch, Operators, Supervisor
 from .master.upgrade import CONTROL, METRICS
+from .models import Serving
 from .ops import pidfile
 from .ops.logs import configure, log, open_access_log
 from .ops.metrics import require_client as require_metrics_client
@@ -58,11 +59,10 @@ def run_server(config: Config, app: App | None = None,
             undo.callback(access_log.close)
         undo.callback(notifier.close)
         listeners, control, metrics = _bind_and_drop(config, inherited, identity, undo)
-        supervisor = Supervisor(config, app, listeners, access_log=access_log,
-                                origin=origin, control=control,
-                                metrics=metrics, tls=context, admission=admission,
-                                notifier=notifier, cwd=started_in,
-                                upgrade_ready_fd=upgrade_ready_fd)
+        supervisor = Supervisor(
+            Serving(config, app, context, access_log), listeners, admission=admission,
+            operators=Operators(control, metrics),
+            launch=Launch(origin, started_in, notifier, upgrade_ready_fd))
         if config.reload:  # last: nothing can fail after the watcher is started
             devreload.Watcher(supervisor, devreload.directories(config))
         undo.pop_all()  # from here on, the supervisor closes what it was given

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from forkserve.config import Config
 from forkserve.errors import ConfigError
-from forkserve.master.sourceguard import SourceGuard
 from forkserve.ops.scoreboard import Scoreboard
 from forkserve.protocol.admission import Admission, Reason, source_tag
 from forkserve.protocol.defence import (
@@ -23,6 +22,7 @@ from forkserve.protocol.defence import (
     parse_penalties,
     parse_startups,
 )
+from forkserve.serving.sourceguard import SourceGuard
 
 T0 = 1000.0
 

@@ -15,6 +15,7 @@ from forkserve.config import Config
 from forkserve.errors import ConfigError, ExitCode, WorkerExit
 from forkserve.master.events import REPORT_INTERVAL
 from forkserve.master.supervisor import Supervisor
+from forkserve.models import Serving
 from forkserve.models.adaptive import ADAPT_INTERVAL
 from forkserve.models.prefork import BOOT_FAILURES_TO_HALT, RESPAWN_INTERVAL, PreforkModel
 from forkserve.models.watchdog import ABORT_GRACE, KILL_RETRY
@@ -28,7 +29,7 @@ from tests.unit.fakes import FakeKernel
 @pytest.fixture
 def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
     config = Config(model="prefork", workers=3, max_workers=4)
-    supervisor = Supervisor(config, never_called, [], kernel=kernel)
+    supervisor = Supervisor(Serving(config, never_called), [], kernel=kernel)
     supervisor.model.start()
     yield supervisor
     supervisor._close()
@@ -287,7 +288,7 @@ def test_scaling_stays_between_one_and_max_workers(sup: Supervisor,
 
 def test_adaptive_pool_grows_1_2_4_a_second_up_to_max_workers(kernel: FakeKernel) -> None:
     config = Config(model="prefork", workers=1, min_spare=5, max_workers=20)
-    sup = Supervisor(config, never_called, [], kernel=kernel)
+    sup = Supervisor(Serving(config, never_called), [], kernel=kernel)
     try:
         sup.model.start()
         targets = []
@@ -306,7 +307,7 @@ def test_adaptive_pool_grows_1_2_4_a_second_up_to_max_workers(kernel: FakeKernel
 
 def test_adaptive_pool_waits_for_new_workers_to_be_ready(kernel: FakeKernel) -> None:
     config = Config(model="prefork", workers=2, min_spare=1, max_spare=3, max_workers=8)
-    sup = Supervisor(config, never_called, [], kernel=kernel)
+    sup = Supervisor(Serving(config, never_called), [], kernel=kernel)
     try:
         sup.model.start()
         for _ in range(5):  # forked but not ready: not idle, but not a reason to grow either
@@ -348,7 +349,7 @@ def test_the_pools_accept_pauses_are_counted_and_logged_as_one_servers(
 @pytest.fixture
 def default_pool(kernel: FakeKernel) -> Iterator[Supervisor]:
     """A prefork server with every pool setting at its default."""
-    supervisor = Supervisor(Config(model="prefork"), never_called, [], kernel=kernel)
+    supervisor = Supervisor(Serving(Config(model="prefork"), never_called), [], kernel=kernel)
     supervisor.model.start()
     yield supervisor
     supervisor._close()

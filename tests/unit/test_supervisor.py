@@ -16,6 +16,7 @@ from forkserve.kernel import Exited, reap
 from forkserve.master.accepting import FORK_PAUSE_SECONDS
 from forkserve.master.signals import SIGNALS, Intent
 from forkserve.master.supervisor import Supervisor
+from forkserve.models import Serving
 from forkserve.models.fork import ForkModel
 from forkserve.serving.accept import ACCEPT_PAUSE_SECONDS
 from forkserve.serving.child import STOP_REMINDER
@@ -26,7 +27,7 @@ from tests.unit.fakes import FakeKernel
 @pytest.fixture
 def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
     config = Config(model="fork", max_children=3, graceful_timeout=10)
-    supervisor = Supervisor(config, never_called, [], kernel=kernel)
+    supervisor = Supervisor(Serving(config, never_called), [], kernel=kernel)
     yield supervisor
     supervisor._close()
 
@@ -151,7 +152,7 @@ def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
 
 def test_exec_programs_get_one_sigterm_as_inetd_sends(kernel: FakeKernel) -> None:
     config = Config(model="fork", graceful_timeout=10)
-    sup = Supervisor(config, Program("/bin/cat", ("cat",), {}), [], kernel=kernel)
+    sup = Supervisor(Serving(config, Program("/bin/cat", ("cat",), {})), [], kernel=kernel)
     try:
         pid = spawn(sup)
         sup._begin_stop(fast=False)

@@ -25,10 +25,6 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
-# Re-exported: models/fork_exec.py (issue 15 part 1's file) imports it from here until it
-# merges; then it imports serving.program, and this line goes.
-from ..serving.program import run_program as run_program  # noqa: PLC0414
-
 if TYPE_CHECKING:
     from ..serving.connection import Connection
 

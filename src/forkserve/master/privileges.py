@@ -23,11 +23,6 @@ from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import ConfigError
-
-# Re-exported for serving/worker.py and master/reload.py, which import them from here until
-# issue 15 part 1 merges (then they import serving.limits and these lines go).
-from ..serving.limits import apply_limits as apply_limits  # noqa: PLC0414
-from ..serving.limits import check_limits as check_limits  # noqa: PLC0414
 from .listeners import Listener
 
 

@@ -61,9 +61,9 @@ from ..ops.logs import AccessLog, open_access_log
 from ..protocol.admission import Admission
 from ..serving.handlers import app_dir
 from ..serving.handlers import load as load_handler
+from ..serving.limits import check_limits
 from ..serving.tls import make_context
 from . import gate
-from .privileges import check_limits
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB

@@ -38,12 +38,12 @@ import selectors
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .. import hooks, models
 from .._version import __version__
-from ..apps import App
 from ..config import Config
 from ..errors import ExitCode, ForkserveError
 from ..hooks import ChildExited
@@ -67,41 +67,58 @@ from .stopping import StopChecklist
 from .upgrade import Upgrader
 
 if TYPE_CHECKING:
-    import ssl  # only with TLS on: the module costs a forking master 6 MB
+    pass  # only with TLS on: the module costs a forking master 6 MB
 
 log = logging.getLogger("forkserve")
 
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How this master came to be, for what it does later: where a reload finds the settings
+    and the app again (``origin``), where it was started (``cwd``: an upgrade's new master
+    starts there too), systemd's notification socket, and the pipe to the master an upgrade
+    replaces (written to once this one serves)."""
+
+    origin: reload.Origin | None = None
+    cwd: str | None = None
+    notifier: systemd.Notifier | None = None
+    upgrade_ready_fd: upgrade.Successor | None = None
+
+
+@dataclass(frozen=True)
+class Operators:
+    """The operators' listeners, served in the master's loop: status and metrics."""
+
+    control: Listener | None = None
+    metrics: Listener | None = None
+
+
 class Supervisor:
     """The master process's loop. Create it after binding; ``run()`` serves until stopped."""
 
-    def __init__(self, config: Config, app: App, listeners: Sequence[Listener], *,
-                 access_log: AccessLog | None = None, kernel: Kernel | None = None,
-                 origin: reload.Origin | None = None,
-                 control: Listener | None = None, metrics: Listener | None = None,
-                 tls: ssl.SSLContext | None = None,
-                 admission: Admission | None = None,
-                 notifier: systemd.Notifier | None = None, cwd: str | None = None,
-                 upgrade_ready_fd: upgrade.Successor | None = None) -> None:
+    def __init__(self, serving: Serving, listeners: Sequence[Listener], *,
+                 admission: Admission | None = None, kernel: Kernel | None = None,
+                 operators: Operators = Operators(), launch: Launch = Launch()) -> None:
         #: What serving processes are made from (config, app, TLS, access log): the model
         #: gets it, and a reload replaces it.
-        self.serving = Serving(config, app, tls, access_log)
+        self.serving = serving
+        config = serving.config
         self.listeners = list(listeners)
         self.kernel: Kernel = kernel or OsKernel()
         self.pid = os.getpid()
         self._started = self.kernel.monotonic()
         #: Where a reload finds the settings and the app again.
-        self._origin = origin or reload.Origin(config)
+        self._origin = launch.origin or reload.Origin(config)
         #: Where the server was started (an upgrade's new master starts there too).
-        self._cwd = cwd or os.getcwd()
+        self._cwd = launch.cwd or os.getcwd()
         #: Set when an upgrade started this master: written to once it serves.
-        self._upgrade_ready_fd = upgrade_ready_fd
+        self._upgrade_ready_fd = launch.upgrade_ready_fd
         #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
-        self.notifier = notifier or systemd.Notifier(None)
+        self.notifier = launch.notifier or systemd.Notifier(None)
         self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
         self._make_loop()
-        self._make_operators(control, metrics)
+        self._make_operators(operators.control, operators.metrics)
         self.gate = Gate(admission or gate.build(config), config, clock=self.kernel.monotonic,
                          count=self.events.count, report=self.events.report, host=self)
         self.model = models.create(Parts(self.serving, self, self.kernel, self.listeners,

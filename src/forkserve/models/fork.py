@@ -24,15 +24,15 @@ from ..errors import ChildExit, ClientError, PeerGone
 from ..kernel import Exited, Kernel
 from ..master.gate import Gate, startups, startups_per_source
 from ..master.listeners import Listener
-from ..master.sourceguard import SourceGuard
 from ..ops.logs import AccessRecord
 from ..ops.scoreboard import Scoreboard
+from ..protocol.address import format_address
 from ..protocol.admission import ClientKey
 from ..protocol.defence import Cause
 from ..protocol.proxyproto import ProxyParser
 from ..serving.child import PENALISED_EXITS, ChildContext, run_child
-from ..serving.connection import format_address
 from ..serving.preamble import Proxied, check_trusted, proxied
+from ..serving.sourceguard import SourceGuard
 from .host import Host, ModelStatus, Serving, WithoutPool
 from .stress import StressMode
 

@@ -49,12 +49,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from ..apps.exec import Program, run_program
+from ..apps.exec import Program
 from ..kernel import Exited, Kernel
 from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..master.traffic import Quiet, io_total, tcp_quiet
 from ..serving.preamble import Proxied
+from ..serving.program import run_program
 from .fork import Child, ForkModel
 from .host import Host, Serving
 

@@ -33,10 +33,12 @@ from ..kernel import Exited, Kernel
 from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.logs import AccessRecord
+from ..protocol.address import format_address
 from ..protocol.admission import ClientKey
 from ..protocol.defence import Cause
 from ..serving.child import PENALISED_EXITS, serve_one
-from ..serving.connection import Connection, Patience, format_address
+from ..serving.connection import Connection
+from ..serving.patience import Patience
 from ..serving.preamble import Proxied, open_connection, proxy_addresses
 from ..serving.signals import SINGLE, Step, install, restore
 from ..serving.tls import HandshakeTimeout

@@ -57,9 +57,11 @@ from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong
 from ..hooks import Process
 from ..kernel import pthread_sigmask
 from ..ops.scoreboard import Scoreboard, SlotState
+from ..protocol.address import format_address
 from ..protocol.defence import Cause
-from .connection import Connection, Patience, format_address
+from .connection import Connection
 from .limits import apply_limits
+from .patience import Patience
 from .preamble import Proxied, open_connection
 from .signals import CHILD, Step, install, look_again, reset
 from .stopsignal import StopSignal

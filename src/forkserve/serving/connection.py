@@ -90,9 +90,7 @@ from .stopsignal import STOP_GRACE, StopSignal, Waiter, Woke
 if TYPE_CHECKING:
     from ..config import Config
 
-# Patience and format_address are imported from here by child.py, worker.py and the models
-# (issue 15 part 1's files; after it merges they may import them from their own modules).
-__all__ = ["Connection", "Patience", "format_address"]
+__all__ = ["Connection"]
 
 #: The receive timeout once a stop is asked for: reads return queued data, never wait
 #: (except for an incomplete request: ``stopsignal.STOP_GRACE``).

@@ -37,7 +37,8 @@ from ..errors import ClientError, PeerGone
 from ..ops.scoreboard import SlotMonitor
 from ..protocol.address import format_address
 from ..protocol.proxyproto import ProxyHeader, ProxyParser
-from .connection import Connection, Patience
+from .connection import Connection
+from .patience import Patience
 from .stopsignal import StopSignal, ready_by
 from .tls import HandshakeTimeout, handshake
 

@@ -58,9 +58,9 @@ from ..apps import App
 from ..config import Config
 from ..errors import ChildExit, ClientError, WorkerExit
 from ..hooks import Process
-from ..master.sourceguard import SourceGuard
 from ..ops.logs import AccessLog, AccessRecord, RateLimiter
 from ..ops.scoreboard import Scoreboard, SlotState
+from ..protocol.address import format_address
 from ..protocol.admission import source_tag
 from ..protocol.defence import CAUSES, Cause, Startups
 from ..protocol.poolpipe import Kind, Message, PauseTally
@@ -74,10 +74,11 @@ from .child import (
     set_parent_death_signal,
     set_title,
 )
-from .connection import Connection, format_address
+from .connection import Connection
 from .limits import apply_limits
 from .preamble import Proxied, open_connection, proxy_addresses
 from .signals import WORKER, Step, install, look_again, reset
+from .sourceguard import SourceGuard
 from .stopsignal import StopSignal, drain
 from .tls import HandshakeTimeout
 
