@@ -231,7 +231,11 @@ class Master:
         theirs.close()
         if handoff_theirs is not None:
             handoff_theirs.close()
-        signal.signal(signal.SIGTERM, lambda signum, frame: (zygote.kill(), os._exit(0)))
+        def stop(signum: int, frame: object) -> None:
+            zygote.kill()
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, stop)
         if not self.passes:
             self.listener.close()
         else:

@@ -13,12 +13,13 @@ import json
 import os
 import statistics
 import sys
+from typing import Any
 
 SCENARIOS = ["connect_c10", "persist_c10", "persist_c100", "persist_c1000", "hol_c10_s5"]
 ANCHORS = {"C": "seed_c", "FTS": "py_forking", "bare": "bare_fork"}
 
 
-def load(out: str) -> tuple[dict[tuple[str, str, str], dict], list[str]]:
+def load(out: str) -> tuple[dict[tuple[str, str, str], dict[str, Any]], list[str]]:
     recs = {}
     order: list[str] = []
     for path in sorted(glob.glob(os.path.join(out, "*.jsonl")), key=os.path.getmtime):
