@@ -68,7 +68,7 @@ def main() -> int:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
     result = json.loads(out.splitlines()[0])
-    n = max(result["ok"], 1)
+    n: int = max(int(result["ok"]), 1)
 
     def per(i: int, field: int) -> float:
         return float(after[i][field] - before[i][field]) / n
