@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # zygote-bench.sh - issue 16's measuring run: the zygote's shapes (scripts/zygote_proto.py),
-# the fork model, the anchors (the seed's C server, socketserver.ForkingTCPServer, the bare
-# Python fork loop scripts/bare_fork.py) through the bench's run.sh, ROUNDS interleaved rounds.
+# the real zygote behind a minimal master (scripts/zygote_master.py: zreal), the fork model
+# and the anchors (the seed's C server, socketserver.ForkingTCPServer, the bare Python fork
+# loop scripts/bare_fork.py) through the bench's run.sh, ROUNDS interleaved rounds.
 #
 #   scripts/zygote-bench.sh ROUNDS OUT [SCENARIOS]    (from the repository root)
 #   SERVERS="seed_c bare_fork ..." scripts/zygote-bench.sh ...   (a subset of the list below)
@@ -24,6 +25,7 @@ declare -A CMDS=(
     [mpass]="$PY $ROOT/scripts/zygote_proto.py mpass PORT"
     [zspare]="$PY $ROOT/scripts/zygote_proto.py zspare PORT"
     [mspare]="$PY $ROOT/scripts/zygote_proto.py mspare PORT"
+    [zreal]="$PY $ROOT/scripts/zygote_master.py PORT"
 )
 ORDER=${SERVERS:-seed_c py_forking bare_fork fork zaccept mpass zspare mspare}
 port=19800
