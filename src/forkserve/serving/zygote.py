@@ -34,7 +34,9 @@ interpreter, not a copy of the master, holding one end of a ``SOCK_SEQPACKET`` s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import logging
 import os
 import pickle
 import select
@@ -42,7 +44,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import ExitCode, ForkserveError
 from ..ops.scoreboard import MEMFD_NAME, Scoreboard
@@ -56,13 +58,20 @@ if TYPE_CHECKING:
     from ..apps import App
     from ..config import Config
 
+log = logging.getLogger("forkserve")
+
+#: A zygote's name in /proc/PID/comm (ps -o comm, pgrep): the same with or without
+#: setproctitle, so tools and tests tell it from the children that serve.
+COMM = b"fs-zygote"
+_PR_SET_NAME = 15
+
 #: At most this many sockets in one packet (the kernel's SCM_MAX_FD is 253).
 MAX_FDS = 64
 #: A packet from the master is at most this long (64 ``Conn`` records of under 600 bytes).
 MAX_PACKET = 64 * 1024
 #: Signals the zygote ignores (the operator's, meant for the master).
 IGNORED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
-           signal.SIGUSR2)
+           signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
 
 
 @dataclass(frozen=True)
@@ -257,6 +266,39 @@ def load_app(config: Config) -> tuple[App, ssl.SSLContext | None]:
     return load(config.app), tls
 
 
+def _name_process() -> None:
+    set_title("forkserve: zygote")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, COMM, 0, 0, 0)
+
+
+def run_forked(ctl: socket.socket, settings: Settings, board: Scoreboard, app: App, *,
+               tls: ssl.SSLContext | None, master_signals: tuple[int, ...]) -> NoReturn:
+    """The zygote as a fork of the master, for an app it cannot import by name (a handler
+    defined in the script that called ``forkserve.serve``, whose import would run the script
+    again) or settings that do not pickle (a hook given as a function). The master has closed
+    its fds (``Host.close_in_child``) and forked with its signals blocked. Never returns."""
+    status: int = ExitCode.BOOT_ERROR
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (*master_signals, *IGNORED):
+            signal.signal(sig, signal.SIG_IGN)
+        set_parent_death_signal(signal.SIGKILL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if os.getppid() == settings.master_pid:
+            _name_process()
+            status = Zygote(ctl, settings, board, app, tls,
+                            board_fds=_fds_of(MEMFD_NAME)).run()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("the zygote failed")
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(status)
+
+
 def main(argv: list[str]) -> int:
     """``python -m forkserve.serving.zygote FD``: boot on the socketpair ``FD`` and serve."""
     for sig in IGNORED:
@@ -270,7 +312,7 @@ def main(argv: list[str]) -> int:
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != settings.master_pid:
         return ExitCode.BOOT_ERROR  # the master died before prctl
-    set_title("forkserve: zygote")
+    _name_process()
     try:
         app, tls = load_app(settings.config)
     except (ForkserveError, OSError) as exc:
