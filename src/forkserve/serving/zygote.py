@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import ExitCode, ForkserveError
+from ..kernel import pthread_sigmask
 from ..ops.scoreboard import MEMFD_NAME, Scoreboard
 from ..protocol import zygote as wire
 from .child import ChildContext, run_child, set_parent_death_signal, set_title
@@ -59,6 +60,10 @@ if TYPE_CHECKING:
     from ..config import Config
 
 log = logging.getLogger("forkserve")
+
+#: Blocked around each fork (see ``Zygote._fork``).
+BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+           signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD)
 
 #: A zygote's name in /proc/PID/comm (ps -o comm, pgrep): the same with or without
 #: setproctitle, so tools and tests tell it from the children that serve.
@@ -178,15 +183,21 @@ class Zygote:
             local = conn.local.as_addr(self._unix) if conn.local is not None else None
             header = Proxied(peer, local, conn.peer.family)
         gc.freeze()  # (whatever this turn allocated: the child must not copy it to collect)
+        # the signals the child handles stay pending until it has installed its handlers
+        # (run_child clears the mask then): a SIGUSR2 or SIGTERM from the master in between
+        # would otherwise meet the default action, which ends the process
+        pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
             pid = os.fork()
+            if pid == 0:
+                run_child(self._context, sock, peer, conn.slot, header=header)  # never returns
         except OSError as exc:
             sock.close()
             self.fork_failures += 1
             self._report(wire.ForkFailed(conn.slot, exc.errno or 0))
             return
-        if pid == 0:
-            run_child(self._context, sock, peer, conn.slot, header=header)  # never returns
+        finally:
+            pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
         sock.close()
         self.forks += 1
         self.children[pid] = conn.slot
