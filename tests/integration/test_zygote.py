@@ -112,6 +112,33 @@ def test_a_child_holds_only_its_connection_and_the_std_streams(
 
 
 @pytest.mark.timeout(30)
+def test_children_of_one_packet_hold_only_their_own_connection(
+        driver: Driver, listener: socket.socket) -> None:
+    pairs = [connect(listener) for _ in range(3)]
+    inodes = [os.fstat(served.fileno()).st_ino for _, served, _ in pairs]
+    driver.pass_batch([(served, addr) for _, served, addr in pairs])
+    pids = []
+    for _ in pairs:
+        started = driver.expect(wire.Started)
+        assert isinstance(started, wire.Started)
+        pids.append(started.pid)
+    for client, _, _ in pairs:
+        client.sendall(b"hi\n")
+        assert client.recv(100) == HELLO
+    for pid, inode in zip(pids, inodes, strict=True):
+        held = {what for what in sockets_of(pid).values() if what.startswith("socket:")}
+        assert held == {f"socket:[{inode}]"}, (pid, held, inodes)
+    # so a client that closes sees its own child end, whatever its siblings do
+    first = pairs[1][0]
+    first.shutdown(socket.SHUT_WR)
+    assert recv_all(first) == b""
+    for client, _, _ in pairs:
+        client.close()
+    for _ in pairs:
+        driver.expect(wire.Ended)
+
+
+@pytest.mark.timeout(30)
 def test_retire_waits_for_the_last_child(driver: Driver, listener: socket.socket) -> None:
     client, served, addr = connect(listener)
     driver.pass_conn(served, addr)

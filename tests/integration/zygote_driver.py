@@ -63,6 +63,18 @@ class Driver:
         sock.close()
         return slot
 
+    def pass_batch(self, conns: list[tuple[socket.socket, object]]) -> list[int]:
+        """Send several sockets in one packet (as the master does per accept batch)."""
+        records = []
+        for sock, addr in conns:
+            records.append(wire.Conn(self.next_slot, wire.Address.of(addr, sock.family)))
+            self.next_slot += 1
+        socket.send_fds(self.sock, [b"".join(wire.encode(r) for r in records)],
+                        [sock.fileno() for sock, _ in conns])
+        for sock, _ in conns:
+            sock.close()
+        return [r.slot for r in records]
+
     def send(self, record: wire.Record) -> None:
         self.sock.sendall(wire.encode(record))
 

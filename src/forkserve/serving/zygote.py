@@ -106,6 +106,8 @@ class Zygote:
         self.forks = self.fork_failures = 0
         self.retiring = False
         self._decoder = wire.Decoder()
+        #: The fds of the packet being read that no child has taken yet.
+        self._unclaimed: list[int] = []
         self._reports: list[bytes] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller = select.epoll()
@@ -118,7 +120,7 @@ class Zygote:
         self._unix = int(socket.AF_UNIX)
 
     def _close_in_child(self) -> None:
-        for fd in self._board_fds:
+        for fd in (*self._board_fds, *self._unclaimed):
             os.close(fd)
         self._poller.close()
         self.ctl.close()
@@ -156,6 +158,7 @@ class Zygote:
                 os.close(fd)
             raise wire.WireError("a packet from the master was cut (too many fds or bytes)")
         fds.reverse()  # (consumed from the end: in order)
+        self._unclaimed = fds  # a child closes the sockets of the packet that are not its own
         try:
             for record in self._decoder.feed(data):
                 self._obey(record, fds)
