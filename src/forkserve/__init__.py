@@ -2,16 +2,40 @@
 
 The public surface is ``__all__`` below (pinned by ``tests/unit/test_exports.py``); everything
 else is implementation.
+
+The names are imported when first used (PEP 562), not with the package: a process that needs
+only a part (the zygote imports the connection code and the app, nothing of the master; issue
+16) must not pay for the rest through ``import forkserve``.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from ._version import __version__
-from .config import Config, from_mapping
-from .errors import ConfigError, ForkserveError, ListenError
-from .server import run_server
-from .serving.connection import Connection
-from .serving.handlers import Handler, adapt
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .errors import ConfigError, ForkserveError, ListenError
+    from .serving.connection import Connection
+    from .serving.handlers import Handler
+
+#: Where each public name lives (imported on first use).
+_LAZY = {
+    "Config": ".config", "ConfigError": ".errors", "ForkserveError": ".errors",
+    "ListenError": ".errors", "Connection": ".serving.connection",
+    "Handler": ".serving.handlers",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forkserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def serve(app: str | object = "hello", **settings: object) -> int:
@@ -25,6 +49,10 @@ def serve(app: str | object = "hello", **settings: object) -> int:
     (0, or 1 if a graceful stop had to kill connections). Raises ``ConfigError`` for a setting
     that cannot work and ``ListenError`` for an address that cannot be bound.
     """
+    from .config import from_mapping  # noqa: PLC0415  (see the module doc)
+    from .server import run_server  # noqa: PLC0415
+    from .serving.handlers import adapt  # noqa: PLC0415
+
     if not isinstance(app, str):
         name = f"{getattr(app, '__module__', '?')}:{getattr(app, '__qualname__', '?')}"
         return run_server(from_mapping({"app": name, **settings}), adapt(app, name))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import mmap
+import os
 import struct
 import time
 from array import array
@@ -58,6 +59,9 @@ _TAG = struct.Struct("<Q")
 #: How many penalised sources the scoreboard publishes to prefork workers (the most recent).
 PENALISED_SHOWN = 1024
 
+#: How /proc shows the file of a scoreboard made by ``in_memfd``.
+MEMFD_NAME = "/memfd:forkserve-scoreboard"
+
 _BY_LETTER = {state.value.encode(): state for state in SlotState}
 _DRAINING = SlotState.FINISHING.value.encode()
 
@@ -83,7 +87,9 @@ class Slot:
 class Scoreboard:
     """``size`` slots in a shared anonymous mapping. Create it in the master before forking."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, fd: int | None = None) -> None:
+        """``fd``: map this file (a memfd, ``in_memfd``) instead of an anonymous mapping, so
+        that a process started by exec shares the slots (the fork model's zygote)."""
         if size < 1:
             raise ValueError("a scoreboard needs at least one slot")
         self.size = size
@@ -98,10 +104,23 @@ class Scoreboard:
         # look there at accept; the fork model's master has them at hand): how many, then them
         self._penalised_n_at = self._flags_at + -(-size // 8) * 8
         self._penalised_at = self._penalised_n_at + _TAG.size
-        self._map = mmap.mmap(-1, self._penalised_at + PENALISED_SHOWN * _TAG.size)
+        self.length = self._penalised_at + PENALISED_SHOWN * _TAG.size
+        self._map = mmap.mmap(-1 if fd is None else fd, self.length)
         self._master_state_at = size * SLOT_SIZE + _STATE_AT
         self._wake_at = size * SLOT_SIZE + _WAKE_AT
         self._stress_at = size * SLOT_SIZE + _STRESS_AT
+
+    @classmethod
+    def in_memfd(cls, size: int) -> tuple[Scoreboard, int]:
+        """A scoreboard in a new memfd, and the memfd (close-on-exec: pass it on by hand)."""
+        length = cls(size).length  # (a throw-away mapping: the layout's arithmetic is here)
+        fd = os.memfd_create(MEMFD_NAME[len("/memfd:"):], os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, length)
+            return cls(size, fd=fd), fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def write(self, index: int, *, pid: int, state: SlotState, generation: int = 0,
               connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
