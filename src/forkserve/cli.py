@@ -9,6 +9,8 @@ No option may be abbreviated (``allow_abbrev=False``): ``--max-chil 3`` is an er
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias, cast
@@ -267,5 +269,19 @@ def _run_exec(args: argparse.Namespace) -> int:
     return run_server(config, program, reload_config=reload)
 
 
+#: The exit status of a command whose reader went away: a shell's for a SIGPIPE (128 + 13).
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
 def entry() -> None:
-    sys.exit(main())
+    """The console script and ``python -m forkserve``: ``main()``, and a quiet end when the
+    reader of standard output went away (``forkserve settings | head -1``)."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the interpreter flushes stdout once more at exit: make that flush go nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = BROKEN_PIPE_STATUS
+    sys.exit(status)
