@@ -8,10 +8,12 @@ import re
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,95 @@ def test_hup_under_load_loses_nothing_and_replaces_every_worker(
     assert load.ok > 50
     assert not (worker_pids(server) & first)
     assert len(seen) >= 3 * 6
+
+
+#: A busy loop at SCHED_FIFO on one CPU keeps a worker pinned there from running, while it
+#: stays in epoll_wait (runnable, not run). At most this long: under the kernel's RT budget
+#: (0.95 s a second, sched_rt_runtime_us), which would otherwise let the worker run early.
+FREEZE_SECONDS = 0.8
+FREEZER = """
+import os, sys, time
+os.sched_setaffinity(0, [{cpu}])
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+print("frozen", flush=True)
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    pass
+"""
+_SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def pending_sigterm(pid: int) -> bool:
+    """``pid`` has a SIGTERM it has not handled yet (it has not run since it came)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & _SIGTERM_BIT:
+            return True
+    return False
+
+
+def in_epoll_wait(pid: int) -> bool:
+    return Path(f"/proc/{pid}/wchan").read_text() == "do_epoll_wait"
+
+
+@contextlib.contextmanager
+def frozen_on_a_cpu_of_its_own(pid: int, others: list[int]) -> Iterator[None]:
+    """Run ``pid`` alone on the last CPU, under a SCHED_FIFO busy loop: it cannot run (its
+    pending signals stay pending, what wakes it waits) until the block ends. ``others`` and
+    this test run on the remaining CPUs meanwhile."""
+    cpus = os.sched_getaffinity(0)
+    assert len(cpus) >= 2, "needs two CPUs: one to freeze a worker on, one for the rest"
+    cpu = max(cpus)
+    rest = cpus - {cpu}
+    for other in [0, *others]:  # (0: this process; new workers inherit the master's)
+        os.sched_setaffinity(other, rest)
+    os.sched_setaffinity(pid, {cpu})
+    freezer = subprocess.Popen(
+        [sys.executable, "-c", FREEZER.format(cpu=cpu, seconds=FREEZE_SECONDS)],
+        stdout=subprocess.PIPE)
+    try:
+        assert freezer.stdout is not None
+        assert freezer.stdout.readline() == b"frozen\n", "SCHED_FIFO refused?"
+        yield
+    finally:
+        freezer.kill()
+        freezer.wait(10)
+        if freezer.stdout is not None:
+            freezer.stdout.close()
+        os.sched_setaffinity(0, cpus)
+
+
+def test_a_retired_worker_serves_the_client_it_was_woken_for(server_factory: Factory) -> None:
+    # The race, made certain: a client arrives while the only old worker is idle in epoll_wait
+    # and its SIGTERM (a reload: its replacement is ready) has come but not yet run. The
+    # kernel wakes that worker alone (EPOLLEXCLUSIVE: the new one, registered later, waits
+    # behind it); if the old one then let go of the listener without accepting, the client
+    # would sit in the queue with no worker woken for it, until another client came.
+    server = server_factory("--model", "prefork", "--workers", "1", "--access-log", "-")
+    (old,) = wait_for_workers(server, 1)
+    with server.connect() as s:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    assert wait_until(lambda: in_epoll_wait(old), 10), "the worker waits for clients"
+    with frozen_on_a_cpu_of_its_own(old, [server.pid]):
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: pending_sigterm(old), FREEZE_SECONDS / 2), \
+            "the master retires the old worker once the new one is ready"
+        (new,) = worker_pids(server) - {old}
+        assert wait_until(lambda: in_epoll_wait(new), FREEZE_SECONDS / 4)
+        client = server.connect(timeout=5)
+        client.sendall(b"hi\n")
+        assert pending_sigterm(old), "the old worker stayed frozen throughout"
+    with client:
+        port = client.getsockname()[1]
+        try:
+            answer = recv_exactly(client, len(HELLO))
+        except TimeoutError:
+            raise AssertionError("the client queued at the retire was never answered: no "
+                                 f"worker was woken for it\n{server.log_tail()}") from None
+        assert answer == HELLO
+    served_by = server.wait_for_log(rf"127\.0\.0\.1:{port} pid=(\d+) ").group(1)
+    assert int(served_by) == old, "by the worker the kernel woke for it, on the stop's terms"
+    assert wait_until(lambda: old not in worker_pids(server), 10), "and it left"
 
 
 def test_broken_config_on_hup_keeps_the_pool(server_factory: Factory, tmp_path: Path) -> None:
