@@ -46,7 +46,14 @@ from typing import BinaryIO
 
 import pytest
 
-from tests.integration.harness import ClientThreads, Server, recv_all, session_procs, wait_until
+from tests.integration.harness import (
+    ClientThreads,
+    Server,
+    accept_queue,
+    recv_all,
+    session_procs,
+    wait_until,
+)
 
 Factory = Callable[..., Server]
 
@@ -302,17 +309,6 @@ class Fleet:
 
     def access_logs(self) -> str:
         return "".join(p.read_text() for p in sorted(self.tmp_path.glob("access-*.log")))
-
-
-def accept_queue(host: str, port: int) -> int:
-    """Connections waiting in the accept queue of the socket listening on ``host:port``
-    (/proc/net/tcp: for a listening socket, rx_queue is that queue's length)."""
-    local = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[3] == "0A":
-            return int(fields[4].split(":")[1], 16)
-    return 0
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tests.integration.harness import (
     recv_exactly,
     run_cli,
     session_procs,
+    signal_pending,
     wait_until,
 )
 
@@ -250,8 +251,9 @@ def test_a_first_request_split_across_the_stop_is_answered(server_factory: Facto
         else:
             assert wait_until(lambda: states(control) == ["reading"], 10), "a process took it"
         server.signal(signal.SIGTERM)
-        if model == "single":  # its master logs the stop only once the connection is over
-            time.sleep(0.2)  # (so nothing to wait on; well inside the 1 s a stop grants)
+        if model == "single":  # its master logs the stop only once the connection is over:
+            # the signal has reached it (no longer pending) and woken its wait on the client
+            assert wait_until(lambda: not signal_pending(server.pid, signal.SIGTERM), 10)
         else:
             server.wait_for_log(r"graceful stop")
         s.sendall(b"lo\n")
@@ -360,7 +362,7 @@ def test_the_stop_reminder_does_not_cut_a_lingering_close_short(server_factory: 
         assert recv_exactly(s, len(HELLO)) == HELLO
         server.signal(signal.SIGTERM)
         assert s.recv(1) == b"", "idle between requests: the input ends, the close lingers"
-        time.sleep(1.3)  # past the reminder (1 s), within the linger (2 s)
+        time.sleep(1.3)  # past the reminder (1 s), within the linger (2 s): under test
         s.sendall(b"late\n")
         s.shutdown(socket.SHUT_WR)
         assert s.recv(1) == b"", "drained, not reset"
