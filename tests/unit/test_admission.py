@@ -558,3 +558,23 @@ def test_settings_out_of_range_name_the_range(settings: dict[str, Any], message:
     with pytest.raises(ConfigError) as refused:
         Admission(**settings)
     assert str(refused.value) == message
+
+
+#: (the file's bytes, or None for no file; the whole message): where the problem is, by line
+#: (mutmut: the line count started at the bad byte, or at byte 1, and the setting's name).
+UNREADABLE_RULES = [
+    (None, "invalid rules_file in {path}: cannot read it: No such file or directory"),
+    (b"\nallow 10.0.0.0/8\n# caf\xe9\nallow 10.1.0.0/16\n\n",
+     "invalid rules_file in {path}:3: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), UNREADABLE_RULES)
+def test_a_rules_file_that_cannot_be_read_is_named_with_its_line(
+        tmp_path: Path, data: bytes | None, message: str) -> None:
+    path = tmp_path / "rules"
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(ConfigError) as refused:
+        RulesFile(str(path))
+    assert str(refused.value) == message.format(path=path)

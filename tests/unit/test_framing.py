@@ -79,6 +79,7 @@ def test_a_partial_line_over_the_limit_raises_before_its_newline() -> None:
 
 def test_exactly_max_line_is_allowed() -> None:
     assert LineFramer(3).feed(b"abc\n") == [b"abc\n"]
+    assert LineFramer(3).feed(b"ab\nabc\nx") == [b"ab\n", b"abc\n"], "among others too"
     with pytest.raises(LineTooLong):
         LineFramer(3).feed(b"abcd\n")
 
