@@ -546,6 +546,8 @@ def test_settings_at_the_edge_of_their_range_are_accepted(settings: dict[str, An
 #: (settings, the whole message): a person can act on it (mutmut: the range it names).
 OUT_OF_RANGE = [
     ({"max_per_ip": -1}, "invalid max_per_ip: must be a whole number from 0 or more, got -1"),
+    ({"max_per_ip": True},
+     "invalid max_per_ip: must be a whole number from 0 or more, got True"),
     ({"per_ip_prefix_v4": 33},
      "invalid per_ip_prefix_v4: must be a whole number from 0 to 32, got 33"),
     ({"rate_per_ip": "1/10", "rate_penalty": 0},
@@ -578,3 +580,13 @@ def test_a_rules_file_that_cannot_be_read_is_named_with_its_line(
     with pytest.raises(ConfigError) as refused:
         RulesFile(str(path))
     assert str(refused.value) == message.format(path=path)
+
+
+def test_a_rate_penalty_ends_exactly_when_it_says() -> None:
+    table = RateTable(Rate(1, 10), penalty=5.0)
+    key, other = _key("192.0.2.1"), _key("192.0.2.2")
+    assert table.hit(key, T0)
+    assert not table.hit(key, T0 + 1), "over the rate: penalised until T0 + 6"
+    assert [table.penalised(key, T0 + t) for t in (1, 5.9, 6, 7, 20)] == \
+        [True, True, False, False, False]
+    assert not table.penalised(other, T0 + 1), "a key never seen"
