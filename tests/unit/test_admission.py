@@ -531,7 +531,8 @@ def test_each_verdict_names_its_reason_key_and_rule() -> None:
 
 #: Settings at the edge of what they accept (mutmut: each bound moved by one went unseen).
 AT_THE_EDGE = [
-    {"per_ip_prefix_v4": 0}, {"per_ip_prefix_v6": 0}, {"rate_max_tracked": 1},
+    {"per_ip_prefix_v4": 0}, {"per_ip_prefix_v6": 0},
+    {"rate_per_ip": "1/10", "rate_max_tracked": 1},
     {"rate_per_ip": "1/10", "rate_penalty": 0.5},
     {"rate_per_ip": "1/10", "rate_penalty": 86_400.0},
     {"rate_per_ip": "1000/0.001"}, {"rate_per_ip": "1/86400"},
@@ -552,6 +553,10 @@ OUT_OF_RANGE = [
      "invalid per_ip_prefix_v4: must be a whole number from 0 to 32, got 33"),
     ({"rate_per_ip": "1/10", "rate_penalty": 0},
      "invalid rate_penalty: must be from more than 0 to 86400 seconds, got 0"),
+    ({"rate_per_ip": "0/10"},
+     "invalid rate_per_ip: '0/10': N must be from 1 to 1000; for more, shorten the window"),
+    ({"allow": ["10.0.0.300"]}, "invalid allow: '10.0.0.300' is not an IP address or network, "
+                                "such as 192.0.2.0/24 or 2001:db8::/32"),
 ]
 
 
