@@ -595,3 +595,18 @@ def test_a_rate_penalty_ends_exactly_when_it_says() -> None:
     assert [table.penalised(key, T0 + t) for t in (1, 5.9, 6, 7, 20)] == \
         [True, True, False, False, False]
     assert not table.penalised(other, T0 + 1), "a key never seen"
+
+
+def test_the_same_network_allowed_and_denied_is_denied_whatever_the_order() -> None:
+    net = ipaddress.ip_network("192.0.2.0/24")
+    allow, deny = Rule(True, net, "rules_file"), Rule(False, net, "rules_file")
+    for rules in ([allow, deny], [deny, allow]):
+        assert RuleTable(rules).lookup(ipaddress.ip_address("192.0.2.9")) == deny
+
+
+def test_allow_and_deny_take_network_objects_as_well_as_text() -> None:
+    adm = Admission(allow=[ipaddress.ip_network("192.0.2.0/24")],
+                    deny=[ipaddress.ip_network("192.0.2.128/25")])
+    assert adm.check("192.0.2.1", T0).admitted
+    assert adm.check("192.0.2.200", T0).reason is Reason.DENIED
+    assert adm.check("198.51.100.1", T0).reason is Reason.DENIED

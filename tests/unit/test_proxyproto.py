@@ -122,6 +122,8 @@ VALID = {
     # (paths whose last byte is not NUL padding: only the padding goes)
     "v2-unix-ends-in-x": h(v2(0x21, 0x31, unix(b"/run/X", b"\0abstractX")),
                            (2, "PROXY", "UNIX", "STREAM"), "/run/X", "\0abstractX"),
+    "v2-unix-abstract-x": h(v2(0x21, 0x31, unix(b"\0X", b"/x")),
+                            (2, "PROXY", "UNIX", "STREAM"), "\0X", "/x"),
     "v2-unspec": h(v2(0x21, 0x00), V2_UNSPEC),
     # v2 LOCAL: addresses reported if present, a block too short for them is discarded
     "v2-local-tcp4": h(v2(0x20, 0x11, TCP4_BLOCK), (2, "LOCAL", "TCP4", "STREAM"), SRC4, DST4),
