@@ -275,7 +275,7 @@ def test_max_connection_time_ends_a_busy_connection(server_factory: Factory,
                 if recv_exactly(s, len(HELLO)) != HELLO:
                     break
                 answered += 1
-                time.sleep(0.1)
+                time.sleep(0.1)  # the client's pace: active, never idle
         except ConnectionError:
             pass
         assert answered >= 5
@@ -331,7 +331,7 @@ def test_max_connection_time_bounds_a_slow_reader(server_factory: Factory,
         while server.children() and time.monotonic() - start < 20:
             with contextlib.suppress(OSError):
                 s.recv(16384)  # takes a little, often: progress, but slow
-            time.sleep(0.05)
+            time.sleep(0.05)  # a slow reader's pace: under test
         # (what the kernel buffered still trickles in after the child is gone)
         assert time.monotonic() - start < 6, "the child ended near max_connection_time"
 

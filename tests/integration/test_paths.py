@@ -286,7 +286,7 @@ class NewConnections(ClientThreads):
             except (OSError, AssertionError) as exc:
                 with self._lock:
                     self.failures.append(f"client port {port}: {exc!r}")
-            time.sleep(0.01)
+            time.sleep(0.01)  # the clients' pace
 
 
 # ---------------------------------------------------------------------------- /proc

@@ -222,7 +222,7 @@ def test_broken_config_on_hup_keeps_the_pool(server_factory: Factory, tmp_path: 
     path.write_text("workers = 'many'\n")
     server.signal(signal.SIGHUP)
     server.wait_for_log("reload failed, still serving")
-    time.sleep(0.5)
+    time.sleep(0.5)  # a window for a wrong roll to show: nothing may change in it
     assert worker_pids(server) == pids
     with server.connect() as s:
         s.sendall(b"hi\n")
@@ -241,7 +241,7 @@ def test_ttin_and_ttou_change_the_pool_by_exactly_one(server_factory: Factory) -
     server.signal(signal.SIGTTOU)
     server.wait_for_log(r"workers: staying at 1")
     wait_for_workers(server, 1)
-    time.sleep(0.5)
+    time.sleep(0.5)  # a window for a wrong TTOU to show: nothing may change in it
     assert len(worker_pids(server)) == 1, "never below one worker"
 
 
@@ -413,7 +413,7 @@ def test_adaptive_pool_grows_under_a_burst_of_slow_clients_and_shrinks_back(
             s.close()
     assert wait_until(lambda: len(worker_pids(server)) <= 2, 20), server.log_tail()
     server.wait_for_log(r"shrinking the pool to \d+")
-    time.sleep(1.5)
+    time.sleep(1.5)  # past the pool's next judgement (each second): nothing may change
     assert len(worker_pids(server)) == 2, "max_spare idle workers stay"
 
 
@@ -469,7 +469,7 @@ def test_a_pool_out_of_fds_logs_as_one_server_and_counts_its_pauses(
         start = time.monotonic()
         while time.monotonic() - start < EMFILE_SECONDS and len(clients) < 150:
             clients.append(server.connect())  # queued: wakes a worker, whose accept fails
-            time.sleep(0.05)
+            time.sleep(0.05)  # the clients' pace: 20 a second
         server.wait_for_log(r"more since the last report", timeout=5)
         cpu = {pid: cpu_seconds(pid) - cpu0[pid] for pid in pids}
         pauses = status(control)["counters"]["accept_pauses"]["EMFILE"]
