@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..config import Address
 from ..errors import ListenError
-from ..serving.connection import format_address
+from ..protocol.address import format_address
 
 #: accept() errors that mean "out of a resource right now" (trio's ACCEPT_CAPACITY_ERRNOS):
 #: the pending connection stays queued, so retrying at once would spin.

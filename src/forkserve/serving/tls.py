@@ -19,12 +19,15 @@ Theory of operation
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import ClientError, ConfigError
+from .sockets import LINGER_MAX_BYTES, RECV_SIZE
 from .stopsignal import StopSignal, ready_by
 
 if TYPE_CHECKING:
@@ -32,6 +35,11 @@ if TYPE_CHECKING:
 
 # ``ssl`` is imported only when TLS is on: loading it (libssl, libcrypto) grows a master by
 # about 6 MB, which every fork of the fork model then pays for.
+
+#: After a refused handshake, how long the client may take to read the alert and close its
+#: side: closing with its data unread would send a reset, which can overtake the alert (a
+#: TLS 1.3 client refused for its certificate has sent its first data already).
+REFUSAL_LINGER_SECONDS = 1.0
 
 
 class HandshakeFailed(ClientError):
@@ -108,7 +116,7 @@ def handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float, *,
         tls.close()
         raise
     except ssl.SSLError as exc:
-        tls.close()
+        _close_after_alert(tls, stop)
         raise HandshakeFailed(f"TLS handshake failed: {exc.reason or exc}") from None
     except OSError as exc:
         tls.close()
@@ -116,3 +124,19 @@ def handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float, *,
                               f"{exc.strerror or exc}") from None
     tls.settimeout(None)
     return tls
+
+
+def _close_after_alert(tls: ssl.SSLSocket, stop: StopSignal | None) -> None:
+    """Close a connection whose handshake failed so that the client reads the alert OpenSSL
+    has sent: shut the write side, drop what the client sends until it closes its side (at
+    most ``REFUSAL_LINGER_SECONDS`` and ``LINGER_MAX_BYTES``, or a stop's grace), then close."""
+    raw = socket.socket(fileno=tls.detach())
+    deadline = time.monotonic() + REFUSAL_LINGER_SECONDS
+    drained = 0
+    with raw, contextlib.suppress(OSError):  # a reset or a shut socket: nothing more is owed
+        raw.shutdown(socket.SHUT_WR)
+        while drained < LINGER_MAX_BYTES and ready_by(raw.fileno(), deadline, stop):
+            chunk = raw.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            if not chunk:
+                return
+            drained += len(chunk)
