@@ -141,6 +141,26 @@ def quiet(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+def signal_pending(pid: int, sig: int) -> bool:
+    """``pid`` has ``sig`` pending: sent, not yet delivered (it has not run since)."""
+    bit = 1 << (sig - 1)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & bit:
+            return True
+    return False
+
+
+def accept_queue(host: str, port: int) -> int:
+    """Connections waiting in the accept queue of the socket listening on ``host:port``
+    (/proc/net/tcp: for a listening socket, rx_queue is that queue's length)."""
+    local = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
 def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -406,15 +426,17 @@ class ClientThreads:
 class Load(ClientThreads):
     """Clients in threads doing connect, request, answer, close in a loop, counting failures."""
 
-    def __init__(self, server: Server, clients: int, *, lines: int = 1) -> None:
+    def __init__(self, server: Server, clients: int, *, lines: int = 1,
+                 seconds: float = 50.0) -> None:
         self.server = server
         self.lines = lines
+        self.seconds = seconds
         self.ok = 0
         self.failures: list[tuple[float, str]] = []
         super().__init__(clients)
 
     def _run(self) -> None:
-        deadline = time.monotonic() + 50  # bounded even if nobody stops us
+        deadline = time.monotonic() + self.seconds  # bounded even if nobody stops us
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 with self.server.connect(timeout=10) as s:

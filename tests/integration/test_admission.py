@@ -94,7 +94,7 @@ def test_rate_per_ip_is_exact_and_has_a_penalty(server_factory: Factory) -> None
     assert [served(server, "127.0.0.4") for _ in range(4)] == [True, True, True, False]
     assert served(server, "127.0.0.2"), "other clients are not slowed"
     assert not served(server, "127.0.0.4"), "in the penalty box"
-    time.sleep(2.2)
+    time.sleep(2.2)  # the 2 s penalty runs out: the time is what is under test
     assert served(server, "127.0.0.4"), "after the penalty, a fresh start"
 
 

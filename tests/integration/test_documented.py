@@ -231,6 +231,9 @@ def test_metrics_on_a_unix_socket_count_refusals_errors_and_fork_failures(
     with server.connect() as s:
         s.sendall(b"crash\n")
         assert recv_all(s) == b""
+    # the client sees the end before the master has reaped the child and counted its status
+    handler_errors = 'forkserve_errors_total{kind="handler"}'
+    assert wait_until(lambda: scrape_unix(metrics).get(handler_errors) == 1.0, 10)
     # the master runs as nobody: a process limit of 1 makes its next fork fail (EAGAIN); set,
     # then lifted, by nobody (its own process; the soft limit only, as nobody cannot raise
     # a hard one)

@@ -142,7 +142,7 @@ def test_silent_program_is_killed_at_the_idle_timeout(server_factory: Factory) -
         for i in range(4):  # 1.6 s of traffic: longer than the timeout, never idle for it
             s.sendall(b"%d\n" % i)
             assert recv_exactly(s, 2) == b"%d\n" % i
-            time.sleep(0.4)
+            time.sleep(0.4)  # the client's pace, never idle for the timeout: under test
         quiet_since = time.monotonic()
         assert recv_all(s) == b""  # the whole pipeline was killed: EOF
         quiet_for = time.monotonic() - quiet_since

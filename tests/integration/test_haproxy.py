@@ -46,7 +46,14 @@ from typing import BinaryIO
 
 import pytest
 
-from tests.integration.harness import ClientThreads, Server, recv_all, session_procs, wait_until
+from tests.integration.harness import (
+    ClientThreads,
+    Server,
+    accept_queue,
+    recv_all,
+    session_procs,
+    wait_until,
+)
 
 Factory = Callable[..., Server]
 
@@ -131,6 +138,10 @@ backend forkserve
 """
 
 
+#: A port picked free is released before its user binds it: another process may take it first.
+PORT_TRIES = 5
+
+
 def free_port(host: str) -> int:
     """A port free on ``host`` now; forkserve binds it with SO_REUSEADDR, so the TIME_WAIT
     connections of a stopped instance do not stop its successor from binding it again."""
@@ -186,16 +197,20 @@ def haproxy(tmp_path: Path, ports: dict[str, int]) -> Iterator[Haproxy]:
     assert HAPROXY is not None
     api_path, log_path, cfg = (tmp_path / n for n in ("haproxy.sock", "haproxy.log",
                                                       "haproxy.cfg"))
-    front_port = free_port(PROXY_HOST)
     servers = "\n".join(f"    server {name} {INSTANCES[name]}:{port}"
                         for name, port in ports.items())
-    cfg.write_text(HAPROXY_CFG.format(api=api_path, front=f"{PROXY_HOST}:{front_port}",
-                                      source=PROXY_HOST, inter=CHECK_INTER_MS, servers=servers))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(PORT_TRIES):  # the front port is released before HAProxy binds it
+        front_port = free_port(PROXY_HOST)
+        cfg.write_text(HAPROXY_CFG.format(api=api_path, front=f"{PROXY_HOST}:{front_port}",
+                                          source=PROXY_HOST, inter=CHECK_INTER_MS,
+                                          servers=servers))
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda p=proc: p.poll() is not None or api_answers(api_path), HAPROXY_WAIT)
+        if proc.poll() is None or "Address already in use" not in log_path.read_text():
+            break
     try:
-        wait_until(lambda: proc.poll() is not None or api_answers(api_path), HAPROXY_WAIT)
         assert proc.poll() is None, log_path.read_text()
         assert api_answers(api_path), log_path.read_text()
         yield Haproxy(proc, api_path, log_path, front_port)
@@ -290,29 +305,25 @@ class Fleet:
     def start(self, name: str) -> str:
         self.generation[name] += 1
         label = f"{name}{self.generation[name]}"
-        self.current[name] = self.factory(
-            "who:handle", "--chdir", str(self.tmp_path), "--model", "fork",
-            "--proxy-protocol", "--trusted-proxy", PROXY_HOST,
-            "--access-log", str(self.access_log(label)),
-            bind=[f"{INSTANCES[name]}:{self.ports[name]}"], env={"FS_INSTANCE": label})
-        return label
+        for _ in range(PORT_TRIES if self.generation[name] == 1 else 1):
+            try:
+                self.current[name] = self.factory(
+                    "who:handle", "--chdir", str(self.tmp_path), "--model", "fork",
+                    "--proxy-protocol", "--trusted-proxy", PROXY_HOST,
+                    "--access-log", str(self.access_log(label)),
+                    bind=[f"{INSTANCES[name]}:{self.ports[name]}"], env={"FS_INSTANCE": label})
+                return label
+            except AssertionError as exc:  # the port picked free was taken before the bind
+                if "address already in use" not in str(exc):  # (a later generation keeps it)
+                    raise
+                self.ports[name] = free_port(INSTANCES[name])
+        raise AssertionError(f"no free port for instance {name} in {PORT_TRIES} tries")
 
     def access_log(self, label: str) -> Path:
         return self.tmp_path / f"access-{label}.log"
 
     def access_logs(self) -> str:
         return "".join(p.read_text() for p in sorted(self.tmp_path.glob("access-*.log")))
-
-
-def accept_queue(host: str, port: int) -> int:
-    """Connections waiting in the accept queue of the socket listening on ``host:port``
-    (/proc/net/tcp: for a listening socket, rx_queue is that queue's length)."""
-    local = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[3] == "0A":
-            return int(fields[4].split(":")[1], 16)
-    return 0
 
 
 @dataclass

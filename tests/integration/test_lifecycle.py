@@ -23,6 +23,7 @@ from tests.integration.harness import (
     recv_exactly,
     run_cli,
     session_procs,
+    signal_pending,
     wait_until,
 )
 
@@ -250,8 +251,9 @@ def test_a_first_request_split_across_the_stop_is_answered(server_factory: Facto
         else:
             assert wait_until(lambda: states(control) == ["reading"], 10), "a process took it"
         server.signal(signal.SIGTERM)
-        if model == "single":  # its master logs the stop only once the connection is over
-            time.sleep(0.2)  # (so nothing to wait on; well inside the 1 s a stop grants)
+        if model == "single":  # its master logs the stop only once the connection is over:
+            # the signal has reached it (no longer pending) and woken its wait on the client
+            assert wait_until(lambda: not signal_pending(server.pid, signal.SIGTERM), 10)
         else:
             server.wait_for_log(r"graceful stop")
         s.sendall(b"lo\n")
@@ -273,7 +275,7 @@ def test_max_connection_time_ends_a_busy_connection(server_factory: Factory,
                 if recv_exactly(s, len(HELLO)) != HELLO:
                     break
                 answered += 1
-                time.sleep(0.1)
+                time.sleep(0.1)  # the client's pace: active, never idle
         except ConnectionError:
             pass
         assert answered >= 5
@@ -329,7 +331,7 @@ def test_max_connection_time_bounds_a_slow_reader(server_factory: Factory,
         while server.children() and time.monotonic() - start < 20:
             with contextlib.suppress(OSError):
                 s.recv(16384)  # takes a little, often: progress, but slow
-            time.sleep(0.05)
+            time.sleep(0.05)  # a slow reader's pace: under test
         # (what the kernel buffered still trickles in after the child is gone)
         assert time.monotonic() - start < 6, "the child ended near max_connection_time"
 
@@ -360,7 +362,7 @@ def test_the_stop_reminder_does_not_cut_a_lingering_close_short(server_factory: 
         assert recv_exactly(s, len(HELLO)) == HELLO
         server.signal(signal.SIGTERM)
         assert s.recv(1) == b"", "idle between requests: the input ends, the close lingers"
-        time.sleep(1.3)  # past the reminder (1 s), within the linger (2 s)
+        time.sleep(1.3)  # past the reminder (1 s), within the linger (2 s): under test
         s.sendall(b"late\n")
         s.shutdown(socket.SHUT_WR)
         assert s.recv(1) == b"", "drained, not reset"

@@ -286,7 +286,7 @@ class NewConnections(ClientThreads):
             except (OSError, AssertionError) as exc:
                 with self._lock:
                     self.failures.append(f"client port {port}: {exc!r}")
-            time.sleep(0.01)
+            time.sleep(0.01)  # the clients' pace
 
 
 # ---------------------------------------------------------------------------- /proc
@@ -448,7 +448,9 @@ class Cell:
         """The path, with new connections running across it where the state says so."""
         self.load = NewConnections(self.server) if "load" in self.states else None
         with self.load or contextlib.nullcontext():
-            time.sleep(0.3 if self.load else 0)
+            if self.load is not None:  # new connections under way when the path begins
+                load = self.load
+                assert wait_until(lambda: len(load.ok_times) >= 5, 10), load.failures[:3]
             before = set(live(self.server)) - {self.server.pid}
             self.began = time.monotonic()
             for client in self.held.values():
@@ -462,7 +464,8 @@ class Cell:
             self.status, self.serving = path_done(self.server, self.path, self.model, victim,
                                                   before)
             self.took = time.monotonic() - self.began
-            time.sleep(0.5 if self.load else 0)  # new connections after the path too
+            # new connections after the path too (a window: some paths leave no server)
+            time.sleep(0.5 if self.load else 0)
 
     def _single_goes_on(self) -> None:
         """The single model acts on a reload or an upgrade once the connection it serves
@@ -470,7 +473,8 @@ class Cell:
         if self.model == "single" and self.path in ("hup", "usr2"):
             for client in self.held.values():
                 if isinstance(client, Busy):
-                    time.sleep(0.5)
+                    served = client.answers  # served on for a while (its answers show it)
+                    assert wait_until(lambda c=client, n=served: c.answers >= n + 20, 10)
                     client.finish()
 
     def check_clients(self) -> list[str]:

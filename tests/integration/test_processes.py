@@ -55,15 +55,21 @@ def test_one_distinct_child_per_connection_gone_within_a_second(server_factory: 
     assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
 
 
+#: 2000 connections take 5 s here alone, 14 s in a full run on a loaded 2-core machine: the
+#: loop is bounded by this, within the test's own pytest deadline.
+LOOP_SECONDS = 120
+
+
+@pytest.mark.timeout(LOOP_SECONDS + 30)
 def test_2000_sequential_connections_leave_no_zombie_and_no_fd(server_factory: Factory) -> None:
     server = server_factory()
     with server.connect() as s:
         ask(s)
-    assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
+    assert wait_until(lambda: not children_of(server.pid, live_only=False), 10.0)
     fds_before = fd_count(server.pid)
-    deadline = time.monotonic() + 50  # within pytest's 60 s deadline for the test
+    deadline = time.monotonic() + LOOP_SECONDS
     for _ in range(2000):
-        assert time.monotonic() < deadline, "2000 connections took longer than 50 s"
+        assert time.monotonic() < deadline, f"2000 connections took longer than {LOOP_SECONDS} s"
         with server.connect() as s:
             ask(s)
     assert wait_until(lambda: not children_of(server.pid, live_only=False), 5.0), (
@@ -142,7 +148,7 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(server_factory: Factory
         client.sendall(b"waiting\n")
         server.wait_for_log(r"accept failed: .*EMFILE.*pausing accepts")
         cpu0 = cpu_seconds(server.pid)
-        time.sleep(1.5)
+        time.sleep(1.5)  # a window to measure the master's CPU in: under test
         assert cpu_seconds(server.pid) - cpu0 < 0.5, "the master spins on EMFILE"
         reports = [line for line in server.lines if "accept failed" in line]
         assert len(reports) <= 3, "EMFILE is reported at most once a second"
@@ -163,7 +169,7 @@ def test_idle_master_uses_no_cpu(server_factory: Factory, args: tuple[str, ...])
         ask(s)
     quiet(server.pid)  # an adaptive pool judges itself each second until it rests
     cpu0, woken0 = cpu_seconds(server.pid), wakeups(server.pid)
-    time.sleep(3.0)
+    time.sleep(3.0)  # idle for 3 s: the window in which nothing may wake it, under test
     assert cpu_seconds(server.pid) - cpu0 <= 0.02, "an idle master must not poll"
     # CPU time shows a poll once a second only after minutes; its wake-ups show at once.
     # (the prefork watchdog looks every timeout / 2 = 15 s: at most once in these 3 s)

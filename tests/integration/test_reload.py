@@ -46,7 +46,7 @@ def roll(server: Server, size: int) -> tuple[set[int], int]:
         fewest = min(fewest, len(now))
         if len(now) == size and not now & before:
             return now, fewest
-        time.sleep(0.005)
+        time.sleep(0.005)  # (polling /proc for the roll)
     raise AssertionError(f"the pool did not roll\n{server.log_tail()}")
 
 
@@ -70,7 +70,7 @@ def test_hup_rolls_the_pool_onto_new_code_and_a_broken_version_keeps_it(
     server.wait_for_log(r"reload failed, still serving with the running code and config: "
                         r"invalid app: importing 'myapp' failed: SyntaxError: .*"
                         r"\(myapp.py, line 3\)$")
-    time.sleep(0.5)
+    time.sleep(0.5)  # a window for a wrong roll to show: nothing may change in it
     assert worker_pids(server) == new, "the v2 workers keep serving"
     assert ask(server) == b"v2\n"
     assert server.proc.poll() is None

@@ -26,7 +26,7 @@ def test_one_answer_per_line_however_split_or_merged(server_factory: Factory, mo
         assert recv_exactly(s, len(HELLO)) == HELLO
         for piece in (b"tw", b"o\nthr", b"ee", b"\n"):  # split across reads
             s.sendall(piece)
-            time.sleep(0.02)
+            time.sleep(0.02)  # (so the pieces arrive in separate reads: under test)
         assert recv_exactly(s, 2 * len(HELLO)) == 2 * HELLO
         s.sendall(b"a\nb\r\nc\n")  # merged into one read
         assert recv_exactly(s, 3 * len(HELLO)) == 3 * HELLO

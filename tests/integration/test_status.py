@@ -211,7 +211,7 @@ def test_fd_exhaustion_on_the_operators_sockets_does_not_spin_the_master(
         server.wait_for_log(r"metrics: accept failed: Too many open files")
         server.wait_for_log(r"control socket: accept failed: Too many open files")
         cpu0 = cpu_seconds(server.pid)
-        time.sleep(1.5)
+        time.sleep(1.5)  # a window to measure the master's CPU in: under test
         assert cpu_seconds(server.pid) - cpu0 < 0.5, "the master spins on EMFILE"
         reports = [line for line in server.lines if "accept failed" in line]
         assert len(reports) <= 2 * 4, "reported once per pause, not once per wake-up"
@@ -238,5 +238,5 @@ def test_a_status_reader_that_sends_something_still_gets_the_whole_answer(
             # already, which a unix socket reports as EPIPE: the answer is still there whole
             with contextlib.suppress(BrokenPipeError):
                 s.sendall(b"status\n")
-            time.sleep(0.1)
+            time.sleep(0.1)  # the master has answered and closed first: the case under test
             assert json.loads(recv_all(s))["model"] == "fork"

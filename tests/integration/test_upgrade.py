@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,13 +47,13 @@ def test_usr2_under_load_refuses_and_resets_nothing(server_factory: Factory, tmp
                             "--control", f"unix:{control}")
     before = listening_inode(server.pid, server.port)
     with Load(server, 4) as load:  # about 200 connections a second here, each checked
-        time.sleep(0.5)
+        assert wait_until(lambda: load.ok > 50, 20), "the load is under way"
         server.signal(signal.SIGUSR2)
         assert server.wait(20) == 0, server.log_tail()
         new = int(pid_file.read_text().splitlines()[0])
         assert new != server.pid
         ok_at_switch = load.ok
-        time.sleep(0.5)
+        assert wait_until(lambda: load.ok > ok_at_switch + 50, 20), "the new master serves"
     assert load.failures == [], load.failures[:5]
     assert load.ok > ok_at_switch > 50
     assert listening_inode(new, server.port) == before, "the very same socket"

@@ -79,6 +79,7 @@ def test_a_partial_line_over_the_limit_raises_before_its_newline() -> None:
 
 def test_exactly_max_line_is_allowed() -> None:
     assert LineFramer(3).feed(b"abc\n") == [b"abc\n"]
+    assert LineFramer(3).feed(b"ab\nabc\nx") == [b"ab\n", b"abc\n"], "among others too"
     with pytest.raises(LineTooLong):
         LineFramer(3).feed(b"abcd\n")
 
@@ -96,3 +97,52 @@ def test_a_partial_line_after_whole_ones_is_held_up_to_max_line() -> None:
     assert framer.feed(b"ab") == []
     assert framer.end() == b"ab"
     assert framer.end() is None
+
+
+#: (max_line, chunks fed in turn, lines returned before the error, lines the LineTooLong
+#: carries): each path by which a line can be too long (mutmut survivors: the limit and the
+#: lines the error carries, and what the framer holds afterwards, went unchecked).
+TOO_LONG = [
+    (4, [b"abcde"], [], []),  # a partial line, no newline yet
+    (4, [b"abcd", b"e"], [], []),  # ... that grows too long across feeds
+    (3, [b"abcd\n"], [], []),  # exactly one whole line in the chunk
+    (4, [b"ok\nabcdef\nnext\n"], [], [b"ok\n"]),  # a whole line among others
+    (4, [b"ok\nabcde"], [], [b"ok\n"]),  # the partial line after whole ones
+    (4, [b"x\n", b"ok\nabcde"], [b"x\n"], [b"ok\n"]),
+]
+
+
+@pytest.mark.parametrize(("limit", "chunks", "before", "carried"), TOO_LONG)
+def test_a_line_too_long_names_its_limit_carries_the_good_lines_and_leaves_nothing(
+        limit: int, chunks: list[bytes], before: list[bytes], carried: list[bytes]) -> None:
+    framer = LineFramer(limit)
+    got: list[bytes] = []
+    for chunk in chunks[:-1]:
+        got += framer.feed(chunk)
+    with pytest.raises(LineTooLong, match=rf"^line longer than {limit} bytes$") as too_long:
+        framer.feed(chunks[-1])
+    assert got == before
+    assert too_long.value.limit == limit
+    assert too_long.value.complete == carried
+    assert framer.buffered == 0, "nothing of the bad line is kept"
+    assert framer.feed(b"ab") == []
+    assert framer.feed(b"\n") == [b"ab\n"], "the next line is framed afresh"
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_max_line_below_one_is_refused_with_the_reason(limit: int) -> None:
+    with pytest.raises(ValueError, match=r"^max_line must be at least 1$"):
+        LineFramer(limit)
+
+
+def test_a_new_framer_holds_nothing_and_take_hands_over_the_partial_line() -> None:
+    framer = LineFramer(10)
+    assert framer.buffered == 0
+    assert framer.take(3) == b""
+    assert framer.end() is None
+    assert framer.feed(b"abcdef") == []
+    assert framer.take(2) == b"ab"
+    assert framer.buffered == 4
+    assert framer.take(10) == b"cdef"
+    assert framer.buffered == 0
+    assert framer.feed(b"g\n") == [b"g\n"], "what was taken is not framed again"

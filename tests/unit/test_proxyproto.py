@@ -119,6 +119,11 @@ VALID = {
                  (2, "PROXY", "UNIX", "STREAM"), "/run/a.sock", "\0abstract", ((0x04, b""),)),
     "v2-unix-empty": h(v2(0x21, 0x32, unix(b"", b"/x")), (2, "PROXY", "UNIX", "DGRAM"),
                        "", "/x"),
+    # (paths whose last byte is not NUL padding: only the padding goes)
+    "v2-unix-ends-in-x": h(v2(0x21, 0x31, unix(b"/run/X", b"\0abstractX")),
+                           (2, "PROXY", "UNIX", "STREAM"), "/run/X", "\0abstractX"),
+    "v2-unix-abstract-x": h(v2(0x21, 0x31, unix(b"\0X", b"/x")),
+                            (2, "PROXY", "UNIX", "STREAM"), "\0X", "/x"),
     "v2-unspec": h(v2(0x21, 0x00), V2_UNSPEC),
     # v2 LOCAL: addresses reported if present, a block too short for them is discarded
     "v2-local-tcp4": h(v2(0x20, 0x11, TCP4_BLOCK), (2, "LOCAL", "TCP4", "STREAM"), SRC4, DST4),
@@ -234,7 +239,10 @@ INVALID = {
     "v2-short-unix": (v2(0x21, 0x31, b"\0" * 215), "length 215 too short for UNIX"),
     "v2-max-size": (v2(0x21, 0x11, TCP4_BLOCK, length=0xFFFF), "exceeds max_size 4096"),
     "v2-tlv-truncated": (v2(0x21, 0x11, TCP4_BLOCK + b"\x01\x00"), "truncated TLV header"),
-    "v2-tlv-overrun": (v2(0x21, 0x11, TCP4_BLOCK + b"\x01\x00\x0ah2"), "overruns"),
+    "v2-tlv-overrun": (v2(0x21, 0x11, TCP4_BLOCK + b"\x01\x00\x0ah2"),
+                       "TLV 0x01 of 10 bytes overruns the header by 8"),
+    "v2-tlv-truncated-after-one": (v2(0x21, 0x11, TCP4_BLOCK + tlv(0x01, b"h2") + b"\x01\x00"),
+                                   "truncated TLV header at offset 5"),
     "v2-crc-mismatch": (v2(0x21, 0x11, TCP4_BLOCK, crc=True)[:-1] + b"\x00",
                         "CRC32C mismatch"),
     "v2-crc-length": (v2(0x21, 0x11, TCP4_BLOCK, ((0x03, b"abc"),)), "CRC32C TLV of 3 bytes"),
@@ -416,6 +424,14 @@ def test_ssl_tlv_and_its_sub_tlvs() -> None:
     assert not SslInfo.decode(ssl_value(0x03, 1, ())).cert_verified  # verify failed
     assert not SslInfo.decode(ssl_value(0x01, 0, ())).cert_verified  # no certificate
     assert SslInfo.decode(ssl_value(0x01, 0, ())).version is None
+    # verify: the 4 bytes after client, big-endian (mutmut: value[2:5] went unseen)
+    assert SslInfo.decode(ssl_value(0x01, 0x01020304, ())).verify == 0x01020304
+
+
+def test_text_tlvs_that_are_not_utf8_are_decoded_with_replacement() -> None:
+    header = ProxyParser().feed(v2(0x21, 0x11, TCP4_BLOCK, ((0x02, b"bad\xffname"),)))
+    assert header is not None
+    assert header.authority == "bad\ufffdname"
 
 
 @pytest.mark.parametrize(("name", "replaces"), [

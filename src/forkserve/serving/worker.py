@@ -15,14 +15,17 @@ Theory of operation
    SIGQUIT: exit now), except that a stop
    while a connection is in service tells it to finish (``Connection.interrupt``, one
    ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on. A worker
-   retired from a pool that goes on, or busy, closes its listeners in the handler; at a stop
-   of the whole server (the master has announced a drain on the scoreboard and closed its
-   own copies) an idle one first serves what is queued on them, so that queued clients are
-   answered, not reset by the last close (if every worker is busy at the stop, they are). An
-   orphan (its master died: PR_SET_PDEATHSIG) lets go of the listeners at once, so the port
-   is free for a new server, and waits for no incomplete request. The master sends SIGTERM
-   once more to a worker still there (``child.STOP_REMINDER``), for handlers that read the
-   socket themselves.
+   retired from a pool that goes on (reload, TTOU, a shrinking pool) first serves the
+   connections its last wake-up was for, then closes its listeners: ``EPOLLEXCLUSIVE`` woke
+   no other worker for them, so a worker that dropped them would leave those clients queued
+   with nobody woken, until another client came (a sequential client waits for ever). At a
+   stop of the whole server (the master has announced a drain on the scoreboard and closed
+   its own copies) a busy worker closes its listeners in the handler, and an idle one first
+   serves what is queued on them, so that queued clients are answered, not reset by the last
+   close (if every worker is busy at the stop, they are). An orphan (its master died:
+   PR_SET_PDEATHSIG) lets go of the listeners at once, so the port is free for a new server,
+   and waits for no incomplete request. The master sends SIGTERM once more to a worker still
+   there (``child.STOP_REMINDER``), for handlers that read the socket themselves.
 5. When it is ready to accept it says so through the pool pipe (``poolpipe``), and keeps the
    pipe to tell the master what it must not log alone: its accept errors (the master counts
    them and logs them at the rate of the whole server), and that it took a connection while
@@ -198,26 +201,27 @@ class Worker:
 
     def _finish(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM: record the stop; a connection in service is told to finish. A worker
-        retired from a pool that goes on (reload, TTOU) lets go of the listeners at once: the
-        queue is the other workers'. At a stop of the whole server (the master has announced
-        a drain), an idle worker keeps them until it has taken what is queued there
-        (``_take_queued``), so those clients are answered instead of reset. An orphan has no
-        server to drain for: it lets go at once."""
+        retired from a pool that goes on (reload, TTOU) keeps the listeners until its loop
+        has served the connections it was woken for (``run``): the rest of the queue is the
+        other workers'. At a stop of the whole server (the master has announced a drain), an
+        idle worker keeps them until it has taken what is queued there (``_take_queued``), so
+        those clients are answered instead of reset; a busy one lets go at once. An orphan
+        has no server to drain for: it lets go at once."""
         first = self.stop.record()
         conn = self.serving
         if conn is not None:
             conn.interrupt(self.stop.grace)
             self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
+        whole_stop = self.ctx.scoreboard.draining
+        if self.stop.orphaned or (whole_stop and conn is not None):
+            # the port must close with the server: no client may queue behind a connection
+            # that can take graceful_timeout (a reminder after a reload may be such a stop)
+            self._close_listeners()
         if not first:
             return  # the master's reminder (child.STOP_REMINDER): the rest is done
         self.stopping = True
         self._stop_began = self.stop.began
-        # a worker busy now cannot take the queue: the idle ones do, and it lets go at once,
-        # so that no client queues behind a connection that may take graceful_timeout
-        self._draining = (conn is None and self.ctx.scoreboard.draining
-                          and not self.stop.orphaned)
-        if not self._draining:
-            self._close_listeners()
+        self._draining = conn is None and whole_stop and not self.stop.orphaned
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
                          + CHILD_GRACE_MARGIN)
 
@@ -253,15 +257,16 @@ class Worker:
             for fd, _ in events:
                 if fd == self.stop.fd:
                     drain(self.stop.fd)
-                elif not self.stopping:
-                    self._accept(self._listeners[fd])
+                elif (listener := self._listeners[fd]).sock.fileno() != -1:
+                    # even after a stop: this wake-up was this worker's alone (EPOLLEXCLUSIVE)
+                    self._accept(listener)
             self.ctx.scoreboard.beat(self.slot)
             self._tell_pauses(time.monotonic())
             if self._should_recycle():
                 break
         if self._draining:
             self._take_queued()
-            self._close_listeners()
+        self._close_listeners()
         self._tell_pauses(math.inf)
         return WorkerExit.OK
 
