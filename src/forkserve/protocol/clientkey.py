@@ -11,6 +11,15 @@ from typing import NamedTuple
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Bits of an address, by IP version.
 WIDTH = {4: 32, 6: 128}
+#: The largest IPv4 source tag (an IPv4 address plus 1: tags run 1 to 2**32, 0 is "none").
+_V4_TAGS_END = 1 << 32
+#: Where the IPv6 /64s that IPv4's tags stand on are moved to. A tag is 64 bits, an IPv6 /64
+#: prefix is 64 bits too, and IPv4 needs 2**32 values: the /64s of ``::/32`` (reserved: the
+#: loopback ``::1``, the unspecified address, IPv4-mapped addresses, which count as IPv4
+#: anyway) give way, and share their tags with the /64s of ``8000::/32`` (reserved, never
+#: routed). Every other /64, link-local ``fe80::/10`` and unique-local ``fc00::/7`` included,
+#: is its own tag and comes back from it whole.
+_V6_LOW_TAGS = 1 << 63
 
 
 class ClientKey(NamedTuple):
@@ -41,15 +50,20 @@ def parse_peer(text: str) -> IPAddress:
 
 def source_tag(peer_ip: str) -> int:
     """A non-zero 64-bit tag of the source ``peer_ip`` counts under for per-source limits in
-    shared memory (prefork's scoreboard): the IPv4 address (plus 1), or the IPv6 /64 with
-    the top bit set, so that the two families never meet. Raises ``ValueError``."""
+    shared memory (prefork's scoreboard): the IPv4 address plus 1, or the IPv6 /64 prefix
+    (moved above 2**63 for the /64s of ``::/32``, see ``_V6_LOW_TAGS``), so that the two
+    families never meet. Raises ``ValueError``."""
     quad = _dotted_quad(peer_ip)  # the common case without ipaddress: per accept, in prefork
     if quad is not None:
         return quad + 1
     addr = parse_peer(peer_ip)
     if addr.version == 4:
         return int(addr) + 1
-    return (int(addr) >> 64) | (1 << 63)
+    return _v6_tag(int(addr) >> 64)
+
+
+def _v6_tag(prefix: int) -> int:
+    return prefix if prefix > _V4_TAGS_END else prefix | _V6_LOW_TAGS
 
 
 def _dotted_quad(text: str) -> int | None:
@@ -71,14 +85,16 @@ def tag_of_key(key: ClientKey) -> int:
     """The ``source_tag`` of a ``ClientKey`` of the default lengths (IPv4 /32, IPv6 /64)."""
     if key.version == 4:
         return key.network + 1
-    return (key.network >> 64) | (1 << 63)
+    return _v6_tag(key.network >> 64)
 
 
 def key_of_tag(tag: int) -> ClientKey:
     """The ``ClientKey`` of a ``source_tag`` (IPv4 /32, IPv6 /64, as admission keys them by
     default)."""
-    if tag >> 63:
-        return ClientKey(6, (tag & ((1 << 63) - 1)) << 64, 64)
-    return ClientKey(4, tag - 1, 32)
+    if tag <= _V4_TAGS_END:
+        return ClientKey(4, tag - 1, 32)
+    if _V6_LOW_TAGS <= tag <= _V6_LOW_TAGS + _V4_TAGS_END:  # read as ::/32's (see above)
+        return ClientKey(6, (tag - _V6_LOW_TAGS) << 64, 64)
+    return ClientKey(6, tag << 64, 64)
 
 
