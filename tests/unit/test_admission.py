@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from forkserve.errors import ConfigError
@@ -481,7 +481,8 @@ def test_reasons_are_the_metric_labels() -> None:
 #: (peer address, its source tag, the key the master files it under): the tags workers send
 #: through the pool pipe (IPv4 plus 1; an IPv6 /64 prefix as it is, except the /64s of ::/32,
 #: moved above 2**63), both ways (mutmut: tag_of_key and key_of_tag had no test). Every /64
-#: round-trips except those of 8000::/32 (reserved), which share their tags with ::/32's.
+#: round-trips except those of 8000::/32 and 8000:1::/64 (reserved), which share their tags
+#: with those of ::/32 and 0:1::/64.
 SOURCE_TAGS = [
     ("0.0.0.0", 0x1, ClientKey(4, 0, 32)),
     ("192.0.2.7", 0xC0000208, ClientKey(4, 0xC0000207, 32)),
@@ -509,10 +510,13 @@ def test_source_tags_and_keys_convert_both_ways(peer: str, tag: int, key: Client
 
 
 @given(st.ip_addresses(v=6))
+@example(ipaddress.IPv6Address("8000:1:0:1::"))  # the first /64 above the shared span
+@example(ipaddress.IPv6Address("7fff:ffff:ffff:ffff::"))  # the last below it
+@example(ipaddress.IPv6Address("0:1:0:1::"))  # the first /64 that is its own tag
 def test_every_ipv6_64_comes_back_from_its_tag_but_8000_32s(addr: ipaddress.IPv6Address) -> None:
     prefix = int(addr) >> 64
-    if addr.ipv4_mapped is not None or prefix >> 32 == 0x8000_0000:
-        return  # counted as IPv4; or 8000::/32, which shares its tags with ::/32's
+    if addr.ipv4_mapped is not None or 1 << 63 <= prefix <= (1 << 63) + (1 << 32):
+        return  # counted as IPv4; or 8000::/32 and 8000:1::/64, which share ::/32's tags
     tag = source_tag(str(addr))
     assert tag > 1 << 32, "never an IPv4 source's tag"
     assert key_of_tag(tag) == ClientKey(6, prefix << 64, 64)

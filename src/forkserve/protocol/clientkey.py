@@ -14,11 +14,12 @@ WIDTH = {4: 32, 6: 128}
 #: The largest IPv4 source tag (an IPv4 address plus 1: tags run 1 to 2**32, 0 is "none").
 _V4_TAGS_END = 1 << 32
 #: Where the IPv6 /64s that IPv4's tags stand on are moved to. A tag is 64 bits, an IPv6 /64
-#: prefix is 64 bits too, and IPv4 needs 2**32 values: the /64s of ``::/32`` (reserved: the
-#: loopback ``::1``, the unspecified address, IPv4-mapped addresses, which count as IPv4
-#: anyway) give way, and share their tags with the /64s of ``8000::/32`` (reserved, never
-#: routed). Every other /64, link-local ``fe80::/10`` and unique-local ``fc00::/7`` included,
-#: is its own tag and comes back from it whole.
+#: prefix is 64 bits too, and IPv4 needs 2**32 values: the /64s whose prefix is at most 2**32
+#: (``::/32`` and ``0:1::/64``, inside the reserved ``::/8``: the loopback ``::1``, the
+#: unspecified address, IPv4-mapped addresses, which count as IPv4 anyway) give way, and share
+#: their tags with the same span above 2**63 (``8000::/32`` and ``8000:1::/64``, reserved,
+#: never routed). Every other /64, link-local ``fe80::/10`` and unique-local ``fc00::/7``
+#: included, is its own tag and comes back from it whole.
 _V6_LOW_TAGS = 1 << 63
 
 
