@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 RUNTIME_EXTRAS := title,status,metrics
 
-.PHONY: run test lint typecheck unit integration docs clean
+.PHONY: run test lint typecheck imports unit integration docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(RUN_STAMP)
 	$(BIN)/forkserve serve --bind 127.0.0.1:8080 --model fork --app hello
 
-# Every check: lint, types, that every documented flag and verb has a test, then the tests (unit
+# Every check: lint, types, the import rules (pyproject.toml's import-linter contracts), that
+# every documented flag and verb has a test, then the tests (unit
 # and real-process integration). Under CI=true a system package that cannot be installed fails
 # here, and any skip not on tests/conftest.py's allow-list fails pytest; elsewhere the tests
 # that need it are skipped, and pytest's last lines count and name the skips.
@@ -36,6 +37,7 @@ test: $(STAMP)
 	    echo "make test: a system package is missing: its tests will be skipped (CI fails)"; }
 	$(BIN)/ruff check src tests scripts examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python scripts/check_coverage.py
 	$(BIN)/pytest
 
@@ -44,6 +46,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# What may import what: the layers and forbidden imports declared in pyproject.toml.
+imports: $(STAMP)
+	$(BIN)/lint-imports
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -56,4 +62,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/update_readme_tables.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .grimp_cache .import_linter_cache

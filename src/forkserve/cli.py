@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from . import config as config_mod
 from ._version import __version__
@@ -32,6 +32,10 @@ from .tools.client import run as run_client
 EXEC_APP = "exec"
 
 
+#: What ``add_subparsers`` returns: each ``add_*_parser`` step adds one command to it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 def _positive_int(text: str) -> int:
     try:
         return config_mod.Int(minimum=1).convert(text)
@@ -46,7 +50,7 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_exec_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_exec_parser(sub: Subparsers) -> None:
     ex = sub.add_parser(
         "exec", help="run a program per connection, the socket as its stdin and stdout",
         usage="forkserve exec [OPTIONS] -- PROGRAM [ARGS...]",
@@ -86,13 +90,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
+    """The ``forkserve`` command line, one named step per command (``tools``: with bench and
+    demo, which a serving master must not import)."""
     parser = Parser(
         prog="forkserve", description="A multi-process TCP server: fork, prefork and single "
         "models, and a program per connection (exec).")
     parser.add_argument("--version", action="version", version=f"forkserve {__version__}")
-    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]", parser.add_subparsers(
+    sub = cast("Subparsers", parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=Parser))
+    add_serve_and_check_parsers(sub)
+    add_exec_parser(sub)
+    add_client_parser(sub)
+    add_signal_parser(sub)
+    add_status_parser(sub)
+    add_settings_parser(sub)
+    if tools:
+        add_tool_parsers(sub)
+    return parser
 
+
+def add_serve_and_check_parsers(sub: Subparsers) -> None:
+    """``serve`` and ``check``: the same settings; check binds nothing."""
     serve = sub.add_parser("serve", help="serve an app (the seed's hello app by default)",
                            description="Serve an app until stopped by a signal.")
     add_serve_arguments(serve)
@@ -104,8 +122,9 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     add_serve_arguments(check)
     check.add_argument("--json", action="store_true", help="print the settings as JSON")
 
-    add_exec_parser(sub)
 
+def add_client_parser(sub: Subparsers) -> None:
+    """``client``: the tutorial's client."""
     client = sub.add_parser("client", help="the tutorial's client: send lines, print answers",
                             description="Connect, send lines, print what the server answers.")
     client.add_argument("address", metavar="ADDR", help="HOST:PORT, [IPV6]:PORT or unix:/path")
@@ -117,6 +136,9 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
                         help="give up on connecting or on an answer after this long "
                              "(default 10)")
 
+
+def add_signal_parser(sub: Subparsers) -> None:
+    """``signal VERB``: a signal to a running master, by name."""
     sig = sub.add_parser("signal", help="send a running server a signal by name",
                          description="Send the master the signal for VERB: "
                          + ", ".join(f"{verb} ({s.name})" for verb, s in VERBS.items()) + ".")
@@ -126,6 +148,9 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     who.add_argument("--pid-file", metavar="FILE", help="the server's --pid-file")
     who.add_argument("--pid", type=_positive_int, metavar="PID", help="the master's pid")
 
+
+def add_status_parser(sub: Subparsers) -> None:
+    """``status``: what the master's control socket reports."""
     status = sub.add_parser("status", help="show a running server's workers and figures",
                             description="Show what the master's control socket reports: "
                             "uptime, connections, busy and idle counts, one row per process.")
@@ -136,17 +161,23 @@ def build_parser(*, tools: bool = True) -> argparse.ArgumentParser:
     status.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
                         help="refresh period of the live view (default 1)")
 
+
+def add_settings_parser(sub: Subparsers) -> None:
+    """``settings``: the settings table, or the signal table."""
     settings = sub.add_parser("settings", help="print the settings table (Markdown)",
                               description="Print every setting with its flag, default and "
                                           "meaning, or the table of signals.")
     settings.add_argument("--signals", action="store_true",
                           help="print the table of signals the master handles instead")
-    if tools:  # not for serve/exec: a master forks, and every module it holds is copied
-        from .tools import bench, demo  # noqa: PLC0415
 
-        bench.add_parser(sub)  # each sets ``tool``: it prints its own errors, returns a status
-        demo.add_parser(sub)
-    return parser
+
+def add_tool_parsers(sub: Subparsers) -> None:
+    """``bench`` and ``demo``: not for serve/exec, since a master forks, and every module it
+    holds is copied."""
+    from .tools import bench, demo  # noqa: PLC0415
+
+    bench.add_parser(sub)  # each sets ``tool``: it prints its own errors, returns a status
+    demo.add_parser(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from .master.upgrade import CONTROL, METRICS
 from .ops import pidfile
 from .ops.logs import configure, log, open_access_log
 from .ops.metrics import require_client as require_metrics_client
+from .serving import limits
 from .serving.handlers import adapt
 from .serving.handlers import load as load_handler
 from .serving.tls import make_context as make_tls_context
@@ -56,17 +57,7 @@ def run_server(config: Config, app: App | None = None,
         if access_log is not None:
             undo.callback(access_log.close)
         undo.callback(notifier.close)
-        for item in inherited:
-            undo.callback(item.sock.close)
-        listeners, control, metrics = _listeners(config, inherited)
-        for listener in (*listeners, control, metrics):
-            if listener is not None:
-                undo.callback(listener.close)
-        if config.pid_file is not None:  # before privileges are dropped: /run is root's
-            _write_pid_file(config.pid_file)
-            undo.callback(pidfile.remove, config.pid_file, os.getpid())
-        if identity is not None:
-            _drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
+        listeners, control, metrics = _bind_and_drop(config, inherited, identity, undo)
         supervisor = Supervisor(config, app, listeners, access_log=access_log,
                                 origin=origin, control=control,
                                 metrics=metrics, tls=context, admission=admission,
@@ -88,7 +79,7 @@ def prepare(config: Config, app: App | None = None) -> tuple[
     _chdir(config)
     config = hooks.resolve(config)
     identity = privileges.resolve_identity(config)
-    privileges.check_limits(config)
+    limits.check_limits(config)
     context = make_tls_context(config)  # before privileges are dropped: keys are often root's
     admission = gate.build(config)  # reads the rules file: a typo is exit 2, nothing bound
     if config.umask is not None:
@@ -100,6 +91,25 @@ def prepare(config: Config, app: App | None = None) -> tuple[
         devreload.require_watchfiles()
         devreload.directories(config)
     return config, app, identity, context, admission
+
+
+def _bind_and_drop(config: Config, inherited: list[systemd.InheritedSocket],
+                   identity: privileges.Identity | None, undo: contextlib.ExitStack,
+                   ) -> tuple[list[Listener], Listener | None, Listener | None]:
+    """Bind (or take over) the listeners, write the pid file, then drop privileges: in that
+    order, since ports below 1024 and /run are root's. Each is undone by ``undo``."""
+    for item in inherited:
+        undo.callback(item.sock.close)
+    listeners, control, metrics = _listeners(config, inherited)
+    for listener in (*listeners, control, metrics):
+        if listener is not None:
+            undo.callback(listener.close)
+    if config.pid_file is not None:  # before privileges are dropped: /run is root's
+        _write_pid_file(config.pid_file)
+        undo.callback(pidfile.remove, config.pid_file, os.getpid())
+    if identity is not None:
+        _drop(identity, [*listeners, *(x for x in (control, metrics) if x)])
+    return listeners, control, metrics
 
 
 def _listeners(config: Config, inherited: list[systemd.InheritedSocket],

@@ -114,3 +114,19 @@ def test_hooks_are_callables_or_module_attr_names() -> None:
     for bad in ("mod", ":func", "mod:", 3):
         with pytest.raises(ConfigError, match="post_fork: must be MODULE:ATTR"):
             Config(post_fork=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "exec", "client", "signal", "status",
+                                     "settings", "bench", "demo"])
+def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse formats each help line with %: a setting's doc that says "RATE %" must not
+    turn --help into a traceback."""
+    from forkserve import cli  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: forkserve {command}")
+    if command in ("serve", "check", "exec"):
+        assert "from RATE % to 100 % at FULL" in out

@@ -64,10 +64,10 @@ from typing import TYPE_CHECKING, NoReturn
 from .. import hooks
 from ..errors import ClientError, ConfigError
 from ..hooks import Process
-from ..master.privileges import apply_limits
 from ..ops.scoreboard import SlotState
+from ..protocol.address import format_address
 from ..serving.child import ChildContext, set_parent_death_signal
-from ..serving.connection import format_address
+from ..serving.limits import apply_limits
 from ..serving.preamble import Proxied, proxy_addresses
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..config import Address
 from ..errors import ListenError
-from ..serving.connection import format_address
+from ..protocol.address import format_address
 
 _REASONS = {
     errno.EADDRINUSE: "address already in use",

@@ -1,4 +1,4 @@
-"""Privileges and per-process limits: who the server runs as, and what each child may use.
+"""The master's identity: who the server runs as after binding. Runs in the master only.
 
 Theory of operation
 -------------------
@@ -10,12 +10,8 @@ Theory of operation
   capability sets (capabilities(7)), so nothing the master forks can regain root. Unix socket
   files are handed to the new owner first, so the master can still remove them at exit.
   Asking for another identity when not root is refused with a clear error, never ignored.
-- ``apply_limits`` runs in each per-connection child and each pre-forked worker right after
-  the fork, before any client byte is read (xinetd's ``rlimit_*``): address space, CPU
-  seconds, open files, processes. Soft and hard limits are both set, so the handler (or an
-  exec'd program) cannot raise them again. ``check_limits`` verifies in the master, before
-  binding, that the values are allowed (an unprivileged master cannot raise a hard limit).
-  The single model has no child to apply them to, and refuses them.
+
+What each child may use (rlimits) is the child's side: ``serving.limits``.
 """
 
 from __future__ import annotations
@@ -23,11 +19,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import resource
 from dataclasses import dataclass
 
 from ..config import Config
 from ..errors import ConfigError
+
+# Re-exported for serving/worker.py and master/reload.py, which import them from here until
+# issue 15 part 1 merges (then they import serving.limits and these lines go).
+from ..serving.limits import apply_limits as apply_limits  # noqa: PLC0414
+from ..serving.limits import check_limits as check_limits  # noqa: PLC0414
 from .listeners import Listener
 
 
@@ -80,36 +80,3 @@ def drop(identity: Identity, listeners: list[Listener]) -> None:
         except PermissionError:
             return
         raise RuntimeError("privileges could be regained after setuid")  # never expected
-
-
-#: setting -> (resource, how many bytes or units one unit of the setting is)
-LIMITS = {
-    "limit_as": (resource.RLIMIT_AS, 1024 * 1024),
-    "limit_cpu": (resource.RLIMIT_CPU, 1),
-    "limit_nofile": (resource.RLIMIT_NOFILE, 1),
-    "limit_nproc": (resource.RLIMIT_NPROC, 1),
-}
-
-
-def _wanted(config: Config) -> list[tuple[str, int, int]]:
-    return [(name, res, getattr(config, name) * unit)
-            for name, (res, unit) in LIMITS.items() if getattr(config, name)]
-
-
-def check_limits(config: Config) -> None:
-    """Refuse limits that cannot be applied here. Raises ``ConfigError``."""
-    wanted = _wanted(config)
-    if wanted and config.model == "single":
-        raise ConfigError(wanted[0][0], "limits apply to each child or worker; the single "
-                                        "model serves in the master and has none")
-    for name, res, value in wanted:
-        hard = resource.getrlimit(res)[1]
-        if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and value > hard:
-            raise ConfigError(name, f"above the hard limit {hard} of this process, which "
-                                    "only root may raise")
-
-
-def apply_limits(config: Config) -> None:
-    """In a child or worker: set soft and hard limits. Raises ``OSError``."""
-    for _name, res, value in _wanted(config):
-        resource.setrlimit(res, (value, value))

@@ -84,7 +84,7 @@ from dataclasses import dataclass
 
 from ..config import Address
 from ..errors import ConfigError
-from ..serving.connection import format_address
+from ..protocol.address import format_address
 from .listeners import Listener
 
 __all__ = [

@@ -55,11 +55,11 @@ from ..config import Config
 from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong
 from ..hooks import Process
 from ..kernel import SIG_DFL, SIG_IGN, pthread_sigmask, set_handler
-from ..master.privileges import apply_limits
 from ..master.sourceguard import DROP_UNPROVEN
 from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.defence import Cause
 from .connection import Connection, Patience, format_address
+from .limits import apply_limits
 from .preamble import Proxied, open_connection
 from .stopsignal import StopSignal
 from .tls import HandshakeTimeout

@@ -59,87 +59,44 @@ master itself (single model). Rules:
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import socket
-import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConnectionExpired, FirstByteTimeout, IdleTimeout, LineTooLong, PeerGone
 from ..ops.scoreboard import SlotMonitor
+from ..protocol.address import format_address
 from ..protocol.framing import LineFramer
+from .patience import Patience
+from .sockets import (
+    LINGER_SECONDS,
+    MAX_TIMEOUT,
+    NO_WAIT,
+    RECV_SIZE,
+    close_notify,
+    drain_queued,
+    linger,
+    set_blocking_mode,
+    set_timeouts,
+    timed_out,
+    timeval,
+)
 from .stopsignal import STOP_GRACE, StopSignal, Waiter, Woke
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
 
 if TYPE_CHECKING:
     from ..config import Config
 
-#: Bytes asked of the kernel per read: large enough for many pipelined lines at once.
-RECV_SIZE = 65536
-#: How long ``close()`` drains a client that has not closed its side yet, by default (the
-#: ``linger_timeout`` setting; Apache's 2 s).
-LINGER_SECONDS = 2.0
-#: ...and how much it reads at most while doing so, so lingering is bounded in bytes too.
-LINGER_MAX_BYTES = 1 << 20
+# Patience and format_address are imported from here by child.py, worker.py and the models
+# (issue 15 part 1's files; after it merges they may import them from their own modules).
+__all__ = ["Connection", "Patience", "format_address"]
+
 #: The receive timeout once a stop is asked for: reads return queued data, never wait
 #: (except for an incomplete request: ``stopsignal.STOP_GRACE``).
-STOP_POLL = 0.000_001
-#: Longest timeout the kernel's timeval takes without overflow that we will ever set.
-MAX_TIMEOUT = 1e6
-
-
-def _timeval(seconds: float) -> bytes:
-    """A ``struct timeval``; never all-zero, which the kernel reads as "no timeout"."""
-    seconds = min(max(seconds, STOP_POLL), MAX_TIMEOUT)
-    whole = int(seconds)
-    return struct.pack("@ll", whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
-
-
-def _expired(began: float, timeout: float | None) -> bool:
-    """Has a kernel timeout of ``timeout`` seconds, started at ``began``, run out?"""
-    return timeout is not None and time.monotonic() - began >= timeout * 0.99
-
-
-def format_address(addr: object, family: int) -> str:
-    """``ip:port``, ``[ip6]:port`` or ``unix:path`` (``unix`` for an unnamed peer)."""
-    if family == socket.AF_UNIX:
-        return f"unix:{addr}" if addr else "unix"
-    if isinstance(addr, tuple):
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-    return str(addr)
-
-
-@dataclass(frozen=True)
-class Patience:
-    """How long a connection waits for its client beyond ``idle_timeout`` (rule 1): the
-    first-byte deadline, the shorter deadlines under stress, and who to tell once the client
-    has proven itself. Deadlines of 0 or None are off."""
-
-    first_byte: float | None = None
-    stress_idle: float | None = None
-    stress_first_byte: float | None = None
-    #: Is the server under stress now? (the master's word in the scoreboard)
-    stressed: Callable[[], bool] = lambda: False
-    on_proven: Callable[[], None] | None = None
-
-    def idle_limit(self, idle: float | None, stressed: bool) -> float | None:
-        if stressed and self.stress_idle:
-            return self.stress_idle if idle is None else min(idle, self.stress_idle)
-        return idle
-
-    def first_byte_limit(self, stressed: bool) -> float:
-        assert self.first_byte is not None
-        if stressed and self.stress_first_byte:
-            return min(self.first_byte, self.stress_first_byte)
-        return self.first_byte
+STOP_POLL = NO_WAIT
 
 
 class Connection:
@@ -167,14 +124,7 @@ class Connection:
         self._monitor = monitor
         #: The server's settings, read-only (``None`` outside a server).
         self.settings = settings
-        # (ssl is loaded only when TLS is on; without it no socket can be an SSLSocket)
-        ssl = sys.modules.get("ssl")
-        self._tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
-        if self._tls:
-            sock.settimeout(0.0)  # OpenSSL reports a kernel timeout instead of retrying ...
-            os.set_blocking(sock.fileno(), True)  # ... which the blocking fd gives it
-        else:
-            sock.settimeout(None)
+        self._tls = set_blocking_mode(sock)
         self._idle_timeout = idle_timeout
         self._patience = patience
         self._opened = time.monotonic()
@@ -184,11 +134,7 @@ class Connection:
         self._write_timeout = write_timeout
         #: When the connection must end (``max_time``), on the monotonic clock.
         self._expires = time.monotonic() + max_time if max_time else None
-        first = self._kernel_read_timeout()
-        if first is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(first))
-        if write_timeout is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write_timeout))
+        set_timeouts(sock, self._kernel_read_timeout(), write_timeout)
         self.peer = peer if peer is not None else format_address(sock.getpeername(), sock.family)
         self.local = (local if local is not None
                       else format_address(sock.getsockname(), sock.family))
@@ -326,7 +272,7 @@ class Connection:
                     raise PeerGone(f"client went away: {exc.strerror or exc}") from None
                 # SO_RCVTIMEO expired; for TLS perhaps only a signal that cut the wait short
                 # (rule 4): then wait again, for what is left
-                if self._tls and not _expired(began, wait):
+                if self._tls and not timed_out(began, wait):
                     continue
                 self._raise_unless_stopping()
                 return None
@@ -343,7 +289,7 @@ class Connection:
         idle = self._kernel_read_timeout()
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                 _timeval(idle if idle is not None else MAX_TIMEOUT))
+                                 timeval(idle if idle is not None else MAX_TIMEOUT))
 
     def _read_deadline(self, called: float) -> float | None:
         """When a read that started waiting at ``called`` gives up (rule 1); None: never."""
@@ -453,7 +399,7 @@ class Connection:
         if left <= 0:
             raise ConnectionExpired("the connection reached max_connection_time")
         wait = left if timeout is None else min(timeout, left)
-        self.sock.setsockopt(socket.SOL_SOCKET, option, _timeval(wait))
+        self.sock.setsockopt(socket.SOL_SOCKET, option, timeval(wait))
         return wait
 
     def _check_expiry(self) -> None:
@@ -475,7 +421,7 @@ class Connection:
                 wait = self._write_timeout
                 if self._expires is not None:
                     wait = min(wait or MAX_TIMEOUT, max(self._expires - began, 0.0))
-                if _expired(began, wait):
+                if timed_out(began, wait):
                     raise BlockingIOError from None
                 continue
             view = view[sent:]
@@ -503,7 +449,7 @@ class Connection:
             timeout = max(STOP_POLL, self._grace - (time.monotonic() - self._stop_began))
         self._stop_timeout = timeout
         with contextlib.suppress(OSError):  # already closed: nothing to interrupt
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(timeout))
 
     def _hand_over(self) -> None:
         """The socket goes to code that reads and writes it directly (a socketserver
@@ -544,59 +490,18 @@ class Connection:
         self._closed = True
         try:
             if self._tls:
-                self._close_notify()
+                close_notify(self.sock, self._linger_timeout)
             if self._eof:
                 pass  # the client closed first: nothing can come after
             elif self._linger_timeout and (self.bytes_out or self._raw):
                 self._linger()
             else:
-                self._drain_queued()  # owed nothing: but a close with unread input resets
+                drain_queued(self.sock)  # owed nothing: but a close with unread input resets
         finally:
             self.sock.close()
 
-    def _close_notify(self) -> None:
-        """TLS: send close_notify, so the client can tell the end from a truncation. Whatever
-        OpenSSL says next (it would wait for the client's close_notify) is ignored."""
-        with contextlib.suppress(OSError, ValueError):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                 _timeval(self._linger_timeout))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(STOP_POLL))
-            self.sock.unwrap()  # type: ignore[attr-defined]
-
-    def _drain_queued(self) -> None:
-        """Read (and drop) what the client has sent already, without waiting, so that the
-        close sends a FIN, not a reset."""
-        drained = 0
-        with contextlib.suppress(OSError, ValueError):  # (ValueError: TLS still on)
-            while drained < LINGER_MAX_BYTES:
-                chunk = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-                if not chunk:
-                    return
-                drained += len(chunk)
-
     def _linger(self) -> None:
-        """Shut the write side, then read (and drop) what the client still sends until it
-        closes its side, for ``linger_timeout`` and ``LINGER_MAX_BYTES`` at most. A stop does
-        not cut it short (see ``interrupt``)."""
-        sock = self.sock
+        """Linger (``sockets.linger``) on the client's time, as the watchdog sees it."""
         if self._monitor is not None:
             self._monitor.waiting()  # the client's time now, not the server's
-        deadline = time.monotonic() + self._linger_timeout
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            _timeval(self._linger_timeout))
-            drained = 0
-            while drained < LINGER_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
-                if self._waiter is not None:
-                    woke = self._waiter.wait(left)
-                    if woke is Woke.SIGNAL:
-                        continue
-                    if woke is Woke.TIMEOUT:
-                        break
-                chunk = sock.recv(RECV_SIZE)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:
-            pass  # reset, timeout or already shut: the client had its chance
+        linger(self.sock, self._linger_timeout, self._waiter)

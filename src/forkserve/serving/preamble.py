@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING
 from ..config import Config
 from ..errors import ClientError, PeerGone
 from ..ops.scoreboard import SlotMonitor
+from ..protocol.address import format_address
 from ..protocol.proxyproto import ProxyHeader, ProxyParser
-from .connection import Connection, Patience, format_address
+from .connection import Connection, Patience
 from .stopsignal import StopSignal, ready_by
 from .tls import HandshakeTimeout, handshake
 
