@@ -6,12 +6,26 @@ else is implementation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .config import Config, from_mapping
 from .errors import ConfigError, ForkserveError, ListenError
 from .server import run_server
 from .serving.connection import Connection
-from .serving.handlers import Handler, adapt
+from .serving.handlers import AsyncHandler, Handler, adapt
+
+if TYPE_CHECKING:
+    from .serving.aio_connection import AsyncConnection
+
+
+def __getattr__(name: str) -> object:
+    # asyncio (about 5 MB) is loaded on first use: a forking master must not carry it
+    if name == "AsyncConnection":
+        from .serving.aio_connection import AsyncConnection  # noqa: PLC0415
+
+        return AsyncConnection
+    raise AttributeError(f"module 'forkserve' has no attribute {name!r}")
 
 
 def serve(app: str | object = "hello", **settings: object) -> int:
@@ -19,7 +33,8 @@ def serve(app: str | object = "hello", **settings: object) -> int:
 
     ``app`` is a built-in app's name, ``"module:attr"``, or the handler itself: a function
     ``handle(conn)``, a class with ``handle(conn)`` (optional ``setup``/``finish``), or a
-    ``socketserver.BaseRequestHandler`` subclass.
+    ``socketserver.BaseRequestHandler`` subclass; with ``model="hybrid"``, an ``async def
+    handle(conn)`` or a class of async methods too (``conn`` is an ``AsyncConnection``).
 
     Blocks in the calling process, which becomes the master, and returns the exit status
     (0, or 1 if a graceful stop had to kill connections). Raises ``ConfigError`` for a setting
@@ -32,6 +47,8 @@ def serve(app: str | object = "hello", **settings: object) -> int:
 
 
 __all__ = [
+    "AsyncConnection",
+    "AsyncHandler",
     "Config",
     "ConfigError",
     "Connection",
