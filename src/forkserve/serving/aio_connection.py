@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, cast
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 READ_AHEAD = 65536
 #: The transport's write buffer above which ``write`` waits for the client to drain it.
 WRITE_HIGH_WATER = 65536
+#: SO_LINGER on, 0 seconds: close() resets the connection.
+_RESET = struct.pack("ii", 1, 0)
 #: A stop's grace for an incomplete request (as ``stopsignal.STOP_GRACE``).
 STOP_GRACE = 1.0
 
@@ -212,11 +216,14 @@ class AsyncConnection(asyncio.Protocol):
         if self._reset is not None and not self._buf:
             raise PeerGone(f"client went away: {self._reset}")
         loop = asyncio.get_running_loop()
-        until, why = self._read_deadline()
-        if until is not None and until <= time.monotonic():
+        called = time.monotonic()
+        until, why = self._read_deadline(called)
+        if until is not None and until <= called:
             return self._expired(why)
         waiter = self._waiter = loop.create_future()
-        timer = None if until is None else loop.call_at(until, self._wake_at_deadline)
+        # (call_later: the loop's clock need not be time.monotonic(); uvloop's is not)
+        timer = None if until is None else loop.call_later(until - time.monotonic(),
+                                                           self._wake_at_deadline)
         try:
             await waiter
         finally:
@@ -225,7 +232,7 @@ class AsyncConnection(asyncio.Protocol):
                 timer.cancel()
         if self._buf or self._eof:
             return True
-        until, why = self._read_deadline()
+        until, why = self._read_deadline(called)
         if until is not None and until <= time.monotonic():
             return self._expired(why)
         return True  # woken for another reason (a stop that leaves this read its grace)
@@ -233,20 +240,19 @@ class AsyncConnection(asyncio.Protocol):
     def _wake_at_deadline(self) -> None:
         self._wake()
 
-    def _read_deadline(self) -> tuple[float | None, str]:
-        """When the wait for more input gives up, and why: ``idle``, ``first``, ``expired``,
-        ``stop``."""
-        now = time.monotonic()
+    def _read_deadline(self, called: float) -> tuple[float | None, str]:
+        """When a wait for more input that began at ``called`` gives up, and why: ``idle``,
+        ``first``, ``expired``, ``stop``."""
         options: list[tuple[float, str]] = []
         if self._idle is not None:
-            options.append((now + self._idle, "idle"))
+            options.append((called + self._idle, "idle"))
         if self._first_byte is not None:
             options.append((self._opened + self._first_byte, "first"))
         if self._expires is not None:
             options.append((self._expires, "expired"))
         if self._stop_began is not None:
             incomplete = not self.bytes_in or bool(self._buf)
-            options.append((self._stop_began + self._grace if incomplete else now, "stop"))
+            options.append((self._stop_began + (self._grace if incomplete else 0.0), "stop"))
         if not options:
             return None, ""
         return min(options)
@@ -340,7 +346,12 @@ class AsyncConnection(asyncio.Protocol):
         transport.close()
         await self._until_gone_or(self._write_timeout or 0.0)
         if not self._lost:
-            transport.abort()  # could not flush within write_timeout: give up its bytes
+            # could not flush within write_timeout: give up its bytes, with a reset (a plain
+            # close would leave them, and the fd's kernel memory, waiting on a zero window)
+            with contextlib.suppress(Exception):
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
 
     async def _until_gone_or(self, seconds: float) -> None:
         """Until the transport is gone, or ``seconds`` (one future and one timer; no task)."""
