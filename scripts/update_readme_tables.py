@@ -8,9 +8,11 @@ from pathlib import Path
 
 from forkserve.config import markdown_table
 from forkserve.master.signals import signal_table
+from forkserve.serving.signals import role_tables
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TABLES = {"settings-table": markdown_table, "signal-table": signal_table}
+TABLES = {"settings-table": markdown_table, "signal-table": signal_table,
+          "role-signal-table": role_tables}
 
 
 def main() -> int:

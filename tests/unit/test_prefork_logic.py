@@ -16,13 +16,8 @@ from forkserve.errors import ConfigError, ExitCode, WorkerExit
 from forkserve.master.events import REPORT_INTERVAL
 from forkserve.master.supervisor import Supervisor
 from forkserve.models.adaptive import ADAPT_INTERVAL
-from forkserve.models.prefork import (
-    ABORT_GRACE,
-    BOOT_FAILURES_TO_HALT,
-    KILL_RETRY,
-    RESPAWN_INTERVAL,
-    PreforkModel,
-)
+from forkserve.models.prefork import BOOT_FAILURES_TO_HALT, RESPAWN_INTERVAL, PreforkModel
+from forkserve.models.watchdog import ABORT_GRACE, KILL_RETRY
 from forkserve.ops.scoreboard import SlotState
 from forkserve.protocol.poolpipe import Kind, Message
 from forkserve.serving.child import STOP_REMINDER

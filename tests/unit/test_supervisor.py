@@ -185,3 +185,7 @@ def test_the_signal_table_covers_every_intent() -> None:
     assert len({route.signal for route in SIGNALS}) == len(SIGNALS)
     verbs = [route.verb for route in SIGNALS if route.verb]
     assert len(verbs) == len(set(verbs))
+
+
+def test_every_intent_but_reaping_has_a_step_in_the_loop(sup: Supervisor) -> None:
+    assert set(sup._steps) == set(Intent) - {Intent.REAP}, "SIGCHLD: the loop reaps every turn"

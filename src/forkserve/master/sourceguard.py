@@ -38,14 +38,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 
 from ..ops.scoreboard import Scoreboard
 from ..protocol.admission import Reason, source_tag
 from ..protocol.defence import Startups
+from ..serving.signals import DROP_UNPROVEN
 
-#: Sent to a serving process whose unproven connection must give way (see above).
-DROP_UNPROVEN = signal.SIGWINCH
+# (sent to a serving process whose unproven connection must give way, see above; declared
+# with the serving processes' signal tables)
 
 
 class SourceGuard:

@@ -37,6 +37,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# (how many clients a listener holds: in serving.accept, which the prefork workers import too)
+from ..serving.accept import accept_queue
+
+__all__ = ["Quiet", "accept_queue", "io_total", "tcp_quiet"]
+
 #: pidfd_getfd(2); the same number on every Linux architecture (the unified syscall table).
 _SYS_PIDFD_GETFD = 438
 #: Bytes of struct tcp_info read: up to tcpi_notsent_bytes (Linux 4.6) and a little more.
@@ -132,16 +137,3 @@ def io_total(pid: int) -> int | None:
         return int(fields[b"rchar"]) + int(fields[b"wchar"])
     except (OSError, KeyError, ValueError):
         return None
-
-
-def accept_queue(sock: socket.socket) -> int | None:
-    """How many clients wait in the accept queue of the listening TCP socket ``sock`` (for a
-    listener, Linux reports that count in ``tcpi_unacked``); ``None`` where the kernel does
-    not say (a unix socket, another system)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _UNACKED_AT + 4)
-    except (OSError, AttributeError):  # AttributeError: no TCP_INFO on this system
-        return None
-    return int(_U32.unpack_from(info, _UNACKED_AT)[0]) if len(info) >= _UNACKED_AT + 4 else None

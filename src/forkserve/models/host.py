@@ -77,6 +77,7 @@ from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.logs import AccessLog
 from ..ops.scoreboard import Slot
+from ..serving.accept import ACCEPT_PAUSE_SECONDS
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
@@ -137,7 +138,7 @@ class Host(Protocol):
         """accept() failed in the master: skip, or pause accepting (True: stop taking)."""
 
     def accept_paused(self, code: int, pauses: int = 1, *, by: str = "",
-                      pause: float = 0.1) -> None:
+                      pause: float = ACCEPT_PAUSE_SECONDS) -> None:
         """Serving processes paused their accepts ``pauses`` times after errno ``code``:
         count and report it through the master's one rate limiter."""
 

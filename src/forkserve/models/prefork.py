@@ -29,11 +29,8 @@ it keeps the pool at its target size and rolls it on reload.
 - Scaling: TTIN and TTOU change the target by one, never below 1 nor above ``max_workers``;
   a worker retired to shrink the pool is an idle one if any is (a busy one finishes its
   connection first, but an idle one costs nobody anything).
-- Watchdog: a ready worker whose slot is idle or working (not waiting on its client) and whose
-  heartbeat is older than the ``timeout`` it was forked with gets SIGABRT, then SIGKILL after
-  ``ABORT_GRACE``, repeated at most once a second until it is reaped (a process in
-  uninterruptible sleep dies late; the master must not spin meanwhile). A worker not ready
-  ``timeout`` after its fork (a ``post_fork`` hook or an app's start that hangs) is ended the
+- Watchdog (``watchdog``): a worker whose own code made no progress for the ``timeout`` it was
+  forked with gets SIGABRT, then SIGKILL; one not ready ``timeout`` after its fork is ended the
   same way, and counts as a boot failure.
 - Adaptive pool, the default (``adaptive``: Apache prefork's rule and defaults): once a
   second the target grows while too few workers are idle and shrinks while too many are. Only
@@ -48,7 +45,6 @@ import logging
 import os
 import signal
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
 from typing import NoReturn
 
 from ..config import Config
@@ -62,10 +58,13 @@ from ..protocol.defence import CAUSES
 from ..protocol.poolpipe import Inbox, Kind, Message
 from ..serving.accept import ACCEPT_PAUSE_SECONDS
 from ..serving.child import STOP_REMINDER
+from ..serving.signals import REOPEN
 from ..serving.worker import WorkerContext, run_worker
 from .adaptive import Adapter, Step, plan
 from .host import Host, ModelStatus, Serving
+from .pool import BUSY, Pool, WorkerInfo
 from .stress import StressMode
+from .watchdog import Watchdog
 
 log = logging.getLogger("forkserve")
 
@@ -73,44 +72,8 @@ log = logging.getLogger("forkserve")
 RESPAWN_INTERVAL = 1.0
 #: Workers that fail while booting, in a row, before the master gives up.
 BOOT_FAILURES_TO_HALT = 3
-#: After the watchdog's SIGABRT (which prints the stack), SIGKILL if still alive this long.
-ABORT_GRACE = 2.0
-#: After that, SIGKILL again this often until the worker is reaped.
-KILL_RETRY = 1.0
 #: While ready workers serve, a slot whose workers fail to boot waits at most this long.
 BOOT_BACKOFF_MAX = 30.0
-#: Slot states of a worker that has a connection.
-BUSY = frozenset({SlotState.READING, SlotState.WRITING, SlotState.CLOSING,
-                  SlotState.FINISHING})
-#: Slot states whose time the watchdog bounds: the worker's own code (not its client) runs.
-WATCHED = frozenset({SlotState.IDLE, SlotState.WRITING})
-
-
-@dataclass
-class WorkerInfo:
-    pid: int
-    slot: int
-    generation: int
-    started: float
-    #: The watchdog's ``timeout`` of the config this worker was forked with.
-    timeout: float
-    ready: bool = False
-    retiring: bool = False
-    #: When SIGTERM went to it, while ``retiring``, and whether it went again since
-    #: (``child.STOP_REMINDER``).
-    told_at: float = 0.0
-    reminded: bool = False
-    aborted_at: float | None = None
-    killed_at: float | None = None
-
-
-@dataclass
-class Pool:
-    target: int
-    generation: int = 0
-    boot_failures: int = 0
-    #: slot -> monotonic time before which it may not be forked again
-    slot_free_at: dict[int, float] = field(default_factory=dict)
 
 
 class PreforkModel:
@@ -136,6 +99,7 @@ class PreforkModel:
         self.adapter = Adapter(plan(config))
         self.pool = Pool(target=self.adapter.plan.start)
         self.stress = StressMode(self.scoreboard, self.kernel, self.host.count)
+        self.watchdog = Watchdog(self.scoreboard, self.kernel)
         #: When the earliest published penalty ends (the scoreboard is written again then).
         self._penalties_end: float | None = None
         #: Connections served by workers that have exited (the live ones are in their slots).
@@ -166,7 +130,7 @@ class PreforkModel:
         if self._penalties_end is not None and now >= self._penalties_end:
             self._publish_penalties(now)  # one ended: the workers let that source in again
         self._remind_retiring(now)
-        self._watchdog(now)
+        self.watchdog.check(self.workers.values(), now)
         self._adapt(now)
         while self._current_count() < self.pool.target:
             slot = self._free_slot(now)
@@ -177,7 +141,7 @@ class PreforkModel:
     def next_deadline(self) -> float | None:
         if self.host.stopping:
             return None
-        deadlines = self._watchdog_deadlines()
+        deadlines = self.watchdog.deadlines(self.workers.values())
         deadlines += [w.told_at + STOP_REMINDER for w in self.workers.values()
                       if w.retiring and not w.reminded]
         if (look := self.adapter.deadline()) is not None:
@@ -244,59 +208,6 @@ class PreforkModel:
     def _is_idle(self, worker: WorkerInfo) -> bool:
         slot = self.scoreboard.read(worker.slot)
         return worker.ready and slot.pid == worker.pid and slot.state is SlotState.IDLE
-
-    # ------------------------------------------------------------------ watchdog
-
-    def _watchdog_deadlines(self) -> list[float]:
-        out = []
-        for worker in self.workers.values():
-            if worker.killed_at is not None:
-                out.append(worker.killed_at + KILL_RETRY)
-            elif worker.aborted_at is not None:
-                out.append(worker.aborted_at + ABORT_GRACE)
-            elif not worker.ready:
-                out.append(worker.started + worker.timeout)
-            else:
-                slot = self.scoreboard.read(worker.slot)
-                if slot.pid == worker.pid and slot.state in WATCHED:
-                    out.append(slot.heartbeat + worker.timeout)
-        return out
-
-    def _watchdog(self, now: float) -> None:
-        """SIGABRT a worker whose own code made no progress for ``timeout``; then SIGKILL."""
-        for worker in list(self.workers.values()):
-            if worker.aborted_at is not None:
-                due = (worker.aborted_at + ABORT_GRACE if worker.killed_at is None
-                       else worker.killed_at + KILL_RETRY)
-                if now >= due:
-                    worker.killed_at = now
-                    with contextlib.suppress(ProcessLookupError):
-                        self.kernel.kill(worker.pid, signal.SIGKILL)
-                continue
-            if not worker.ready:
-                if now - worker.started >= worker.timeout:
-                    log.error("worker %d (pid %d) is not ready after %.1f s (a post_fork hook "
-                              "or the app's start stuck?): sending SIGABRT (its Python stack "
-                              "follows), then SIGKILL", worker.slot, worker.pid,
-                              now - worker.started)
-                    worker.aborted_at = now
-                    with contextlib.suppress(ProcessLookupError):
-                        self.kernel.kill(worker.pid, signal.SIGABRT)
-                continue
-            slot = self.scoreboard.read(worker.slot)
-            if slot.pid != worker.pid or slot.state not in WATCHED:
-                continue
-            stalled = now - slot.heartbeat
-            if stalled < worker.timeout:
-                continue
-            doing = (f"serving {slot.peer} (connected {now - slot.conn_start:.1f} s ago)"
-                     if slot.peer else "idle")
-            log.error("worker %d (pid %d) made no progress for %.1f s while %s: sending "
-                      "SIGABRT (its Python stack follows), then SIGKILL", worker.slot,
-                      worker.pid, stalled, doing)
-            worker.aborted_at = now
-            with contextlib.suppress(ProcessLookupError):
-                self.kernel.kill(worker.pid, signal.SIGABRT)
 
     def _current_count(self) -> int:
         return len(self._current())
@@ -521,7 +432,7 @@ class PreforkModel:
 
     def reopen_logs(self) -> None:
         for pid in self.workers:  # each reopens after its connection (``worker``)
-            self.signal(pid, signal.SIGUSR1)
+            self.signal(pid, REOPEN)
 
     def status(self) -> ModelStatus:
         slots = [self._slot_of(w) for w in self.workers.values()]

@@ -9,7 +9,8 @@ received, then end the input) and arms a timer of ``graceful_timeout``. If the h
 running when it fires, SIGALRM raises ``StopDeadline`` out of the handler (the only way to end
 Python code running in this same process), the connection is closed and the master exits 1,
 as the fork model does when it has to kill a child. A handler that swallows even that (a bare
-``except:``) is given ``FINAL_GRACE`` more seconds, then the process exits at once.
+``except:``) is given ``FINAL_GRACE`` more seconds, then the process exits at once. Its signal
+table is ``serving.signals.SINGLE`` (the master's table applies to the rest).
 
 A stop that arrives between accept() and the start of the handler is not lost: ``interrupt``
 records it even with no connection in service, and ``_run_handler`` looks at that record
@@ -37,6 +38,7 @@ from ..protocol.defence import Cause
 from ..serving.child import PENALISED_EXITS, serve_one
 from ..serving.connection import Connection, Patience, format_address
 from ..serving.preamble import Proxied, open_connection, proxy_addresses
+from ..serving.signals import SINGLE, Step, install, restore
 from ..serving.tls import HandshakeTimeout
 from .host import Host, ModelStatus, Serving, WithoutPool
 
@@ -71,14 +73,15 @@ class SingleModel(WithoutPool):
         #: Set by ``interrupt`` (in the signal handler), with or without a connection.
         self._stop_asked = False
         self._deadline_hit = False
-        self._previous_alarm: signal._HANDLER = None
+        #: The handlers the model's table replaced (``serving.signals.SINGLE``).
+        self._previous: dict[int, object] = {}
 
     @property
     def config(self) -> Config:
         return self.serving.config
 
     def start(self) -> None:
-        self._previous_alarm = signal.signal(signal.SIGALRM, self._deadline)
+        self._previous = install(SINGLE, {Step.DEADLINE: self._deadline})
 
     def _deadline(self, signum: int, frame: FrameType | None) -> None:
         conn = self._serving
@@ -203,4 +206,4 @@ class SingleModel(WithoutPool):
                            handler_errors=self._errors)
 
     def close(self) -> None:
-        signal.signal(signal.SIGALRM, self._previous_alarm)
+        restore(self._previous)

@@ -1,7 +1,7 @@
 """Stress mode in a model (``defence.Stress``, Postfix's ``-o stress=yes``): at capacity, the
 deadlines of connections waiting for their client shrink, and the processes serving them are
-told to look at their deadlines again (``child.LOOK_AGAIN``); it ends once a quarter of the
-capacity is free again. Runs in the master."""
+told to look at their deadlines again (``serving.signals.LOOK_AGAIN``); it ends once a quarter
+of the capacity is free again. Runs in the master."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..config import Config
 from ..kernel import Kernel
 from ..ops.scoreboard import Scoreboard
 from ..protocol.defence import Stress
-from ..serving.child import LOOK_AGAIN
+from ..serving.signals import LOOK_AGAIN
 
 log = logging.getLogger("forkserve")
 

@@ -18,11 +18,21 @@ meet the same errors (trio's ``ACCEPT_CAPACITY_ERRNOS``, with the reason next to
   (load, not a bug), rate-limited for the whole server.
 - **Anything else** (EBADF, EINVAL: a listener closed or broken under us) is paused the same
   way, never spun on, but logged as an error: it is a bug or a broken environment.
+
+It also says what a process that accepts needs of a listener and of the admission rules
+(``Listening``, ``Rules``: the master's ``Listener`` and ``Gate`` are both), so that a prefork
+worker names them without importing the master, and how many clients a TCP listener holds
+(``accept_queue``, for a stop's drain).
 """
 
 from __future__ import annotations
 
 import errno
+import socket
+import struct
+from typing import Protocol
+
+from ..protocol.admission import ClientKey
 
 #: accept() errors that mean "out of a resource right now": the pending connection stays
 #: queued, so retrying at once would spin. Pause; a warning, not an error.
@@ -48,3 +58,38 @@ def skip(exc: OSError) -> bool:
 def is_capacity(code: int) -> bool:
     """True if errno ``code`` is load (a warning), False if it is a bug (an error)."""
     return code in ACCEPT_CAPACITY_ERRNOS
+
+
+class Listening(Protocol):
+    """What an accepting process needs of a listener (``master.listeners.Listener``)."""
+
+    @property
+    def sock(self) -> socket.socket: ...
+    def fileno(self) -> int: ...
+
+
+class Rules(Protocol):
+    """The admission rules a prefork worker applies itself (``master.gate.Gate``)."""
+
+    def tick(self, now: float) -> None: ...
+    def admit(self, sock: socket.socket, addr: object) -> tuple[bool, ClientKey | None]: ...
+    def release(self, key: ClientKey | None) -> None: ...
+
+
+#: Offset of ``tcpi_unacked`` in struct tcp_info (include/uapi/linux/tcp.h; ``master.traffic``
+#: reads the same struct for exec programs' connections).
+_UNACKED_AT = 24
+_U32 = struct.Struct("=I")
+
+
+def accept_queue(sock: socket.socket) -> int | None:
+    """How many clients wait in the accept queue of the listening TCP socket ``sock`` (for a
+    listener, Linux reports that count in ``tcpi_unacked``); ``None`` where the kernel does
+    not say (a unix socket, another system)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _UNACKED_AT + 4)
+    except (OSError, AttributeError):  # AttributeError: no TCP_INFO on this system
+        return None
+    return int(_U32.unpack_from(info, _UNACKED_AT)[0]) if len(info) >= _UNACKED_AT + 4 else None

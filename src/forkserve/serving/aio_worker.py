@@ -82,8 +82,9 @@ from .connection import Connection
 from .handlers import AsyncApp, import_object
 from .limits import apply_limits
 from .preamble import Proxied, check_trusted, open_connection, proxied
+from .signals import DROP_UNPROVEN, LOOK_AGAIN, REOPEN
 from .stopsignal import StopSignal
-from .worker import IGNORED_SIGNALS, REOPEN, WorkerContext, resident_mb
+from .worker import WorkerContext, resident_mb
 
 if TYPE_CHECKING:
     from ..apps import App
@@ -99,9 +100,10 @@ ACCEPT_BATCH = 64
 #: A connection past ``max_connection_time`` whose handler neither reads nor writes is
 #: cancelled this long after (the fork model's timer gives a process as long).
 EXPIRY_GRACE = 5.0
-#: Signals a hybrid worker ignores beyond prefork's: the stress word (the loop's timers look
-#: at nothing the master says) and the early drop's displacement (no slot holds one client).
-ALSO_IGNORED = (signal.SIGUSR2, signal.SIGWINCH)
+#: Signals a hybrid worker ignores: those meant for the master (sent to the whole group), the
+#: stress word (the loop's timers look at nothing the master says) and the early drop's
+#: displacement (no slot holds one client). (serving.signals.WORKER is prefork's table.)
+IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, LOOK_AGAIN, DROP_UNPROVEN)
 #: A worker logs its refusals at most once per reason this often.
 REFUSAL_REPORT_INTERVAL = 5.0
 
@@ -191,7 +193,7 @@ class AioWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_stop, "signal")
         loop.add_signal_handler(REOPEN, self._reopen)
-        for sig in (*IGNORED_SIGNALS, *ALSO_IGNORED):
+        for sig in IGNORED:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, _quit_now)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)

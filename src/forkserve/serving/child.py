@@ -14,7 +14,8 @@ it is shared by the fork model (in a child) and the single model (in the master)
 3. Signals, before anything waits on the client (the PROXY header, the TLS handshake): the
    master's dispositions and its wakeup fd are undone, the child's own wakeup pipe is
    installed (``stopsignal``: every wait on the client polls it too, so no stop is missed),
-   and the mask is cleared. SIGTERM and SIGINT mean "finish gracefully": the handler records
+   and the mask is cleared; what the child does with each signal is its table
+   (``signals.CHILD``). SIGTERM and SIGINT mean "finish gracefully": the handler records
    the stop, calls ``Connection.interrupt`` (answer what was received, then end the input and
    close with lingering) and arms a timer of ``graceful_timeout`` plus a margin, whose SIGALRM
    (default action) ends a handler that will not finish. These few system calls are the whole
@@ -54,13 +55,13 @@ from ..apps import App
 from ..config import Config
 from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong
 from ..hooks import Process
-from ..kernel import SIG_DFL, SIG_IGN, pthread_sigmask, set_handler
-from ..master.sourceguard import DROP_UNPROVEN
+from ..kernel import pthread_sigmask
 from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.defence import Cause
 from .connection import Connection, Patience, format_address
 from .limits import apply_limits
 from .preamble import Proxied, open_connection
+from .signals import CHILD, Step, install, look_again, reset
 from .stopsignal import StopSignal
 from .tls import HandshakeTimeout
 
@@ -81,13 +82,6 @@ CHILD_GRACE_MARGIN = 1.0
 #: Once only: a kernel timeout in progress (a write's, the closing linger's) restarts when a
 #: signal interrupts it, so a periodic reminder would keep it from ever expiring.
 STOP_REMINDER = 1.0
-#: Signals that ask a child to finish gracefully.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-#: Signals meant for the master that a child ignores when the whole group gets them.
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
-#: The master's word to serving processes: "the stress mode changed, look at your deadlines
-#: again" (``defence``). Harmless when an operator sends SIGUSR2 (upgrade) to the whole group.
-LOOK_AGAIN = signal.SIGUSR2
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -181,11 +175,6 @@ def patience_for(config: Config, board: Scoreboard, slot: int) -> Patience:
                     on_proven=functools.partial(board.mark_proven, slot))
 
 
-def look_again(signum: int, frame: object) -> None:
-    """SIGUSR2 from the master: the stress mode changed. The signal has already woken any
-    wait on the client (its wakeup pipe), which looks at its deadline again."""
-
-
 class _Finish:
     """The child's SIGTERM/SIGINT handler: record the stop, tell the connection (once it
     exists), arm the backstop timer once (the master's reminder must not push it back)."""
@@ -221,19 +210,12 @@ class _Finish:
 def _reset_signals(ctx: ChildContext) -> _Finish:
     # (kernel.set_handler and kernel.pthread_sigmask: no enum conversions on this path)
     signal.set_wakeup_fd(-1)
-    for sig in ctx.master_signals:
-        set_handler(sig, SIG_DFL)
+    reset(ctx.master_signals)
     stop = StopSignal(ctx.master_pid)
     stop.install()
     finish = _Finish(stop, ctx.config.graceful_timeout + CHILD_GRACE_MARGIN)
-    for sig in STOP_SIGNALS:
-        set_handler(sig, finish)
-    for sig in IGNORED_SIGNALS:
-        set_handler(sig, SIG_IGN)
-    set_handler(signal.SIGQUIT, _quit_now)
-    set_handler(LOOK_AGAIN, look_again)
-    set_handler(DROP_UNPROVEN, finish.give_way)
-    set_handler(signal.SIGALRM, SIG_DFL)
+    install(CHILD, {Step.FINISH: finish, Step.QUIT: _quit_now, Step.LOOK_AGAIN: look_again,
+                    Step.GIVE_WAY: finish.give_way})
     pthread_sigmask(signal.SIG_SETMASK, ())
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != ctx.master_pid:  # the master died before prctl: finish now

@@ -11,7 +11,8 @@ Theory of operation
    every wait on a client polls too: a stop is never missed). The listeners are
    non-blocking: a worker woken for a connection another worker took gets EAGAIN and waits
    again.
-4. Signal handlers only record (SIGTERM/SIGINT: finish; SIGQUIT: exit now), except that a stop
+4. Signal handlers (its table: ``signals.WORKER``) only record (SIGTERM/SIGINT: finish;
+   SIGQUIT: exit now), except that a stop
    while a connection is in service tells it to finish (``Connection.interrupt``, one
    ``setsockopt``) and arms a timer, so a worker whose master died cannot hang on. A worker
    retired from a pool that goes on, or busy, closes its listeners in the handler; at a stop
@@ -57,23 +58,18 @@ from ..apps import App
 from ..config import Config
 from ..errors import ChildExit, ClientError, WorkerExit
 from ..hooks import Process
-from ..master.gate import Gate
-from ..master.listeners import Listener
 from ..master.privileges import apply_limits
-from ..master.sourceguard import DROP_UNPROVEN, SourceGuard
-from ..master.traffic import accept_queue
+from ..master.sourceguard import SourceGuard
 from ..ops.logs import AccessLog, AccessRecord, RateLimiter
 from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.admission import source_tag
 from ..protocol.defence import CAUSES, Cause, Startups
 from ..protocol.poolpipe import Kind, Message, PauseTally
-from .accept import ACCEPT_PAUSE_SECONDS, skip
+from .accept import ACCEPT_PAUSE_SECONDS, Listening, Rules, accept_queue, skip
 from .child import (
     CHILD_GRACE_MARGIN,
-    LOOK_AGAIN,
     PENALISED_EXITS,
     arm_connection_timer,
-    look_again,
     patience_for,
     serve_one,
     set_parent_death_signal,
@@ -81,6 +77,7 @@ from .child import (
 )
 from .connection import Connection, format_address
 from .preamble import Proxied, open_connection, proxy_addresses
+from .signals import WORKER, Step, install, look_again, reset
 from .stopsignal import StopSignal, drain
 from .tls import HandshakeTimeout
 
@@ -96,11 +93,6 @@ log = logging.getLogger("forkserve")
 DRAIN_SECONDS = 5.0
 #: A worker logs its refusals (per-source cap, early drop) at most once per reason this often.
 REFUSAL_REPORT_INTERVAL = 5.0
-#: Signals meant for the master that a worker ignores when the whole group gets them.
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-#: From the master (or the whole group): reopen the access log, after the connection in
-#: service (the handler only records it).
-REOPEN = signal.SIGUSR1
 
 
 @dataclass(frozen=True)
@@ -109,7 +101,7 @@ class WorkerContext:
 
     app: App
     config: Config
-    listeners: Sequence[Listener]
+    listeners: Sequence[Listening]
     scoreboard: Scoreboard
     access_log: AccessLog | None
     master_pid: int
@@ -121,7 +113,7 @@ class WorkerContext:
     #: The TLS context, when TLS is on.
     tls: ssl.SSLContext | None = None
     #: Admission rules (allow/deny, rules_file), applied by the worker itself.
-    gate: Gate | None = None
+    gate: Rules | None = None
     #: The per-source cap in force (0: none) and the early drop (``sourceguard``).
     source_limit: int = 0
     startups: Startups | None = None
@@ -191,18 +183,12 @@ class Worker:
             raise BootAborted from None  # the master died while this worker booted
 
     def _install_signals(self) -> None:
+        """The worker's signal table (``signals.WORKER``), its wakeup pipe, then the mask."""
         signal.set_wakeup_fd(-1)
-        for sig in self.ctx.master_signals:
-            signal.signal(sig, signal.SIG_DFL)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._finish)
-        for sig in IGNORED_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, _quit_now)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.signal(LOOK_AGAIN, look_again)
-        signal.signal(REOPEN, self._reopen_asked)
-        signal.signal(DROP_UNPROVEN, self._drop_unproven)
+        reset(self.ctx.master_signals)
+        install(WORKER, {Step.FINISH: self._finish, Step.QUIT: _quit_now,
+                         Step.LOOK_AGAIN: look_again, Step.REOPEN: self._reopen_asked,
+                         Step.GIVE_WAY: self._drop_unproven})
         self.stop.install()
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         set_parent_death_signal(signal.SIGTERM)
@@ -303,7 +289,7 @@ class Worker:
             return True
         return False
 
-    def _accept(self, listener: Listener) -> bool:
+    def _accept(self, listener: Listening) -> bool:
         """Take one connection and serve it; False if none was queued (or accept failed)."""
         try:
             sock, addr = listener.sock.accept()
