@@ -38,6 +38,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests scripts examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_architecture.py
 	$(BIN)/python scripts/check_coverage.py
 	$(BIN)/pytest
 
@@ -47,9 +48,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# What may import what: the layers and forbidden imports declared in pyproject.toml.
+# What may import what: the layers and forbidden imports declared in pyproject.toml, and
+# docs/architecture.md's diagram of them (regenerate it: scripts/check_architecture.py --write).
 imports: $(STAMP)
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/check_architecture.py
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
