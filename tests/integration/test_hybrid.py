@@ -25,6 +25,7 @@ from tests.integration.harness import (
 )
 from tests.integration.test_status import status
 from tests.integration.test_tls import Pki, make_pki, tls_args, tls_connect
+from tests.integration.test_upgrade import listening_inode, stop_orphan
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = b"Hello from server!\n"
@@ -387,6 +388,25 @@ def test_reload_and_scaling_under_load_lose_nothing(server_factory: Factory) -> 
         done = load.ok
         assert wait_until(lambda: load.ok >= done + 100, 20)
     assert load.failures == []
+
+
+@pytest.mark.timeout(90)
+def test_usr2_upgrade_under_load_loses_nothing(server_factory: Factory, tmp_path: Path) -> None:
+    pid_file = tmp_path / "fs.pid"
+    server = hybrid(server_factory, "--workers", "2", "--pid-file", str(pid_file))
+    wait_for_workers(server, 2)
+    before = listening_inode(server.pid, server.port)
+    with Load(server, 4) as load:
+        assert wait_until(lambda: load.ok >= 50, 20)
+        server.signal(signal.SIGUSR2)
+        assert server.wait(20) == 0, server.log_tail()
+        new = int(pid_file.read_text().splitlines()[0])
+        assert new != server.pid
+        ok_at_switch = load.ok
+        assert wait_until(lambda: load.ok >= ok_at_switch + 50, 20)
+    assert load.failures == [], load.failures[:5]
+    assert listening_inode(new, server.port) == before, "the very same socket"
+    assert stop_orphan(new) == 0
 
 
 @pytest.mark.timeout(90)

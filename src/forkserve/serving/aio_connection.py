@@ -93,6 +93,10 @@ class AsyncConnection(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._waiter: asyncio.Future[None] | None = None
+        #: The waiting read's deadline, and the one timer that watches it (``_arm``).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._drainer: asyncio.Future[None] | None = None
         self._stop_began: float | None = None
         self._grace = STOP_GRACE
@@ -132,6 +136,9 @@ class AsyncConnection(asyncio.Protocol):
         return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._lost = True
         self._eof = True
         self._reset = exc
@@ -156,10 +163,9 @@ class AsyncConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ reading
 
-    async def lines(self) -> AsyncIterator[bytes]:
+    def lines(self) -> AsyncIterator[bytes]:
         """Yield each line (with its ``b"\\n"``) until the client closes its side."""
-        while line := await self.readline():
-            yield line
+        return _Lines(self)
 
     async def readline(self) -> bytes:
         """The next line with its ``b"\\n"``; the last one may lack it; ``b""`` at the end.
@@ -221,15 +227,12 @@ class AsyncConnection(asyncio.Protocol):
         if until is not None and until <= called:
             return self._expired(why)
         waiter = self._waiter = loop.create_future()
-        # (call_later: the loop's clock need not be time.monotonic(); uvloop's is not)
-        timer = None if until is None else loop.call_later(until - time.monotonic(),
-                                                           self._wake_at_deadline)
+        if until is not None:
+            self._arm(loop, until)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
         if self._buf or self._eof:
             return True
         until, why = self._read_deadline(called)
@@ -237,12 +240,33 @@ class AsyncConnection(asyncio.Protocol):
             return self._expired(why)
         return True  # woken for another reason (a stop that leaves this read its grace)
 
-    def _wake_at_deadline(self) -> None:
-        self._wake()
+    def _arm(self, loop: asyncio.AbstractEventLoop, until: float) -> None:
+        """Wake the waiting read at ``until`` (rule 2): one timer per connection, re-armed
+        lazily. A busy connection moves its deadline at every read; the timer is not moved
+        with it: when it fires early, it is armed again for what is left."""
+        self._deadline = until
+        if self._timer is not None:
+            if self._timer_at <= until:
+                return  # fires first, then re-arms for the rest
+            self._timer.cancel()
+        self._timer_at = until
+        # (call_later: the loop's clock need not be time.monotonic())
+        self._timer = loop.call_later(until - time.monotonic(), self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._waiter is None or self._waiter.done():
+            return  # no read waits: the next one arms its own
+        if time.monotonic() >= self._deadline:
+            self._wake()
+        else:
+            self._arm(loop, self._deadline)
 
     def _read_deadline(self, called: float) -> tuple[float | None, str]:
         """When a wait for more input that began at ``called`` gives up, and why: ``idle``,
         ``first``, ``expired``, ``stop``."""
+        if self._first_byte is None and self._expires is None and self._stop_began is None:
+            return (None, "") if self._idle is None else (called + self._idle, "idle")
         options: list[tuple[float, str]] = []
         if self._idle is not None:
             options.append((called + self._idle, "idle"))
@@ -366,6 +390,25 @@ class AsyncConnection(asyncio.Protocol):
             await waiter
         finally:
             timer.cancel()
+
+
+class _Lines:
+    """``conn.lines()``: ``readline`` until ``b""`` (a class: cheaper per line than an async
+    generator)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Lines:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self._conn.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
 
 
 def _settle(future: asyncio.Future[None]) -> None:
