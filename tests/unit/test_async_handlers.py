@@ -13,7 +13,7 @@ from forkserve.apps import hello as hello_app
 from forkserve.config import Config
 from forkserve.models.hybrid import open_count
 from forkserve.ops.scoreboard import Slot, SlotState
-from forkserve.serving.aio_worker import OPEN_FORMAT
+from forkserve.serving.aio_slots import OPEN_FORMAT
 from forkserve.serving.handlers import AsyncApp, adapt, check_app, is_async
 
 

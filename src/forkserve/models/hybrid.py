@@ -27,6 +27,7 @@ What differs:
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from typing import NoReturn
@@ -35,7 +36,7 @@ from ..kernel import Kernel
 from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.scoreboard import Slot, SlotState
-from ..serving.aio_worker import OPEN_FORMAT, run_aio_worker
+from ..serving.aio_slots import OPEN_FORMAT
 from ..serving.handlers import check_app
 from ..serving.worker import WorkerContext
 from .adaptive import Adapter, PoolPlan
@@ -62,11 +63,16 @@ class HybridModel(PreforkModel):
     def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate,
                  listeners: Sequence[Listener]) -> None:
         pool_plan = hybrid_plan(serving)  # first: a refused handler leaves nothing open
+        # the loop's modules (asyncio, uvloop: about 5 MB) are loaded here, in this model's
+        # master only, before any fork: the workers share their pages
+        importlib.import_module("forkserve.serving.aio_worker").preload(serving.config.loop)
         super().__init__(serving, host=host, kernel=kernel, gate=gate, listeners=listeners)
         self.adapter = Adapter(pool_plan)
         self.pool.target = pool_plan.start
 
     def _run_worker(self, ctx: WorkerContext, slot: int) -> NoReturn:
+        from ..serving.aio_worker import run_aio_worker  # noqa: PLC0415  (imported already)
+
         run_aio_worker(ctx, slot, self.pool.generation)
 
     def reconfigure(self, serving: Serving) -> str:

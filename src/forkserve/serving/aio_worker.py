@@ -25,16 +25,16 @@ differs is the body, here:
 4. At ``worker_connections`` open connections it stops watching the listeners: the kernel
    backlog (and the other workers) hold the rest, as ``max_children`` does for fork.
 5. Stop (SIGTERM/SIGINT; a retirement; ``max_requests``/``max_worker_memory``): stop
-   accepting (at a stop of the whole server, announced by the master on the scoreboard, an
-   idle... any worker first takes what is queued on the listeners, so queued clients are
-   answered, not reset), close the listeners, tell every connection to finish (idle ones end
+   accepting (at a stop of the whole server, announced by the master on the scoreboard, each
+   worker first takes what is queued on the listeners, so queued clients are answered, not
+   reset), close the listeners, tell every connection to finish (idle ones end
    at once, a request in flight is answered, an incomplete one gets ``STOP_GRACE``), wait for
    them up to ``graceful_timeout``, then cancel what is left and exit 0. SIGQUIT exits at once.
 6. The scoreboard slot says IDLE with no connection, WRITING with some, the number open as
-   its peer text (``OPEN_FORMAT``), and the served count; a timer stamps the heartbeat every
-   ``timeout / 2``, so the master's watchdog (prefork's) fires when the *loop* is blocked for
-   ``timeout``: a handler that never awaits gets its worker's stacks dumped (SIGABRT,
-   ``faulthandler``) and the worker replaced.
+   its peer text (``aio_slots.OPEN_FORMAT``), and the served count; a timer stamps the
+   heartbeat every ``timeout / 2``, so the master's watchdog (prefork's) fires when the
+   *loop* is blocked for ``timeout``: a handler that never awaits gets its worker's stacks
+   dumped (SIGABRT, ``faulthandler``) and the worker replaced.
 
 Worst case per connection: one task, one ``AsyncConnection`` and its buffer (at most
 ``max_line`` + ``READ_AHEAD`` bytes before reading pauses), one timer while it waits.
@@ -71,6 +71,7 @@ from ..protocol.poolpipe import Kind, Message, PauseTally
 from ..protocol.proxyproto import ProxyParser
 from .accept import ACCEPT_PAUSE_SECONDS, skip
 from .aio_connection import STOP_GRACE, AsyncConnection
+from .aio_slots import OPEN_FORMAT
 from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
@@ -91,9 +92,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkserve")
 
-#: The peer text of a hybrid worker's slot: how many connections it holds (``models.hybrid``
-#: reads it back for the status view).
-OPEN_FORMAT = "{} open"
 #: Connections accepted per wake-up of the loop, at most (the rest wait for the next turn, so
 #: one burst cannot starve the connections already open).
 ACCEPT_BATCH = 64
@@ -119,6 +117,14 @@ def new_loop(choice: str) -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
+
+
+def preload(choice: str) -> None:
+    """In the master, before any fork: load the loop ``choice`` names (the workers then
+    share its pages)."""
+    if choice != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401, PLC0415  (an optional extra: forkserve[fast])
 
 
 def async_form(app: App) -> AsyncApp | None:
