@@ -49,6 +49,8 @@ EXPLANATION = (
     "prefork: a pool of processes forked ahead; the slow client holds one worker and the "
     "others serve everyone (the pool grows past slow clients; a fixed one, --workers N, "
     "would queue everyone behind N of them).",
+    "hybrid:  a few workers, each an event loop over many connections; the slow client is "
+    "one connection among many and costs the fast ones nothing.",
 )
 
 
