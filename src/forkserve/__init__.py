@@ -18,14 +18,17 @@ from ._version import __version__
 if TYPE_CHECKING:
     from .config import Config
     from .errors import ConfigError, ForkserveError, ListenError
+    from .serving.aio_connection import AsyncConnection
     from .serving.connection import Connection
-    from .serving.handlers import Handler
+    from .serving.handlers import AsyncHandler, Handler
 
-#: Where each public name lives (imported on first use).
+#: Where each public name lives (imported on first use: a zygote imports only the serving
+#: code, and asyncio (about 5 MB) is loaded only by a program that asks for AsyncConnection).
 _LAZY = {
     "Config": ".config", "ConfigError": ".errors", "ForkserveError": ".errors",
     "ListenError": ".errors", "Connection": ".serving.connection",
-    "Handler": ".serving.handlers",
+    "Handler": ".serving.handlers", "AsyncHandler": ".serving.handlers",
+    "AsyncConnection": ".serving.aio_connection",
 }
 
 
@@ -43,7 +46,8 @@ def serve(app: str | object = "hello", **settings: object) -> int:
 
     ``app`` is a built-in app's name, ``"module:attr"``, or the handler itself: a function
     ``handle(conn)``, a class with ``handle(conn)`` (optional ``setup``/``finish``), or a
-    ``socketserver.BaseRequestHandler`` subclass.
+    ``socketserver.BaseRequestHandler`` subclass; with ``model="hybrid"``, an ``async def
+    handle(conn)`` or a class of async methods too (``conn`` is an ``AsyncConnection``).
 
     Blocks in the calling process, which becomes the master, and returns the exit status
     (0, or 1 if a graceful stop had to kill connections). Raises ``ConfigError`` for a setting
@@ -60,6 +64,8 @@ def serve(app: str | object = "hello", **settings: object) -> int:
 
 
 __all__ = [
+    "AsyncConnection",
+    "AsyncHandler",
     "Config",
     "ConfigError",
     "Connection",

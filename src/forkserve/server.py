@@ -20,7 +20,7 @@ from .ops import pidfile
 from .ops.logs import configure, log, open_access_log
 from .ops.metrics import require_client as require_metrics_client
 from .serving import limits
-from .serving.handlers import adapt
+from .serving.handlers import adapt, check_app
 from .serving.handlers import load as load_handler
 from .serving.tls import make_context as make_tls_context
 
@@ -85,6 +85,7 @@ def prepare(config: Config, app: App | None = None) -> tuple[
     if config.umask is not None:
         os.umask(config.umask)
     app = load_handler(config.app) if app is None else adapt(app, config.app)
+    check_app(app, config)  # (an async handler needs hybrid; hybrid's threads a blocking one)
     if config.metrics_bind is not None:
         require_metrics_client()
     if config.reload:

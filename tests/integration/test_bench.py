@@ -21,7 +21,7 @@ from .harness import wait_until
 MARK = "FORKSERVE_BENCH_TEST_MARK"
 ROW = re.compile(r"^(\S+)\s+(persist_c10|connect_c10)\s+([\d,]+)\s+(\S+)\s+(\S+)\s+(\S+)"
                  r"\s+(\d+)\s+(\d+)\s")
-DEMO_ROW = re.compile(r"^(single|fork|prefork)\s+done\s+(\d+)\s+(\S+)\s+(\S+)\s")
+DEMO_ROW = re.compile(r"^(single|fork|prefork|hybrid)\s+done\s+(\d+)\s+(\S+)\s+(\S+)\s")
 FIELDS = {"server", "scenario", "mode", "conns", "slow", "ok", "rps", "p50_us", "p99_us",
           "p999_us", "errors", "timeouts", "mem", "mem_per_conn_kb", "client_cpu",
           "client_bound", "server_alive_after", "mem_idle", "cmd"}
@@ -123,7 +123,7 @@ def test_bench_unknown_model_and_dead_server() -> None:
     proc, _ = run(["bench", "--models", "fork,threads"], 20)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        "forkserve: bench: unknown model 'threads' (choose from fork, prefork, single)"]
+        "forkserve: bench: unknown model 'threads' (choose from fork, prefork, single, hybrid)"]
     proc, mark = run(["bench", "--models", "", "--server", "dead=false {port}",
                       "--scenarios", "persist_c1", "--duration", "1"], 25)
     assert proc.returncode == 1
@@ -140,15 +140,16 @@ def test_demo_shows_the_queue_form_and_vanish() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = {m.group(1): m.groups()[1:] for line in proc.stdout.splitlines()
             if (m := DEMO_ROW.match(line))}
-    assert set(rows) == {"single", "fork", "prefork"}, proc.stdout
+    assert set(rows) == {"single", "fork", "prefork", "hybrid"}, proc.stdout
     answered = {model: int(r[0]) for model, r in rows.items()}
     # The slow client holds single's only connection for the whole window: at most the ten
     # queued requests are answered once it leaves, after waiting about the whole window.
     assert answered["single"] <= 10
     assert answered["fork"] > 5 * max(answered["single"], 1)
     assert answered["prefork"] > 5 * max(answered["single"], 1)
+    assert answered["hybrid"] > 5 * max(answered["single"], 1)
     if answered["single"]:
         assert float(rows["single"][2]) > 500.0  # p99 in ms: waited for the slow client
     assert len(proc.stdout.strip().splitlines()[-3:]) == 3
-    assert proc.stdout.strip().splitlines()[-3].startswith("single:")
+    assert proc.stdout.strip().splitlines()[-4].startswith("single:")
     assert_nothing_left(mark)

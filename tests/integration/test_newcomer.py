@@ -187,7 +187,7 @@ def test_messages_suggest_and_show_no_python_repr(tmp_path: Path) -> None:
 def test_a_setting_the_model_ignores_gets_a_warning(server_factory: Factory) -> None:
     server = server_factory("--model", "fork", "--workers", "3")
     server.wait_for_log(r"^forkserve: warning: --workers \(workers\) applies to the prefork "
-                        "model only; the fork model ignores it$")
+                        "and hybrid models only; the fork model ignores it$")
 
 
 # ---------------------------------------------------------------- 6. --reload

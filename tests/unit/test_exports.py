@@ -7,7 +7,8 @@ import forkserve
 
 def test_public_names_are_pinned() -> None:
     assert sorted(forkserve.__all__) == [
-        "Config", "ConfigError", "Connection", "ForkserveError", "Handler", "ListenError",
+        "AsyncConnection", "AsyncHandler", "Config", "ConfigError", "Connection",
+        "ForkserveError", "Handler", "ListenError",
         "__version__",
         "serve",
     ]

@@ -16,3 +16,9 @@ BUILTIN: dict[str, str] = {
     "hello": "forkserve.apps.hello:handle",
     "echo": "forkserve.apps.echo:handle",
 }
+
+#: The async form of each built-in app, which the hybrid model runs in its place.
+ASYNC_FORMS: dict[str, str] = {
+    "forkserve.apps.hello:handle": "forkserve.apps.hello:handle_async",
+    "forkserve.apps.echo:handle": "forkserve.apps.echo:handle_async",
+}

@@ -8,8 +8,12 @@ debug level (``--log-level debug``), not printed to stdout: a server's stdout is
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..serving.connection import Connection
+
+if TYPE_CHECKING:  # asyncio is loaded only where a loop runs (hybrid workers)
+    from ..serving.aio_connection import AsyncConnection
 
 log = logging.getLogger("forkserve.app.hello")
 
@@ -23,3 +27,12 @@ def handle(conn: Connection) -> None:
         if debug:
             log.debug("Received: %s", line.rstrip(b"\r\n").decode("utf-8", "replace"))
         conn.write(ANSWER)
+
+
+async def handle_async(conn: AsyncConnection) -> None:
+    """The same, as async code: the form the hybrid model runs for ``hello``."""
+    debug = log.isEnabledFor(logging.DEBUG)
+    async for line in conn.lines():
+        if debug:
+            log.debug("Received: %s", line.rstrip(b"\r\n").decode("utf-8", "replace"))
+        await conn.write(ANSWER)

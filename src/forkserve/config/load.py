@@ -78,7 +78,8 @@ def ignored_by_model(config: Config, given: Iterable[str]) -> list[str]:
     """One sentence for each setting in ``given`` that ``config.model`` does not use."""
     infos = {name: info for name, info, _ in settings()}
     return [f"{flag_of(name)} ({name}) applies to the {' and '.join(infos[name].models)} "
-            f"model only; the {config.model} model ignores it"
+            f"model{'s' if len(infos[name].models) > 1 else ''} only; the {config.model} "
+            "model ignores it"
             for name in sorted(given)
             if name in infos and infos[name].models and config.model not in infos[name].models]
 

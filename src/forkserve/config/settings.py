@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,8 +59,9 @@ def setting(default: object, kind: Kind, doc: str, *, flag: str = "",
     return field(default=default, metadata={_META: SettingInfo(kind, doc, flag, models)})
 
 
-MODELS = ("fork", "single", "prefork")
+MODELS = ("fork", "single", "prefork", "hybrid")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOOPS = ("auto", "asyncio", "uvloop")
 
 #: prefork, unless the operator fixed the pool: Apache prefork's defaults out of the box
 #: (StartServers 5, MinSpareServers 5, MaxSpareServers 10, MaxRequestWorkers 256), so that a
@@ -91,8 +93,9 @@ class Config:
     model: str = setting(
         "fork", Choice(options=MODELS),
         "How connections meet processes: fork (a child per connection), prefork (a pool of "
-        "workers forked ahead, each serving one connection at a time) or single (the master "
-        "serves one connection at a time).",
+        "workers forked ahead, each serving one connection at a time), hybrid (pre-forked "
+        "workers, each an event loop over many connections) or single (the master serves one "
+        "connection at a time).",
     )
     app: str = setting(
         "hello", Text(),
@@ -109,8 +112,8 @@ class Config:
         f"prefork: 0 (the default): an adaptive pool that starts with {START_WORKERS} workers "
         "and keeps between min_spare and max_spare of them idle, up to max_workers; N alone: a "
         "fixed pool of N; N with min_spare or max_spare: N to start with, then adaptive. "
-        "TTIN/TTOU add or remove one.",
-        models=("prefork",),
+        "TTIN/TTOU add or remove one. hybrid: N workers; 0: one per CPU.",
+        models=("prefork", "hybrid"),
     )
     max_workers: int = setting(
         MAX_WORKERS, Int(minimum=1),
@@ -118,7 +121,7 @@ class Config:
         f"there too). An idle worker of the hello app costs about {WORKER_PSS_MB:g} MB "
         f"(PSS), so {MAX_WORKERS} cost about {MAX_WORKERS * WORKER_PSS_MB / 1024:.1f} GB, and "
         "more with a bigger app: lower it to what the machine can hold.",
-        models=("prefork",),
+        models=("prefork", "hybrid"),
     )
     min_spare: int | None = setting(
         None, IntOrUnset(minimum=0),
@@ -136,25 +139,44 @@ class Config:
     timeout: float = setting(
         30.0, Seconds(),
         "prefork: a worker whose own code makes no progress for this long (waiting on a "
-        "client does not count) gets SIGABRT, which logs its Python stack, then SIGKILL.",
-        models=("prefork",),
+        "client does not count) gets SIGABRT, which logs its Python stack, then SIGKILL. "
+        "hybrid: the same for a worker whose event loop is blocked this long.",
+        models=("prefork", "hybrid"),
     )
     max_worker_memory: int = setting(
         0, Int(minimum=0),
         "prefork: a worker whose resident memory passes this many MB is replaced after its "
         "connection (0: never).",
-        models=("prefork",),
+        models=("prefork", "hybrid"),
     )
     max_requests: int = setting(
         0, Int(minimum=0),
         "prefork: a worker is replaced after serving this many connections (0: never).",
-        models=("prefork",),
+        models=("prefork", "hybrid"),
     )
     max_requests_jitter: int = setting(
         0, Int(minimum=0),
         "prefork: add a random 0..N to each worker's max_requests, so they do not all "
         "restart at once.",
-        models=("prefork",),
+        models=("prefork", "hybrid"),
+    )
+    worker_connections: int = setting(
+        1000, Int(minimum=1),
+        "hybrid: connections one worker serves at once; at the cap it stops accepting and "
+        "new clients wait in the backlog (or in another worker).",
+        models=("hybrid",),
+    )
+    threads: int = setting(
+        4, Int(minimum=0),
+        "hybrid: threads per worker that run blocking handlers (a plain handle(conn) or a "
+        "socketserver handler); 0: async handlers only.",
+        models=("hybrid",),
+    )
+    loop: str = setting(
+        "auto", Choice(options=LOOPS),
+        "hybrid: the event loop: asyncio, uvloop (the `fast` extra) or auto (uvloop when "
+        "installed).",
+        models=("hybrid",),
     )
     max_children: int = setting(
         512, Int(minimum=1),
@@ -405,6 +427,9 @@ class Config:
         if self.reload and self.user is not None:
             raise ConfigError("reload", "a development reload is not for a server that "
                                         "changes user: drop --reload or --user")
+        if self.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ConfigError("loop", "uvloop is not installed (pip install "
+                                      "'forkserve[fast]'), or use auto or asyncio")
         if self.workers > self.max_workers:
             raise ConfigError("workers", f"must be at most max_workers ({self.max_workers}), "
                                          f"got {self.workers}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -64,7 +65,11 @@ AUTO_STARTUPS_MIN = 10
 
 
 def capacity(config: Config) -> int:
-    """Connections served at once at most: ``max_children``, or prefork's ``max_workers``."""
+    """Connections served at once at most: ``max_children``, prefork's ``max_workers``, or
+    hybrid's ``worker_connections`` per worker (one worker per CPU unless set)."""
+    if config.model == "hybrid":
+        workers = config.workers or len(os.sched_getaffinity(0)) or 1
+        return workers * config.worker_connections
     return config.max_workers if config.model == "prefork" else config.max_children
 
 
@@ -95,12 +100,12 @@ def rules_wanted(config: Config) -> bool:
 
 def check_model(config: Config) -> None:
     """Refuse per-IP limits where no process sees every connection. Raises ``ConfigError``."""
-    if config.model == "prefork":
+    if config.model in ("prefork", "hybrid"):
         for name in ("max_per_ip", "rate_per_ip"):
             if getattr(config, name):
                 raise ConfigError(name, "needs the master to see every connection, and "
-                                        "prefork workers accept by themselves: use the fork "
-                                        "model, or limit on the load balancer (prefork "
+                                        f"{config.model} workers accept by themselves: use "
+                                        "the fork model, or limit on the load balancer (prefork "
                                         "caps the unproven: max_startups_per_source)")
 
 

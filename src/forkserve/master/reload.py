@@ -59,7 +59,7 @@ from ..apps import BUILTIN, App
 from ..config import Config
 from ..ops.logs import AccessLog, open_access_log
 from ..protocol.admission import Admission
-from ..serving.handlers import app_dir
+from ..serving.handlers import app_dir, check_app
 from ..serving.handlers import load as load_handler
 from ..serving.limits import check_limits
 from ..serving.tls import make_context
@@ -120,6 +120,7 @@ def prepare(running: Config, app: App, access_log: AccessLog | None, origin: Ori
         new = hooks.resolve(new)
         if origin.app_by_name:
             app = load_handler(new.app, chdir=running.chdir)
+        check_app(app, new)  # (an async handler needs hybrid; hybrid's threads a blocking one)
         context = make_context(new)
         admitting = gate.build(new, previous=admission)
         access = _access_log(running, new, access_log)  # last: nothing can fail after it

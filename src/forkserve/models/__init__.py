@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from ..apps.exec import Program, check_model
 from ..errors import ConfigError
+from ..serving.handlers import check_app
 from .fork import ForkModel
 from .fork_exec import ExecModel
 from .host import Factory, Model, ModelStatus, Parts, Serving
+from .hybrid import HybridModel
 from .prefork import PreforkModel
 from .single import SingleModel
 
@@ -36,8 +38,14 @@ def _prefork(p: Parts) -> Model:
                         listeners=p.listeners)
 
 
+def _hybrid(p: Parts) -> Model:
+    return HybridModel(p.serving, host=p.host, kernel=p.kernel, gate=p.gate,
+                       listeners=p.listeners)
+
+
 #: The models by their ``Config.model`` name: each takes from ``Parts`` what it uses.
-MODELS: dict[str, Factory] = {"fork": _fork, "single": _single, "prefork": _prefork}
+MODELS: dict[str, Factory] = {"fork": _fork, "single": _single, "prefork": _prefork,
+                              "hybrid": _hybrid}
 
 
 def create(parts: Parts) -> Model:
@@ -54,4 +62,5 @@ def create(parts: Parts) -> Model:
                                           "cannot speak TLS for it; put a TLS terminator "
                                           "(HAProxy, stunnel) in front")
         return _exec(parts)
+    check_app(parts.serving.app, parts.serving.config)
     return MODELS[name](parts)

@@ -45,6 +45,7 @@ import logging
 import os
 import signal
 from collections.abc import Collection, Sequence
+from typing import NoReturn
 
 from ..config import Config
 from ..errors import ExitCode, WorkerExit
@@ -241,13 +242,17 @@ class PreforkModel:
             with host.signals_blocked():
                 pid = self.kernel.fork()
                 if pid == 0:
-                    run_worker(ctx, slot, self.pool.generation)  # never returns
+                    self._run_worker(ctx, slot)  # never returns
         except OSError as exc:
             self.scoreboard.clear(slot)
             host.fork_failed(exc, refused=False)
             return
         self.workers[pid] = WorkerInfo(pid, slot, self.pool.generation, now,
                                        timeout=config.timeout)
+
+    def _run_worker(self, ctx: WorkerContext, slot: int) -> NoReturn:
+        """The body of a worker just forked (the hybrid model runs its own)."""
+        run_worker(ctx, slot, self.pool.generation)
 
     def _close_in_worker(self) -> None:
         self.host.close_in_child(worker=True)

@@ -23,6 +23,12 @@ and the object may be:
   idle and write timeouts still do, and a client that times out or vanishes ends quietly.
 
 Anything else is refused with a message that says what a handler is.
+
+Async handlers (the hybrid model): an ``async def handle(conn)`` or a class whose ``handle``
+(and optional ``setup``/``finish``) are ``async def``, given an ``AsyncConnection``. ``adapt``
+wraps them in an ``AsyncApp``: still an ``App`` to the code that carries apps around, but a
+blocking model that would call one is refused at start (``check_app``), and calling it is an
+error that says why. The hybrid model awaits ``AsyncApp.run``.
 """
 
 from __future__ import annotations
@@ -34,12 +40,19 @@ import socket
 import socketserver
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..apps import BUILTIN, App
+from ..apps import ASYNC_FORMS, BUILTIN, App
+from ..config import Config
 from ..errors import ConfigError, IdleTimeout, PeerGone
 from .connection import Connection
+
+if TYPE_CHECKING:  # asyncio is loaded only where a loop runs (hybrid workers)
+    from .aio_connection import AsyncConnection
+
+#: The models that can await an async handler.
+ASYNC_MODELS = ("hybrid",)
 
 
 @runtime_checkable
@@ -47,6 +60,45 @@ class Handler(Protocol):
     """A class-based handler: one instance per connection."""
 
     def handle(self, conn: Connection) -> None: ...
+
+
+@runtime_checkable
+class AsyncHandler(Protocol):
+    """A class-based async handler (hybrid model): one instance per connection; ``setup``
+    and ``finish``, if present, are ``async def`` too."""
+
+    async def handle(self, conn: AsyncConnection) -> None: ...
+
+
+class AsyncApp:
+    """An async handler, adapted: ``await app.run(conn)`` once per connection."""
+
+    def __init__(self, run: Callable[[AsyncConnection], Awaitable[None]], name: str) -> None:
+        self.run = run
+        self.name = name
+        self.__qualname__ = name
+
+    def __call__(self, conn: Connection) -> None:
+        raise TypeError(f"{self.name} is an async handler: only the hybrid model runs it")
+
+
+def is_async(app: object) -> bool:
+    """Does ``app`` run as async code on the hybrid model (an async handler, or a built-in
+    app that has an async form)?"""
+    if isinstance(app, AsyncApp):
+        return True
+    name = f"{getattr(app, '__module__', '')}:{getattr(app, '__qualname__', '')}"
+    return name in ASYNC_FORMS
+
+
+def check_app(app: object, config: Config) -> None:
+    """Refuse an app that ``config``'s model cannot run: an async handler under a blocking
+    model, a blocking one under hybrid with ``threads`` 0. Raises ``ConfigError``."""
+    if isinstance(app, AsyncApp) and config.model not in ASYNC_MODELS:
+        raise ConfigError("app", f"{app.name} is async: async handlers need --model hybrid")
+    if config.model in ASYNC_MODELS and config.threads == 0 and not is_async(app):
+        raise ConfigError("threads", "0 leaves no thread for a blocking handler: give the "
+                                     "hybrid model an async handler, or threads 1 or more")
 
 
 def load(spec: str, *, chdir: str | None = None) -> App:
@@ -130,12 +182,15 @@ def adapt(obj: object, name: str = "the app") -> App:
             if issubclass(obj, socketserver.DatagramRequestHandler):
                 raise ConfigError("app", f"{name}: datagram handlers are not supported")
             return _socketserver_app(obj)
-        if callable(getattr(obj, "handle", None)):
+        handle = getattr(obj, "handle", None)
+        if inspect.iscoroutinefunction(handle):
+            return _async_class_app(obj)
+        if callable(handle):
             return _class_app(obj)
         raise ConfigError("app", f"{name} is a class without a handle(conn) method")
     if inspect.iscoroutinefunction(obj):
-        raise ConfigError("app", f"{name} is an async function; the blocking models call "
-                                 "handle(conn) (async handlers are for the hybrid model)")
+        _check_arity(obj, name)
+        return AsyncApp(obj, name)
     if callable(obj):
         _check_arity(obj, name)
         app: App = obj
@@ -168,6 +223,28 @@ def _class_app(cls: type[Any]) -> App:
 
     run.__qualname__ = f"{cls.__qualname__}()"
     return run
+
+
+def _async_class_app(cls: type[Any]) -> AsyncApp:
+    for hook in ("setup", "finish"):
+        method = getattr(cls, hook, None)
+        if method is not None and not inspect.iscoroutinefunction(method):
+            raise ConfigError("app", f"{cls.__qualname__}.handle is async, so {hook} must be "
+                                     "async def too")
+
+    async def run(conn: AsyncConnection) -> None:
+        handler = cls()
+        setup = getattr(handler, "setup", None)
+        if setup is not None:
+            await setup(conn)
+        try:
+            await handler.handle(conn)
+        finally:
+            finish = getattr(handler, "finish", None)
+            if finish is not None:
+                await finish(conn)
+
+    return AsyncApp(run, f"{cls.__qualname__}()")
 
 
 class _ServerShim:

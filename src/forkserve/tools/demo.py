@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-For each model in ``DEMO_MODELS`` (single, then fork, then prefork) the demo starts
+For each model in ``DEMO_MODELS`` (single, fork, prefork, then hybrid) the demo starts
 ``forkserve serve --model M`` on a free 127.0.0.1 port (``bench.servers``: own session, probed
 until it accepts, stopped with SIGTERM then SIGKILL and reaped, in a ``finally``). Then:
 
@@ -33,7 +33,7 @@ from .bench.loadclient import LoadLoop
 from .bench.runner import slow_clients
 from .bench.servers import BenchFailed, RunningServer, free_port, model_spec
 
-DEMO_MODELS = ("single", "fork", "prefork")
+DEMO_MODELS = ("single", "fork", "prefork", "hybrid")
 FAST_CLIENTS = 10
 #: After the slow client leaves, how long queued fast clients have to be answered.
 DRAIN = 2.0
@@ -49,6 +49,8 @@ EXPLANATION = (
     "prefork: a pool of processes forked ahead; the slow client holds one worker and the "
     "others serve everyone (the pool grows past slow clients; a fixed one, --workers N, "
     "would queue everyone behind N of them).",
+    "hybrid:  a few workers, each an event loop over many connections; the slow client is "
+    "one connection among many and costs the fast ones nothing.",
 )
 
 
@@ -76,8 +78,8 @@ def _ms(us: float | None) -> str:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
-        "demo", help="watch one slow client block single, and not fork or prefork",
-        description="One slow client and ten fast ones against single, fork and prefork in "
+        "demo", help="watch one slow client block single, and not fork, prefork or hybrid",
+        description="One slow client and ten fast ones against single, fork, prefork and hybrid in "
                     "turn, on 127.0.0.1: the fast clients' latency side by side.")
     demo.add_argument("--duration", type=float, default=8.0, metavar="SECONDS",
                       help="seconds per model (default 8)")

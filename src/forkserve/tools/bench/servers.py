@@ -35,7 +35,7 @@ from pathlib import Path
 from ...errors import ForkserveError
 
 #: forkserve's own models, in the order the bench runs them by default.
-MODELS = ("fork", "prefork", "single")
+MODELS = ("fork", "prefork", "single", "hybrid")
 #: A --server name: it becomes a table row and a JSON key.
 NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,40}$")
 #: How long a server may take to accept its first connection (run.sh waits 15 s too).

@@ -1,0 +1,706 @@
+"""A hybrid worker: one event loop over many connections, pre-forked like a prefork worker.
+
+Theory of operation
+-------------------
+nginx's worker, gunicorn's gthread and uvicorn's worker, under forkserve's master: the master
+forks and supervises the workers exactly as for prefork (``models.hybrid`` reuses the pool:
+spawn, respawn, generations, TTIN/TTOU, retirement, the pool pipe, the watchdog). What
+differs is the body, here:
+
+1. It never returns into the master's code: ``run_aio_worker`` ends in ``os._exit``.
+2. One loop (``asyncio``, or ``uvloop`` with ``loop`` auto/uvloop) watches the listeners.
+   Every worker's loop is woken for a new connection and the losers get EAGAIN: a herd of at
+   most ``workers`` processes (one per CPU by default). ``EPOLLEXCLUSIVE`` cannot help here:
+   the loop's epoll would have to hold the listener itself, and a nested epoll (one per
+   worker, registered exclusively, watched by the loop) is woken like a non-exclusive one.
+3. Each accepted connection is a task: the PROXY header (trusted sources only, within
+   ``handshake_timeout``), the admission rules and the sources the master publishes as
+   penalised, the per-source cap of unproven connections (counted in this worker), the TLS
+   handshake on the loop (the rest of ``handshake_timeout``), then the handler. An async
+   handler runs on the loop with an ``AsyncConnection`` (its limits are the loop's timers);
+   a blocking handler (a function, a class, a socketserver handler) waits on the loop for its
+   client's first byte (a silent client holds no thread), then runs in the worker's thread
+   pool (``threads``) with a ``Connection``, its limits those of the other models (its TLS
+   handshake then happens in that thread).
+4. At ``worker_connections`` open connections it stops watching the listeners: the kernel
+   backlog (and the other workers) hold the rest, as ``max_children`` does for fork.
+5. Stop (SIGTERM/SIGINT; a retirement; ``max_requests``/``max_worker_memory``): stop
+   accepting (at a stop of the whole server, announced by the master on the scoreboard, each
+   worker first takes what is queued on the listeners, so queued clients are answered, not
+   reset), close the listeners, tell every connection to finish (idle ones end
+   at once, a request in flight is answered, an incomplete one gets ``STOP_GRACE``), wait for
+   them up to ``graceful_timeout``, then cancel what is left and exit 0. SIGQUIT exits at once.
+6. The scoreboard slot says IDLE with no connection, WRITING with some, the number open as
+   its peer text (``aio_slots.OPEN_FORMAT``), and the served count; a timer stamps the
+   heartbeat every ``timeout / 2``, so the master's watchdog (prefork's) fires when the
+   *loop* is blocked for ``timeout``: a handler that never awaits gets its worker's stacks
+   dumped (SIGABRT, ``faulthandler``) and the worker replaced.
+
+Worst case per connection: one task, one ``AsyncConnection`` and its buffer (at most
+``max_line`` + ``READ_AHEAD`` bytes before reading pauses), one timer while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, NoReturn
+
+from .. import hooks
+from ..apps import ASYNC_FORMS
+from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong, PeerGone, WorkerExit
+from ..hooks import Process
+from ..ops.logs import AccessRecord
+from ..ops.scoreboard import SlotState
+from ..protocol.address import format_address
+from ..protocol.admission import ClientKey, source_tag
+from ..protocol.defence import CAUSES, Cause
+from ..protocol.poolpipe import Kind, Message, PauseTally
+from ..protocol.proxyproto import ProxyParser
+from .accept import ACCEPT_PAUSE_SECONDS, skip
+from .aio_connection import STOP_GRACE, AsyncConnection
+from .aio_slots import OPEN_FORMAT
+from .child import (
+    CHILD_GRACE_MARGIN,
+    PENALISED_EXITS,
+    serve_one,
+    set_parent_death_signal,
+    set_title,
+)
+from .connection import Connection
+from .handlers import AsyncApp, import_object
+from .limits import apply_limits
+from .preamble import Proxied, check_trusted, open_connection, proxied
+from .signals import DROP_UNPROVEN, LOOK_AGAIN, REOPEN
+from .stopsignal import StopSignal
+from .worker import WorkerContext, resident_mb
+
+if TYPE_CHECKING:
+    from ..apps import App
+
+log = logging.getLogger("forkserve")
+
+#: Connections accepted per wake-up of the loop, at most (the rest wait for the next turn, so
+#: one burst cannot starve the connections already open). Both workers wake for a burst; the
+#: smaller the batch, the more evenly they share it: at 10,000 clients on 2 workers, p99 was
+#: 2.2-2.3 s with 64 and 0.3-0.65 s with 8 (docs/benchmarks.md, issue 17).
+ACCEPT_BATCH = 8
+#: A connection past ``max_connection_time`` whose handler neither reads nor writes is
+#: cancelled this long after (the fork model's timer gives a process as long).
+EXPIRY_GRACE = 5.0
+#: Signals a hybrid worker ignores: those meant for the master (sent to the whole group), the
+#: stress word (the loop's timers look at nothing the master says) and the early drop's
+#: displacement (no slot holds one client). (serving.signals.WORKER is prefork's table.)
+IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, LOOK_AGAIN, DROP_UNPROVEN)
+#: A worker logs its refusals at most once per reason this often.
+REFUSAL_REPORT_INTERVAL = 5.0
+
+
+def new_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """The loop ``choice`` names (``Config.loop``): uvloop when asked or, for auto, found."""
+    if choice != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415  (an optional extra: forkserve[fast])
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def preload(choice: str) -> None:
+    """In the master, before any fork: load the loop ``choice`` names (the workers then
+    share its pages)."""
+    if choice != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401, PLC0415  (an optional extra: forkserve[fast])
+
+
+def async_form(app: App) -> AsyncApp | None:
+    """The async handler to run for ``app``: itself, a built-in's async form, or None (a
+    blocking handler: the thread pool runs it)."""
+    if isinstance(app, AsyncApp):
+        return app
+    name = f"{getattr(app, '__module__', '')}:{getattr(app, '__qualname__', '')}"
+    spec = ASYNC_FORMS.get(name)
+    if spec is None:
+        return None
+    handler = import_object(spec)
+    assert callable(handler)
+    return AsyncApp(handler, name)
+
+
+class _ThreadStop(StopSignal):
+    """The stop of one connection served in a thread: the wakeup pipe that its waits poll,
+    written by the loop (signals reach the main thread only)."""
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, b"\0")
+
+
+class AioWorker:
+    """One hybrid worker's loop and connections. Runs in the worker process only."""
+
+    def __init__(self, ctx: WorkerContext, slot: int, generation: int) -> None:
+        self.ctx = ctx
+        self.config = config = ctx.config
+        self.slot = slot
+        self.generation = generation
+        self.pid = os.getpid()
+        jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
+        self.max_requests = config.max_requests + jitter if config.max_requests else 0
+        self.app = async_form(ctx.app)
+        self.blocking: App = ctx.app
+        self.pool: ThreadPoolExecutor | None = None
+        self.served = self.errors = self.bytes_in = self.bytes_out = 0
+        self.conns: set[AsyncConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        #: Connections served in threads, and the stop pipe of each.
+        self.threaded: dict[Connection, _ThreadStop] = {}
+        self.stopping = False
+        self._stop_began = 0.0
+        self.orphaned = False
+        self.accepting = False
+        self.unproven: Counter[int] = Counter()
+        self._pauses = PauseTally()
+        self._refusals: dict[str, float] = {}
+        self._done: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ boot
+
+    def boot(self) -> asyncio.AbstractEventLoop:
+        """Hygiene, the loop, its signals; then tell the master this worker is ready."""
+        ctx = self.ctx
+        ctx.close_master_fds()
+        apply_limits(self.config)
+        signal.set_wakeup_fd(-1)
+        for sig in ctx.master_signals:
+            signal.signal(sig, signal.SIG_DFL)
+        loop = self.loop = new_loop(self.config.loop)
+        asyncio.set_event_loop(loop)
+        if self.app is None:
+            if self.config.threads == 0:
+                raise RuntimeError("a blocking handler with threads 0")  # (checked at start)
+            self.pool = ThreadPoolExecutor(self.config.threads,
+                                           thread_name_prefix="forkserve-handler")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_stop, "signal")
+        loop.add_signal_handler(REOPEN, self._reopen)
+        for sig in IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, _quit_now)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints every stack
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != ctx.master_pid:
+            self.begin_stop("signal")
+        set_title(f"forkserve: hybrid worker {self.slot} (gen {self.generation})")
+        if not hooks.call(self.config, "post_fork",
+                          Process(self.pid, "worker", self.slot, self.generation)):
+            raise _BootAborted
+        self._publish()
+        self._tell_ready()
+        return loop
+
+    def _tell_ready(self) -> None:
+        ready = Message(Kind.READY, self.slot, self.pid)
+        try:
+            while not self._tell(ready):
+                room = select.poll()
+                room.register(self.ctx.ready_fd, select.POLLOUT)
+                room.poll()
+        except BrokenPipeError:
+            raise _BootAborted from None
+
+    # ------------------------------------------------------------------ loop
+
+    async def main(self) -> WorkerExit:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        if not self.stopping:
+            self._watch_listeners(True)
+        self._beat()
+        await self._done
+        await self._finish_connections()
+        return WorkerExit.OK
+
+    def _beat(self) -> None:
+        """Stamp the heartbeat (the watchdog's proof that the loop turns), and look at the
+        memory bound; again in ``timeout / 2``."""
+        self.ctx.scoreboard.beat(self.slot)
+        self._tell_pauses(time.monotonic())
+        limit = self.config.max_worker_memory
+        if limit and not self.stopping and (rss := resident_mb()) > limit:
+            log.info("worker %d: resident memory %.0f MB is over max_worker_memory %d MB, "
+                     "recycling", self.pid, rss, limit)
+            self.begin_stop("recycle")
+        assert self.loop is not None
+        self.loop.call_later(self.config.timeout / 2, self._beat)
+
+    def _watch_listeners(self, on: bool) -> None:
+        if on == self.accepting:
+            return
+        assert self.loop is not None
+        self.accepting = on
+        for listener in self.ctx.listeners:
+            if on:
+                self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
+            else:
+                self.loop.remove_reader(listener.sock.fileno())
+
+    def _room(self) -> int:
+        return self.config.worker_connections - len(self.tasks)
+
+    def _accept(self, lsock: socket.socket, batch: int = ACCEPT_BATCH) -> int:
+        """Take up to ``batch`` queued connections (and no more than there is room for);
+        returns how many were taken."""
+        taken = 0
+        while taken < batch and self._room() > 0:
+            try:
+                sock, addr = lsock.accept()
+            except BlockingIOError:
+                break  # another worker took it, or the queue is empty
+            except OSError as exc:
+                if skip(exc):
+                    continue
+                self._pause_accepting(exc.errno or 0)
+                break
+            taken += 1
+            self._start(sock, addr)
+        if self._room() <= 0:
+            self._watch_listeners(False)  # the backlog holds the rest (rule 4)
+        return taken
+
+    def _pause_accepting(self, code: int) -> None:
+        """EMFILE and kin: load, not a bug; never spin (``accept``)."""
+        assert self.loop is not None
+        self._pauses.add(code)
+        self._tell_pauses(time.monotonic())
+        self._watch_listeners(False)
+        self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if not self.stopping and self._room() > 0:
+            self._watch_listeners(True)
+
+    def _start(self, sock: socket.socket, addr: object) -> None:
+        assert self.loop is not None
+        sock.setblocking(False)
+        task = self.loop.create_task(self._connection(sock, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self._ended)
+        self._publish()
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("worker %d: a connection task failed: %r", self.pid, exc)
+        self._publish()
+        if self.stopping:
+            if not self.tasks and self._done is not None and not self._done.done():
+                self._done.set_result(None)
+            return
+        if self.max_requests and self.served >= self.max_requests:
+            log.info("worker %d: served %d connections, recycling", self.pid, self.served)
+            self.begin_stop("recycle")
+        elif not self.accepting and self._room() > 0:
+            self._watch_listeners(True)
+
+    # ------------------------------------------------------------------ one connection
+
+    async def _connection(self, sock: socket.socket, addr: object) -> None:
+        """PROXY, admission, TLS, handler, close: the whole life of one connection."""
+        started = time.monotonic()
+        config = self.config
+        deadline = started + config.handshake_timeout
+        header = None
+        try:
+            if config.proxy_protocol:
+                header = await self._read_header(sock, addr, deadline)
+                addr = header.addr
+            admitted, key, tag = self._admit(sock, addr)
+        except (ClientError, OSError) as exc:
+            log.info("%s: closed before the handler: %s",
+                     format_address(addr, sock.family), exc)
+            if isinstance(exc, TimeoutError):
+                self._ended_badly(addr, Cause.HANDSHAKE)
+            sock.close()
+            return
+        if not admitted:
+            return
+        try:
+            if self.app is not None:
+                await self._serve_async(self.app, sock, addr, header=header, started=started,
+                                        deadline=deadline, tag=tag)
+            else:
+                await self._serve_blocking(sock, addr, header, started)
+        finally:
+            if tag and self.unproven[tag]:
+                self.unproven[tag] -= 1  # (a client that never proved itself)
+            if key is not None and self.ctx.gate is not None:
+                self.ctx.gate.release(key)
+
+    async def _read_header(self, sock: socket.socket, addr: object,
+                           deadline: float) -> Proxied:
+        """The PROXY header, from a trusted peer, by ``deadline``. Raises ``ClientError``,
+        ``TimeoutError`` (late: the caller penalises) or ``OSError``."""
+        check_trusted(sock, addr, self.config)
+        loop = asyncio.get_running_loop()
+        parser = ProxyParser()
+        async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+            while True:
+                data = await loop.sock_recv(sock, parser.wanted)
+                if not data:
+                    raise PeerGone("closed before its PROXY header was complete")
+                header = parser.feed(data)
+                if header is not None:
+                    return proxied(header, sock, addr)
+
+    def _admit(self, sock: socket.socket, addr: object) -> tuple[bool, ClientKey | None, int]:
+        """Rules, penalties, the per-source cap: admitted (if not, the socket is closed), the
+        gate's key (None: no gate) and the source's tag counted as unproven (0: none)."""
+        gate = self.ctx.gate
+        key: ClientKey | None = None
+        if gate is not None:
+            gate.tick(time.monotonic())
+            admitted, key = gate.admit(sock, addr)  # (a refusal closes the socket)
+            if not admitted:
+                return False, None, 0
+        if not isinstance(addr, tuple):
+            return True, key, 0  # a unix-socket peer has no source
+        tag = source_tag(addr[0])
+        board = self.ctx.scoreboard
+        if self.config.penalties != "off" and board.penalised(tag):
+            self._refuse(sock, "penalty", addr[0], key)
+            return False, None, 0
+        limit = self.ctx.source_limit
+        if limit and self.unproven[tag] >= limit:
+            self._refuse(sock, "startups", addr[0], key)
+            return False, None, 0
+        self.unproven[tag] += 1
+        return True, key, tag
+
+    def _refuse(self, sock: socket.socket, reason: str, who: str,
+                key: ClientKey | None) -> None:
+        with contextlib.suppress(OSError):
+            message = self.config.refuse_message
+            if message is not None:
+                sock.send(message.encode() + b"\n")
+        sock.close()
+        if key is not None and self.ctx.gate is not None:
+            self.ctx.gate.release(key)
+        now = time.monotonic()
+        if now - self._refusals.get(reason, -REFUSAL_REPORT_INTERVAL) >= REFUSAL_REPORT_INTERVAL:
+            self._refusals[reason] = now
+            log.info("worker %d: refused %s: %s", self.pid, who, reason)
+
+    async def _serve_async(self, app: AsyncApp, sock: socket.socket, addr: object, *,
+                           header: Proxied | None, started: float, deadline: float,
+                           tag: int) -> None:
+        config = self.config
+        family = sock.family if header is None else header.family
+        local = format_address(sock.getsockname(), sock.family) if header is None or \
+            header.local is None else format_address(header.local, family)
+        conn = AsyncConnection(
+            max_line=config.max_line, idle_timeout=config.idle_timeout,
+            write_timeout=config.write_timeout,
+            first_byte_timeout=config.first_byte_timeout or None,
+            max_time=config.max_connection_time or None, linger_timeout=config.linger_timeout,
+            settings=config, peer=format_address(addr, family), local=local,
+            on_proven=self._proven_callback(tag))
+        if not await self._open_transport(conn, sock, addr, deadline):
+            return
+        self.conns.add(conn)
+        if self.stopping:
+            conn.interrupt(self._grace())
+        expiry = self._arm_expiry(started)
+        try:
+            status = await self._run_async(app, conn)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            self.conns.discard(conn)
+            await conn.close()
+        self._count(conn.peer, addr, started, bytes_in=conn.bytes_in,
+                    bytes_out=conn.bytes_out, status=status)
+
+    def _proven_callback(self, tag: int) -> Callable[[], None] | None:
+        if not tag:
+            return None
+
+        def proven() -> None:
+            if self.unproven[tag]:
+                self.unproven[tag] -= 1
+                if not self.unproven[tag]:
+                    del self.unproven[tag]
+        return proven
+
+    async def _open_transport(self, conn: AsyncConnection, sock: socket.socket, addr: object,
+                              deadline: float) -> bool:
+        """The transport (and the TLS handshake, on the loop, by ``deadline``); False if the
+        client failed it (the socket is closed)."""
+        loop = asyncio.get_running_loop()
+        tls = self.ctx.tls
+        try:
+            if tls is None:
+                await loop.connect_accepted_socket(lambda: conn, sock)
+            else:
+                left = max(deadline - time.monotonic(), 0.001)
+                await loop.connect_accepted_socket(lambda: conn, sock, ssl=tls,
+                                                   ssl_handshake_timeout=left)
+            return True
+        except (TimeoutError, OSError) as exc:
+            timed_out = isinstance(exc, TimeoutError) or "timed out" in str(exc)
+            log.info("%s: closed before the handler: %s", conn.peer,
+                     f"no TLS handshake within {self.config.handshake_timeout:g} s"
+                     if timed_out else f"TLS handshake failed: {exc}")
+            if timed_out:
+                self._ended_badly(addr, Cause.HANDSHAKE)
+            if sock.fileno() != -1:
+                sock.close()
+            return False
+
+    def _arm_expiry(self, started: float) -> asyncio.TimerHandle | None:
+        """``max_connection_time``: a handler still running ``EXPIRY_GRACE`` after it (one
+        that neither reads nor writes) is cancelled."""
+        limit = self.config.max_connection_time
+        task = asyncio.current_task()
+        if not limit or task is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return loop.call_at(loop.time() + started + limit + EXPIRY_GRACE - time.monotonic(),
+                            task.cancel)
+
+    async def _run_async(self, app: AsyncApp, conn: AsyncConnection) -> ChildExit:
+        """Await the handler; say how it ended (``child.serve_one``'s statuses)."""
+        try:
+            await app.run(conn)
+            return ChildExit.OK
+        except LineTooLong:
+            with contextlib.suppress(ClientError, OSError):
+                await conn.write(b"ERR line too long\n")
+            log.info("%s: closed: line longer than max_line", conn.peer)
+            return ChildExit.LINE_TOO_LONG
+        except FirstByteTimeout as exc:
+            log.debug("%s: closed: %s", conn.peer, exc)
+            return ChildExit.FIRST_BYTE
+        except ClientError as exc:
+            log.debug("%s: closed: %s", conn.peer, exc)
+            return ChildExit.OK
+        except asyncio.CancelledError:
+            if self.stopping:
+                raise  # the end of the stop's wait: nothing more to account for
+            log.info("%s: ended: max_connection_time passed and the handler did not read "
+                     "or write", conn.peer)
+            return ChildExit.OK
+        except Exception:
+            log.exception("handler failed on the connection from %s", conn.peer)
+            return ChildExit.HANDLER_ERROR
+
+    async def _serve_blocking(self, sock: socket.socket, addr: object,
+                              header: Proxied | None, started: float) -> None:
+        """A blocking handler: the first byte awaited on the loop, then a pool thread."""
+        if not await self._first_byte(sock, started):
+            sock.close()
+            if self.config.first_byte_timeout and not self.stopping:
+                self._ended_badly(addr, Cause.FIRST_BYTE)
+            return
+        assert self.pool is not None
+        loop = asyncio.get_running_loop()
+        status, peer, bytes_in, bytes_out = await loop.run_in_executor(
+            self.pool, self._in_thread, sock, addr, header)
+        self._count(peer, addr, started, bytes_in=bytes_in, bytes_out=bytes_out,
+                    status=status)
+
+    async def _first_byte(self, sock: socket.socket, started: float) -> bool:
+        """Wait until the client sends something (or closes); False after the first-byte
+        (else idle) deadline, or at a stop once the grace has passed."""
+        loop = asyncio.get_running_loop()
+        limit = self.config.first_byte_timeout or self.config.idle_timeout
+        readable = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, _settle, readable)
+        try:
+            while not readable.done():
+                until = started + limit
+                if self.stopping:
+                    until = min(until, self._stop_began + self._grace())
+                if until <= time.monotonic():
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(loop.time() + until - time.monotonic()):
+                        await asyncio.shield(readable)
+            return True
+        finally:
+            loop.remove_reader(fd)
+
+    def _in_thread(self, sock: socket.socket, addr: object,
+                   header: Proxied | None) -> tuple[ChildExit, str, int, int]:
+        """In a pool thread: the blocking handler's whole connection (``Connection``)."""
+        stop = _ThreadStop(self.ctx.master_pid)
+        try:
+            sock.setblocking(True)
+            try:
+                conn = open_connection(sock, addr, self.config, self.ctx.tls, header=header,
+                                       stop=stop)
+            except (ClientError, OSError) as exc:
+                log.info("%s: closed before the handler: %s",
+                         format_address(addr, sock.family), exc)
+                return ChildExit.OK, format_address(addr, sock.family), 0, 0
+            self.threaded[conn] = stop
+            if self.stopping:
+                stop.record()
+                conn.interrupt(self._grace())
+            try:
+                status = serve_one(self.blocking, conn)
+            finally:
+                self.threaded.pop(conn, None)
+            return status, conn.peer, conn.bytes_in, conn.bytes_out
+        finally:
+            stop.close()
+
+    def _count(self, peer: str, addr: object, started: float, *, bytes_in: int,
+               bytes_out: int, status: ChildExit) -> None:
+        self.served += 1
+        self.errors += status == ChildExit.HANDLER_ERROR
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        if (cause := PENALISED_EXITS.get(status)) is not None:
+            self._ended_badly(addr, cause)
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.write(AccessRecord(
+                peer=peer, pid=self.pid, duration_s=round(time.monotonic() - started, 6),
+                bytes_in=bytes_in, bytes_out=bytes_out, status=str(int(status))))
+
+    # ------------------------------------------------------------------ stopping
+
+    def begin_stop(self, why: str) -> None:
+        """Stop accepting and finish (rule 5). From the loop (a signal, a recycle)."""
+        if why == "signal":
+            self.orphaned = self.orphaned or os.getppid() != self.ctx.master_pid
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop_began = time.monotonic()
+        draining = why == "signal" and self.ctx.scoreboard.draining and not self.orphaned
+        if draining:
+            for listener in self.ctx.listeners:
+                with contextlib.suppress(OSError):
+                    self._accept(listener.sock, self.config.backlog)
+        self._watch_listeners(False)
+        for listener in self.ctx.listeners:
+            listener.sock.close()
+        grace = self._grace()
+        for conn in list(self.conns):
+            conn.interrupt(grace)
+        for tconn, stop in list(self.threaded.items()):
+            stop.record()
+            tconn.interrupt(grace)
+            stop.wake()
+        self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
+        # with connections open, the wait ends when the last one does (``_ended``)
+        if self._done is not None and not self._done.done() and not self.tasks:
+            self._done.set_result(None)
+
+    def _grace(self) -> float:
+        return 0.0 if self.orphaned else STOP_GRACE
+
+    async def _finish_connections(self) -> None:
+        """Wait for the connections in flight, up to ``graceful_timeout``; cancel the rest."""
+        if not self.tasks:
+            return
+        left = self._stop_began + self.config.graceful_timeout + CHILD_GRACE_MARGIN \
+            - time.monotonic()
+        _, pending = await asyncio.wait(set(self.tasks), timeout=max(left, 0.0))
+        for task in pending:
+            task.cancel()
+
+    def _reopen(self) -> None:
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.reopen()
+
+    # ------------------------------------------------------------------ the scoreboard, the pipe
+
+    def _publish(self) -> None:
+        open_now = len(self.tasks)
+        state = SlotState.FINISHING if self.stopping else (
+            SlotState.WRITING if open_now else SlotState.IDLE)
+        self.ctx.scoreboard.write(self.slot, pid=self.pid, generation=self.generation,
+                                  state=state, connections=self.served,
+                                  bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                                  conn_start=0.0, heartbeat=time.monotonic(),
+                                  peer=OPEN_FORMAT.format(open_now), errors=self.errors)
+
+    def _tell(self, message: Message) -> bool:
+        try:
+            os.write(self.ctx.ready_fd, message.encode())
+        except BlockingIOError:
+            return False
+        return True
+
+    def _ended_badly(self, addr: object, cause: Cause) -> None:
+        if not isinstance(addr, tuple):
+            return
+        message = Message(Kind.ENDED_BADLY, self.slot, self.pid, CAUSES.index(cause),
+                          tag=source_tag(addr[0]))
+        with contextlib.suppress(BrokenPipeError):
+            self._tell(message)
+
+    def _tell_pauses(self, now: float) -> None:
+        for err, count in self._pauses.due(now):
+            try:
+                told = self._tell(Message(Kind.ACCEPT_PAUSED, self.slot, self.pid, err, count))
+            except BrokenPipeError:
+                return
+            if not told:
+                self._pauses.keep(err, count)
+
+
+class _BootAborted(Exception):
+    """The worker cannot become ready (the reason is already in the log)."""
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _quit_now(signum: int, frame: object) -> None:
+    os._exit(WorkerExit.OK)  # a fast stop: nothing to finish
+
+
+def run_aio_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
+    """Body of a freshly forked hybrid worker. Never returns."""
+    status: int = WorkerExit.BOOT_ERROR
+    try:
+        worker = AioWorker(ctx, slot, generation)
+        loop = worker.boot()
+        status = WorkerExit.ERROR
+        status = loop.run_until_complete(worker.main())
+    except _BootAborted:
+        pass
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            log.exception("worker %d failed", os.getpid())
+    finally:
+        # This must never return into the master's loop, hence os._exit() on every path.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(status)
