@@ -75,6 +75,15 @@ log = logging.getLogger("forkserve")
 ACCEPT_BATCH = 32
 #: How much of a new connection's input the master looks at for a whole line (its proof).
 PEEK_BYTES = 1024
+#: A connection that the startups cap or the early drop would refuse for being unproven gets
+#: this long to prove itself (its first whole line) before it is refused. Those defences are
+#: for clients that stay silent; a client that opens its connections first and then talks on
+#: each of them (a pool, a bench, test_processes' 200) is only slower than a master that
+#: accepts a whole backlog in milliseconds, and the old master, which forked between two
+#: accepts, gave it that time by accident. The connection holds a place meanwhile (as one
+#: waiting for its PROXY header does), no process; a silent one costs its client this delay
+#: and then the same refusal as before.
+PROOF_GRACE = 0.25
 #: fork() errors that mean "no resources right now" (RLIMIT_NPROC, pids.max, memory).
 FORK_CAPACITY_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM})
 #: Child exits that say nothing is wrong with the server (the client's doing, or a stop's).
@@ -104,6 +113,20 @@ class AwaitingHeader:
     addr: object
     parser: ProxyParser
     deadline: float
+
+
+@dataclass
+class OnProbation:
+    """An accepted connection the startups defences would refuse: it has ``PROOF_GRACE`` to
+    send a whole line (``FORK._guard``)."""
+
+    sock: socket.socket
+    addr: object
+    key: ClientKey | None
+    header: Proxied | None
+    reason: Reason
+    deadline: float
+    watched: bool = True
 
 
 @dataclass
@@ -194,6 +217,8 @@ class ForkModel(WithoutPool):
         self.handler_errors = 0
         #: PROXY protocol: accepted sockets whose header is still being read, by fd.
         self._awaiting: dict[int, AwaitingHeader] = {}
+        #: Connections the startups defences would refuse, given PROOF_GRACE, by fd.
+        self._probation: dict[int, OnProbation] = {}
         self.stress = StressMode(self.scoreboard, self.kernel, self.host.count)
         self.guard = self._make_guard()
 
@@ -442,8 +467,8 @@ class ForkModel(WithoutPool):
     @property
     def full(self) -> bool:
         # a connection waiting for its PROXY header holds the room its child will need
-        return (len(self.children) + len(self._awaiting) + self._booting()
-                >= self.config.max_children)
+        return (len(self.children) + len(self._awaiting) + len(self._probation)
+                + self._booting() >= self.config.max_children)
 
     def on_readable(self, listener: Listener) -> None:
         self._take(listener, ACCEPT_BATCH)
@@ -492,9 +517,12 @@ class ForkModel(WithoutPool):
         admitted, key = self.gate.admit(sock, addr)
         if not admitted:
             return True
-        if not self._guard(sock, addr):
-            self.gate.release(key)
+        if not self._guard(sock, addr, key, header):
             return True
+        return self._spawn_admitted(sock, addr, header, key)
+
+    def _spawn_admitted(self, sock: socket.socket, addr: object, header: Proxied | None,
+                        key: ClientKey | None) -> bool:
         child = self._spawn(sock, addr, header)
         if child is None:
             self.gate.release(key)
@@ -505,24 +533,32 @@ class ForkModel(WithoutPool):
 
     # ------------------------------------------------------------------ defences
 
-    def _guard(self, sock: socket.socket, addr: object) -> bool:
+    def _guard(self, sock: socket.socket, addr: object, key: ClientKey | None,
+               header: Proxied | None) -> bool:
         """The startups cap and the early drop (``sourceguard``), on the slot the child will
-        take; False if ``sock`` was refused (and closed)."""
+        take; False if ``sock`` was refused (closed, ``key`` released) or put on probation
+        (``PROOF_GRACE``: it is served once it proves itself, refused if it does not)."""
         guard = self.guard
         if not (self.client_proof and guard.active and isinstance(addr, tuple)):
             return True
-        if self._proven_already(sock):
+        if self._proven_already(sock) is True:
             # its first whole line is waiting: it has proven itself (``connection``, rule 1)
             # and is none of the silent startups the guard counts; only a penalty refuses it.
             # (The master hands a batch to the zygote faster than the master forked one by
             # one: counting these would refuse clients that talk at once.)
             if guard.penalties and self.scoreboard.penalised(source_tag(addr[0])):
                 self.gate.refuse(sock, str(Reason.PENALTY), str(addr[0]))
+                self.gate.release(key)
                 return False
             return True
         refused = guard.admit(self._free_slots[-1], addr[0])  # (the slot _spawn takes)
         if refused is not None:
+            if refused is not Reason.PENALTY and self._can_prove(sock):
+                self._probate(OnProbation(sock, addr, key, header, refused,
+                                          self.kernel.monotonic() + PROOF_GRACE))
+                return False
             self.gate.refuse(sock, str(refused), str(addr[0]))
+            self.gate.release(key)
             return False
         if guard.displaced is not None:
             displaced = self.children.get(guard.displaced)
@@ -531,16 +567,62 @@ class ForkModel(WithoutPool):
             self.host.count("refused", "displaced")
         return True
 
-    def _proven_already(self, sock: socket.socket) -> bool:
-        """A whole line from the client is in the socket already (without TLS, whose first
-        bytes prove nothing; a look, not a read: the child reads it)."""
-        if self.serving.tls is not None or not self.uses_zygote:
+    def _can_prove(self, sock: socket.socket) -> bool:
+        """Can the master see this connection's proof (``_proven_already``)?"""
+        return self.serving.tls is None and self.uses_zygote
+
+    def _proven_already(self, sock: socket.socket) -> bool | None:
+        """True: a whole line from the client is in the socket already (without TLS, whose
+        first bytes prove nothing; a look, not a read: the child reads it). None: the client
+        has closed (or reset) the connection. False: no whole line yet."""
+        if not self._can_prove(sock):
             return False
         try:
             waiting = sock.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:
+        except (BlockingIOError, InterruptedError):
             return False
+        except OSError:
+            return None
+        if not waiting:
+            return None
         return b"\n" in waiting
+
+    def _probate(self, held: OnProbation) -> None:
+        fd = held.sock.fileno()
+        self._probation[fd] = held
+        self.host.watch(fd, functools.partial(self._on_probation_bytes, fd))
+
+    def _on_probation_bytes(self, fd: int) -> None:
+        held = self._probation[fd]
+        proven = self._proven_already(held.sock)
+        if proven is False:
+            # a part of a line: no more wake-ups for it (level-triggered), its deadline decides
+            self.host.unwatch(fd)
+            held.watched = False
+            return
+        self._end_probation(fd, proven is True)
+
+    def _end_probation(self, fd: int, proven: bool) -> None:
+        """Serve a connection that proved itself on probation; refuse one that did not."""
+        held = self._probation.pop(fd)
+        if held.watched:
+            self.host.unwatch(fd)
+        ip = str(held.addr[0]) if isinstance(held.addr, tuple) else str(held.addr)
+        reason: Reason | None = None if proven else held.reason
+        if proven and self.guard.penalties and self.scoreboard.penalised(source_tag(ip)):
+            reason = Reason.PENALTY  # (published meanwhile)
+        if reason is not None:
+            self.gate.refuse(held.sock, str(reason), ip)
+            self.gate.release(held.key)
+            self.host.update_accepting()
+            return
+        before = set(self.children)
+        if not self._spawn_admitted(held.sock, held.addr, held.header, held.key):
+            self.host.update_accepting()
+        if self.host.stopping:  # the stop's SIGTERM went out before this child existed
+            for pid in set(self.children) - before:
+                with contextlib.suppress(ProcessLookupError):
+                    self.kernel.kill(pid, signal.SIGTERM)
 
     def _update_stress(self) -> None:
         if self.client_proof:  # (SIGUSR2 would end a program: exec has no stress mode)
@@ -588,7 +670,7 @@ class ForkModel(WithoutPool):
                     self.kernel.kill(pid, signal.SIGTERM)
 
     def pending(self) -> int:
-        return len(self._awaiting) + self._booting()
+        return len(self._awaiting) + len(self._probation) + self._booting()
 
     def _drop_awaiting(self, fd: int, why: str) -> None:
         waiting = self._awaiting.pop(fd)
@@ -598,10 +680,16 @@ class ForkModel(WithoutPool):
         self.host.update_accepting()
 
     def next_deadline(self) -> float | None:
-        return min((w.deadline for w in self._awaiting.values()), default=None)
+        return min([*(w.deadline for w in self._awaiting.values()),
+                    *(held.deadline for held in self._probation.values())], default=None)
 
     def manage(self) -> None:
-        if not self._awaiting:
+        if self._probation:
+            now = self.kernel.monotonic()
+            for fd in [fd for fd, held in self._probation.items() if held.deadline <= now]:
+                # (a last look: a line that completed after a part of it woke the loop)
+                self._end_probation(fd, self._proven_already(self._probation[fd].sock) is True)
+        if not self._awaiting and not self._probation:
             if self._retire_when_headers_read and self.zygote is not None:
                 self._retire(self.zygote)
             return
@@ -616,6 +704,9 @@ class ForkModel(WithoutPool):
         for waiting in self._awaiting.values():
             waiting.sock.close()
         self._awaiting.clear()
+        for held in self._probation.values():
+            held.sock.close()
+        self._probation.clear()
 
     def _spawn(self, sock: socket.socket, addr: object,
                header: Proxied | None = None) -> Child | None:
@@ -757,7 +848,7 @@ class ForkModel(WithoutPool):
         operator's signals; it exits when its children are done)."""
         zygote = self._zygote_of(pid)
         if zygote is not None and sig in (signal.SIGTERM, signal.SIGINT):
-            if zygote is self.zygote and self._awaiting:
+            if zygote is self.zygote and (self._awaiting or self._probation):
                 self._retire_when_headers_read = True  # they still need it (``manage``)
             else:
                 self._retire(zygote)
@@ -777,6 +868,11 @@ class ForkModel(WithoutPool):
             waiting = self._awaiting.pop(fd)
             self.host.unwatch(fd)
             waiting.sock.close()
+        for fd in list(self._probation):
+            held = self._probation.pop(fd)
+            if held.watched:
+                self.host.unwatch(fd)
+            held.sock.close()
         for zygote in self._zygotes():
             self._hang_up(zygote)
         if self._board_fd >= 0:
