@@ -34,6 +34,7 @@ interpreter, not a copy of the master, holding one end of a ``SOCK_SEQPACKET`` s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -67,6 +68,7 @@ BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal
 #: A zygote's name in /proc/PID/comm (ps -o comm, pgrep): the same with or without
 #: setproctitle, so tools and tests tell it from the children that serve.
 COMM = b"fs-zygote"
+_PR_SET_NAME = 15
 
 #: At most this many sockets in one packet (the kernel's SCM_MAX_FD is 253).
 MAX_FDS = 64
@@ -280,9 +282,10 @@ def load_app(config: Config) -> tuple[App, ssl.SSLContext | None]:
 
 def _name_process() -> None:
     set_title("forkserve: zygote")
-    # (PR_SET_NAME through /proc, not a ctypes call: ctypes is for the children's PDEATHSIG)
-    with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as comm:
-        comm.write(COMM)
+    # (prctl, not a write to /proc/self/comm: after a privilege drop the process is not
+    # dumpable and its /proc files are root's; ctypes is loaded for PDEATHSIG anyway)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, COMM, 0, 0, 0)
 
 
 def run_forked(ctl: socket.socket, settings: Settings, board: Scoreboard, app: App, *,
