@@ -270,7 +270,7 @@ class ForkModel(WithoutPool):
             theirs.close()
         ours.setblocking(False)
         zygote = Zygote(pid, ours, self._generation)
-        self.host.watch(ours.fileno(), functools.partial(self._on_zygote, zygote))
+        self.host.watch(ours.fileno(), functools.partial(self._heard_from, zygote))
         return zygote
 
     def _by_name(self) -> bool:
@@ -311,16 +311,20 @@ class ForkModel(WithoutPool):
     def _zygote_of(self, pid: int) -> Zygote | None:
         return next((z for z in self._zygotes() if z.pid == pid), None)
 
-    def _on_zygote(self, zygote: Zygote) -> None:
+    def _heard_from(self, zygote: Zygote) -> None:
+        self._on_zygote(zygote)
+
+    def _on_zygote(self, zygote: Zygote) -> bool:
+        """Read and obey one packet from ``zygote``; False if there was none (or it is gone)."""
         try:
             data = zygote.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:  # it is gone: its reaping (on_exit) says how
             self._hang_up(zygote)
-            return
+            return False
         try:
             records = zygote.decoder.feed(data)
         except wire.WireError as exc:
@@ -329,9 +333,10 @@ class ForkModel(WithoutPool):
             self._hang_up(zygote)
             with contextlib.suppress(ProcessLookupError):
                 self.kernel.kill(zygote.pid, signal.SIGKILL)
-            return
+            return False
         for record in records:
             self._heard(zygote, record)
+        return True
 
     def _hang_up(self, zygote: Zygote) -> None:
         self._stop_watching_room(zygote)
@@ -413,6 +418,11 @@ class ForkModel(WithoutPool):
         self.gate.release(child.key)
 
     def _zygote_exited(self, zygote: Zygote, exited: Exited) -> None:
+        # what it said last (a retired zygote's last Ended, just before it exits) may still
+        # wait in the socket when its exit is reaped first: read it, or that child stays in
+        # the books and a stop waits for a process that is gone
+        while zygote.sock.fileno() >= 0 and self._on_zygote(zygote):
+            pass
         self._hang_up(zygote)
         for child in zygote.booting.values():  # their sockets died with it
             self._lost(child)
