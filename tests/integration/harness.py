@@ -104,6 +104,17 @@ def children_of(pid: int, *, live_only: bool = True) -> list[Proc]:
     return [p for p in all_procs() if p.ppid == pid and (p.state != "Z" or not live_only)]
 
 
+#: /proc/PID/comm of a zygote (serving/zygote.py: COMM).
+ZYGOTE_COMM = "fs-zygote"
+
+
+def is_zygote(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == ZYGOTE_COMM
+    except OSError:
+        return False
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
@@ -247,8 +258,18 @@ class Server:
         return socket.create_connection((self.host, self.port), timeout=timeout,
                                         source_address=src)
 
-    def children(self) -> list[Proc]:
-        return children_of(self.pid)
+    def children(self, *, live_only: bool = True) -> list[Proc]:
+        """The processes that serve connections (zombies too, unless ``live_only``): the
+        master's children, and for the fork model those of its zygote (issue 16), which
+        serves none itself."""
+        found: list[Proc] = []
+        for child in children_of(self.pid, live_only=live_only):
+            found += (children_of(child.pid, live_only=live_only) if is_zygote(child.pid)
+                      else [child])
+        return found
+
+    def zygotes(self) -> list[int]:
+        return [p.pid for p in children_of(self.pid) if is_zygote(p.pid)]
 
     # -------------------------------------------------------------- ending
 

@@ -239,6 +239,30 @@ def test_well_behaved_load_from_one_address_loses_nothing(server_factory: Factor
     assert "refused" not in server.log()
 
 
+def test_a_connection_over_the_startups_cap_that_talks_soon_is_served(
+        server_factory: Factory) -> None:
+    # the master accepts faster than a client that opens its connections first and talks
+    # on them next: over the cap, a connection gets models/fork.py's PROOF_GRACE to send
+    # its first line; one that stays silent through it is refused as before
+    server = server_factory("--max-startups-per-source", "2")
+    silent = open_silent(server, ["127.0.0.2"], 2)
+    try:
+        assert wait_until(lambda: len(server.children()) == 2, 10)
+        with server.connect(source="127.0.0.2") as late, \
+                server.connect(source="127.0.0.2") as mute:
+            time.sleep(0.05)  # (accepted by now, silent: on probation)
+            late.sendall(b"hi\n")
+            late.settimeout(10)
+            assert recv_exactly(late, len(HELLO)) == HELLO
+            mute.settimeout(10)
+            assert mute.recv(1) == b"", "refused once its grace is over"
+        server.wait_for_log(r"refused 127\.0\.0\.2: startups")
+        assert server.log().count("refused 127.0.0.2") == 1
+    finally:
+        for s in silent:
+            s.close()
+
+
 def test_max_startups_per_source_refuses_the_next_silent_connection(
         server_factory: Factory) -> None:
     server = server_factory("--max-startups-per-source", "2")

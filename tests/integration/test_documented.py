@@ -25,7 +25,6 @@ from tests.integration.harness import (
     TEARDOWN_STOP,
     Server,
     assert_took,
-    children_of,
     proc_info,
     recv_all,
     recv_exactly,
@@ -190,7 +189,7 @@ def test_exec_kills_a_program_that_outlives_the_graceful_timeout(server_factory:
         assert recv_all(s) == b""
         assert_took(time.monotonic() - start, 1.0, "SIGKILL after the graceful timeout")
     assert server.wait() == 1
-    assert not [p for p in children_of(server.pid) if p.state != "Z"]
+    assert not [p for p in server.children() if p.state != "Z"]
 
 
 CRASHING = """
@@ -237,8 +236,10 @@ def test_metrics_on_a_unix_socket_count_refusals_errors_and_fork_failures(
     # the master runs as nobody: a process limit of 1 makes its next fork fail (EAGAIN); set,
     # then lifted, by nobody (its own process; the soft limit only, as nobody cannot raise
     # a hard one)
+    # (the process that forks: the fork model's zygote, issue 16)
+    forker = (server.zygotes() or [server.pid])[0]
     as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "prlimit",
-                 f"--pid={server.pid}"]
+                 f"--pid={forker}"]
     subprocess.run([*as_nobody, "--nproc=1:"], check=True, timeout=10)
     try:
         with server.connect() as s:
@@ -246,7 +247,7 @@ def test_metrics_on_a_unix_socket_count_refusals_errors_and_fork_failures(
         server.wait_for_log(r"fork failed: .* \(EAGAIN\); closed that connection, pausing "
                             r"accepts")
     finally:
-        hard = limits(server.pid)["Max processes"][1]
+        hard = limits(forker)["Max processes"][1]
         subprocess.run([*as_nobody, f"--nproc={hard}:"], check=True, timeout=10)
     values = scrape_unix(metrics)
     assert values['forkserve_refused_total{reason="denied"}'] == 1.0

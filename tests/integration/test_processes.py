@@ -12,7 +12,6 @@ import pytest
 
 from tests.integration.harness import (
     Server,
-    children_of,
     cmdline,
     cpu_seconds,
     fd_count,
@@ -46,13 +45,13 @@ def test_one_distinct_child_per_connection_gone_within_a_second(server_factory: 
     by_port = {cmdline(k.pid).rpartition(":")[2]: k.pid for k in kids}
     first = by_port[str(socks[0].getsockname()[1])]
     socks[0].close()
-    assert wait_until(lambda: first not in {k.pid for k in children_of(server.pid,
+    assert wait_until(lambda: first not in {k.pid for k in server.children(
                                                                           live_only=False)},
                       1.0), "the child of a closed connection is reaped within a second"
     assert len(server.children()) == 2
     for s in socks[1:]:
         s.close()
-    assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
+    assert wait_until(lambda: not server.children(live_only=False), 2.0)
 
 
 #: 2000 connections take 5 s here alone, 14 s in a full run on a loaded 2-core machine: the
@@ -65,14 +64,14 @@ def test_2000_sequential_connections_leave_no_zombie_and_no_fd(server_factory: F
     server = server_factory()
     with server.connect() as s:
         ask(s)
-    assert wait_until(lambda: not children_of(server.pid, live_only=False), 10.0)
+    assert wait_until(lambda: not server.children(live_only=False), 10.0)
     fds_before = fd_count(server.pid)
     deadline = time.monotonic() + LOOP_SECONDS
     for _ in range(2000):
         assert time.monotonic() < deadline, f"2000 connections took longer than {LOOP_SECONDS} s"
         with server.connect() as s:
             ask(s)
-    assert wait_until(lambda: not children_of(server.pid, live_only=False), 5.0), (
+    assert wait_until(lambda: not server.children(live_only=False), 5.0), (
         "zombies or children left after 2000 connections"
     )
     assert fd_count(server.pid) == fds_before
@@ -90,7 +89,7 @@ def test_200_concurrent_clients_are_all_served(server_factory: Factory) -> None:
     finally:
         for s in socks:
             s.close()
-    assert wait_until(lambda: not children_of(server.pid, live_only=False), 10.0)
+    assert wait_until(lambda: not server.children(live_only=False), 10.0)
 
 
 def test_single_model_makes_the_second_client_wait_and_fork_does_not(
@@ -138,7 +137,7 @@ def test_fd_exhaustion_pauses_accepting_without_spinning(server_factory: Factory
     server = server_factory()
     with server.connect() as s:
         ask(s)
-    assert wait_until(lambda: not children_of(server.pid, live_only=False), 2.0)
+    assert wait_until(lambda: not server.children(live_only=False), 2.0)
     # Allow the master no fd number beyond those it has: the next accept() gets EMFILE.
     limit = max(int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")) + 1
     old = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)

@@ -33,11 +33,13 @@ def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
 
 
 def spawn(sup: Supervisor) -> int:
+    """A child forked by the master on the fake kernel (``_fork_here``: exec's path; the fork
+    model's children come from its zygote, a real process: tests/integration/test_zygote*)."""
     a, b = socket.socketpair()
     b.close()
     model = sup.model
     assert isinstance(model, ForkModel)
-    assert model._spawn(a, ("127.0.0.1", 4000))
+    assert model._fork_here(a, ("127.0.0.1", 4000))
     assert a.fileno() == -1, "the master closes its copy of the connection"
     return max(model.children)
 
@@ -63,13 +65,13 @@ def test_fork_failure_closes_that_client_and_pauses_accepting(
     model = sup.model
     assert isinstance(model, ForkModel)
     with caplog.at_level(logging.ERROR, logger="forkserve"):
-        assert not model._spawn(a, ("127.0.0.1", 1))
+        assert not model._fork_here(a, ("127.0.0.1", 1))
         assert a.fileno() == -1
         assert b.recv(1) == b"", "the refused client sees its connection closed"
         assert not sup.accepting.active
         assert sup._timeout() == pytest.approx(FORK_PAUSE_SECONDS)
         c, d = socket.socketpair()
-        assert not model._spawn(c, ("127.0.0.1", 2))  # a second failure within the second
+        assert not model._fork_here(c, ("127.0.0.1", 2))  # a second failure within the second
     reports = [r for r in caplog.records if "fork failed" in r.getMessage()]
     assert len(reports) == 1, "reported at most once a second"
     assert "EAGAIN" in reports[0].getMessage()

@@ -27,6 +27,7 @@ generated from it: TOML, argparse, the README table). Every public name is impor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 # Every public name of the three modules, importable from ``forkserve.config`` as before the
 # split (explicit re-exports: the redundant aliases tell mypy and ruff so).
@@ -54,12 +55,6 @@ from .kinds import StartupsKind as StartupsKind
 from .kinds import Text as Text
 from .kinds import Umask as Umask
 from .kinds import UnixAddress as UnixAddress
-from .load import add_arguments as add_arguments
-from .load import from_cli as from_cli
-from .load import given_names as given_names
-from .load import ignored_by_model as ignored_by_model
-from .load import load_toml as load_toml
-from .load import markdown_table as markdown_table
 from .settings import LOG_LEVELS as LOG_LEVELS
 from .settings import MAX_SPARE_PER_MIN_SPARE as MAX_SPARE_PER_MIN_SPARE
 from .settings import MAX_WORKERS as MAX_WORKERS
@@ -73,5 +68,28 @@ from .settings import flag_of as flag_of
 from .settings import from_mapping as from_mapping
 from .settings import setting as setting
 from .settings import settings as settings
+
+# ``load``'s front ends (argparse, tomllib: 1.7 MB and 5 ms of a process that imports them)
+# load on first use (PEP 562): the zygote unpickles a ``Config`` and never parses a
+# command line or a file (issue 16), the master and the tools do.
+_LOADERS = frozenset({"add_arguments", "from_cli", "given_names", "ignored_by_model",
+                      "load_toml", "markdown_table"})
+
+if TYPE_CHECKING:
+    from .load import add_arguments as add_arguments
+    from .load import from_cli as from_cli
+    from .load import given_names as given_names
+    from .load import ignored_by_model as ignored_by_model
+    from .load import load_toml as load_toml
+    from .load import markdown_table as markdown_table
+
+
+def __getattr__(name: str) -> object:
+    if name in _LOADERS:
+        from . import load  # noqa: PLC0415  (on first use: see _LOADERS)
+
+        return getattr(load, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__: Sequence[str] = ("Address", "Config", "from_mapping", "load_toml", "markdown_table")

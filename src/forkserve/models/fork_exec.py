@@ -153,6 +153,9 @@ class ExecModel(ForkModel):
     remind_stop = False  # a program gets one SIGTERM at a stop, as from inetd or systemd
     ends_on_sigterm = True  # (an upgrade leaves the old master's programs to end by themselves)
     client_proof = False  # its exit statuses are the program's own; SIGUSR2 would end it
+    #: The master forks each program's process itself (the zygote is the fork model's: exec
+    #: from the zygote is left for later, see docs/benchmarks.md "Issue 16").
+    uses_zygote = False
 
     def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
         super().__init__(serving, host=host, kernel=kernel, gate=gate)

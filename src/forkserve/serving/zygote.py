@@ -282,6 +282,8 @@ def load_app(config: Config) -> tuple[App, ssl.SSLContext | None]:
 
 def _name_process() -> None:
     set_title("forkserve: zygote")
+    # (prctl, not a write to /proc/self/comm: after a privilege drop the process is not
+    # dumpable and its /proc files are root's; ctypes is loaded for PDEATHSIG anyway)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, COMM, 0, 0, 0)
 
