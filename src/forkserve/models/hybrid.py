@@ -20,6 +20,8 @@ What differs:
 - ``status`` counts connections, not workers: each worker publishes how many it holds in its
   scoreboard slot (``aio_worker.OPEN_FORMAT``), and ``busy`` is their sum, ``capacity``
   ``workers x worker_connections``.
+- The unproven clients (the per-source cap, the early drop) are counted on a second board
+  with a place per connection, not one slot per worker (``serving.aio_guard`` says why).
 - A blocking handler needs the thread pool: ``threads 0`` with one is refused at start.
 - ``exec`` hands a program the raw socket of one connection: it has no place on a loop, and
   is refused (``apps.exec.check_model``).
@@ -36,6 +38,7 @@ from ..kernel import Kernel
 from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.scoreboard import Slot, SlotState
+from ..serving.aio_guard import places_board
 from ..serving.aio_slots import OPEN_FORMAT
 from ..serving.handlers import check_app
 from ..serving.worker import WorkerContext
@@ -67,13 +70,15 @@ class HybridModel(PreforkModel):
         # master only, before any fork: the workers share their pages
         importlib.import_module("forkserve.serving.aio_worker").preload(serving.config.loop)
         super().__init__(serving, host=host, kernel=kernel, gate=gate, listeners=listeners)
+        # the unproven clients of every worker, one place each (``serving.aio_guard``)
+        self.places = places_board(pool_plan.start, serving.config.worker_connections)
         self.adapter = Adapter(pool_plan)
         self.pool.target = pool_plan.start
 
     def _run_worker(self, ctx: WorkerContext, slot: int) -> NoReturn:
         from ..serving.aio_worker import run_aio_worker  # noqa: PLC0415  (imported already)
 
-        run_aio_worker(ctx, slot, self.pool.generation)
+        run_aio_worker(ctx, slot, self.pool.generation, self.places)
 
     def reconfigure(self, serving: Serving) -> str:
         pool_plan = hybrid_plan(serving)
