@@ -13,6 +13,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -28,10 +29,11 @@ from tests.integration.test_defences import (
 )
 
 Factory = Callable[..., Server]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def hybrid(factory: Factory, *args: str) -> Server:
-    server = factory("--model", "hybrid", "--workers", "2", *args)
+def hybrid(factory: Factory, *args: str, **kwargs: object) -> Server:
+    server = factory("--model", "hybrid", "--workers", "2", *args, **kwargs)
     assert wait_until(lambda: len(server.children()) == 2, 10), server.log_tail()
     return server
 
@@ -125,3 +127,31 @@ def test_a_newcomer_at_full_makes_the_oldest_unproven_connection_give_way(
     finally:
         for s in silent:
             s.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app", ["hello", "examples.upper:handle"], ids=["async", "blocking"])
+def test_stress_mode_shortens_the_deadlines_of_hybrid_connections_already_waiting(
+        server_factory: Factory, app: str) -> None:
+    # 2 workers x 4 connections: 8 silent clients fill the server; the workers at their cap
+    # tell the master, which enters stress mode and tells them to look again (an async
+    # handler's reads, or a blocking handler's wait for its client's first byte)
+    server = hybrid(server_factory, "--app", app, "--worker-connections", "4",
+                    "--max-startups", "off", "--stress-first-byte-timeout", "1",
+                    "--penalties", "off", cwd=ROOT)
+    socks = open_silent(server, ["127.0.0.2", "127.0.0.3"], 4)
+    try:
+        server.wait_for_log(r"entering stress mode: 8 of 8")
+        began = time.monotonic()
+        ended = []
+        for s in socks:  # first_byte_timeout (10 s) shrank to 1 s, for those waiting too
+            if closed_by_server(s, max(0.1, began + 5 - time.monotonic())):
+                ended.append(time.monotonic() - began)
+        assert len(ended) >= 2, ended
+        server.wait_for_log(r"leaving stress mode: [0-6] of 8")
+    finally:
+        for s in socks:
+            s.close()
+    with server.connect(source="127.0.0.4") as s:
+        s.sendall(b"hi\n")
+        assert s.recv(64), "served once the stress is over"

@@ -57,7 +57,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import hooks
 from ..apps import ASYNC_FORMS
@@ -84,6 +84,7 @@ from .child import (
 from .connection import Connection
 from .handlers import AsyncApp, import_object
 from .limits import apply_limits
+from .patience import Patience
 from .preamble import Proxied, check_trusted, open_connection, proxied
 from .signals import DROP_UNPROVEN, LOOK_AGAIN, REOPEN
 from .stopsignal import StopSignal
@@ -105,10 +106,9 @@ ACCEPT_BATCH = 8
 #: A connection past ``max_connection_time`` whose handler neither reads nor writes is
 #: cancelled this long after (the fork model's timer gives a process as long).
 EXPIRY_GRACE = 5.0
-#: Signals a hybrid worker ignores: those meant for the master (sent to the whole group) and
-#: the stress word (the loop's timers look at nothing the master says).
+#: Signals a hybrid worker ignores: those meant for the master (sent to the whole group).
 #: (serving.signals.WORKER is prefork's table.)
-IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, LOOK_AGAIN)
+IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 #: A worker logs its refusals at most once per reason this often.
 REFUSAL_REPORT_INTERVAL = 5.0
 
@@ -182,6 +182,15 @@ class AioWorker:
         self.orphaned = False
         self.accepting = False
         self.guard = self._guard(places)
+        #: The stress mode's deadlines (None: no stress setting), the master's word read from
+        #: the scoreboard; ``LOOK_AGAIN`` settles ``_stress_word`` (waits look again).
+        self.stress: Patience | None = None
+        if config.stress_idle_timeout or config.stress_first_byte_timeout:
+            board = ctx.scoreboard
+            self.stress = Patience(stress_idle=config.stress_idle_timeout or None,
+                                   stress_first_byte=config.stress_first_byte_timeout or None,
+                                   stressed=lambda: board.stressed)
+        self._stress_word: asyncio.Future[None] | None = None
         #: How each held place's client gives way (``DROP_UNPROVEN``, ``aio_guard``).
         self._yield_to: dict[int, Callable[[], None]] = {}
         self._pauses = PauseTally()
@@ -211,6 +220,28 @@ class AioWorker:
         for place in self.guard.given_way():
             self._give_way(place)
 
+    def _look_again(self) -> None:
+        """``LOOK_AGAIN``: the stress mode began or ended; every wait for a client looks at
+        its deadline again."""
+        for conn in self.conns:
+            conn.look_again()
+        assert self.loop is not None
+        word, self._stress_word = self._stress_word, self.loop.create_future()
+        if word is not None and not word.done():
+            word.set_result(None)
+
+    def _first_byte_limit(self) -> float:
+        """How long a blocking handler's client may take to send its first byte, now."""
+        config = self.config
+        stressed = self.stress is not None and self.stress.stressed()
+        if config.first_byte_timeout:
+            limit = config.first_byte_timeout
+            shorter = config.stress_first_byte_timeout if stressed else 0.0
+        else:
+            limit = config.idle_timeout
+            shorter = config.stress_idle_timeout if stressed else 0.0
+        return min(limit, shorter) if shorter else limit
+
     # ------------------------------------------------------------------ boot
 
     def boot(self) -> asyncio.AbstractEventLoop:
@@ -232,6 +263,8 @@ class AioWorker:
             loop.add_signal_handler(sig, self.begin_stop, "signal")
         loop.add_signal_handler(REOPEN, self._reopen)
         loop.add_signal_handler(DROP_UNPROVEN, self._given_way)
+        loop.add_signal_handler(LOOK_AGAIN, self._look_again)
+        self._stress_word = loop.create_future()
         for sig in IGNORED:
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGQUIT, _quit_now)
@@ -314,8 +347,11 @@ class AioWorker:
                 break
             taken += 1
             self._start(sock, addr)
-        if self._room() <= 0:
+        if self._room() <= 0 and self.accepting:
             self._watch_listeners(False)  # the backlog holds the rest (rule 4)
+            # the master judges its stress mode now (all workers at their cap: stress)
+            with contextlib.suppress(BrokenPipeError):
+                self._tell(Message(Kind.BUSY, self.slot, self.pid))
         return taken
 
     def _pause_accepting(self, code: int) -> None:
@@ -469,7 +505,7 @@ class AioWorker:
             first_byte_timeout=config.first_byte_timeout or None,
             max_time=config.max_connection_time or None, linger_timeout=config.linger_timeout,
             settings=config, peer=format_address(addr, family), local=local,
-            on_proven=release)
+            on_proven=release, stress=self.stress)
         if place >= 0:
             self._yield_to[place] = functools.partial(conn.interrupt, 0.0)
         if not await self._open_transport(conn, sock, addr, deadline):
@@ -575,7 +611,6 @@ class AioWorker:
         (else idle) deadline, at a stop once the grace has passed, or when the client gives
         way to a newcomer (``aio_guard``)."""
         loop = asyncio.get_running_loop()
-        limit = self.config.first_byte_timeout or self.config.idle_timeout
         readable: asyncio.Future[bool] = loop.create_future()
         fd = sock.fileno()
         loop.add_reader(fd, _settle, readable, True)
@@ -583,14 +618,16 @@ class AioWorker:
             self._yield_to[place] = functools.partial(_settle, readable, False)
         try:
             while not readable.done():
-                until = started + limit
+                until = started + self._first_byte_limit()
                 if self.stopping:
                     until = min(until, self._stop_began + self._grace())
                 if until <= time.monotonic():
                     return False
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(loop.time() + until - time.monotonic()):
-                        await asyncio.shield(readable)
+                waits: set[asyncio.Future[Any]] = {readable}
+                if self._stress_word is not None:
+                    waits.add(self._stress_word)  # (settled: the limit may have changed)
+                await asyncio.wait(waits, timeout=until - time.monotonic(),
+                                   return_when=asyncio.FIRST_COMPLETED)
             return readable.result()
         finally:
             loop.remove_reader(fd)
