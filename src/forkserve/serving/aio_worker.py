@@ -8,11 +8,10 @@ spawn, respawn, generations, TTIN/TTOU, retirement, the pool pipe, the watchdog)
 differs is the body, here:
 
 1. It never returns into the master's code: ``run_aio_worker`` ends in ``os._exit``.
-2. One loop (``asyncio``, or ``uvloop`` with ``loop`` auto/uvloop) watches the listeners.
-   Every worker's loop is woken for a new connection and the losers get EAGAIN: a herd of at
-   most ``workers`` processes (one per CPU by default). ``EPOLLEXCLUSIVE`` cannot help here:
-   the loop's epoll would have to hold the listener itself, and a nested epoll (one per
-   worker, registered exclusively, watched by the loop) is woken like a non-exclusive one.
+2. One loop (``asyncio``, or ``uvloop`` with ``loop`` auto/uvloop) serves the connections;
+   a thread waits for new ones in a private epoll set with ``EPOLLEXCLUSIVE`` and hands them
+   to the loop (``aio_accept``, which says why a thread): one new connection wakes one
+   worker, and a busy worker is offered fewer.
 3. Each accepted connection is a task: the PROXY header (trusted sources only, within
    ``handshake_timeout``), the admission rules and the sources the master publishes as
    penalised, the per-source cap of unproven connections and the early drop, counted across
@@ -71,6 +70,7 @@ from ..protocol.defence import CAUSES, Cause
 from ..protocol.poolpipe import Kind, Message, PauseTally
 from ..protocol.proxyproto import ProxyParser
 from .accept import ACCEPT_PAUSE_SECONDS, skip
+from .aio_accept import ListenerWaiter
 from .aio_connection import STOP_GRACE, AsyncConnection
 from .aio_guard import LocalGuard, PlacesGuard
 from .aio_slots import OPEN_FORMAT
@@ -197,6 +197,8 @@ class AioWorker:
         self._refusals: dict[str, float] = {}
         self._done: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: ListenerWaiter | None = None
+        self._by_fd = {lst.sock.fileno(): lst.sock for lst in ctx.listeners}
 
     def _guard(self, places: Places | None) -> PlacesGuard | LocalGuard:
         limit, startups = self.ctx.source_limit, self.ctx.startups
@@ -298,6 +300,7 @@ class AioWorker:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         if not self.stopping:
+            self._waiter = ListenerWaiter(list(self._by_fd), loop, self._listeners_ready)
             self._watch_listeners(True)
         self._beat()
         await self._done
@@ -318,15 +321,20 @@ class AioWorker:
         self.loop.call_later(self.config.timeout / 2, self._beat)
 
     def _watch_listeners(self, on: bool) -> None:
-        if on == self.accepting:
+        if on == self.accepting or self._waiter is None:
             return
-        assert self.loop is not None
         self.accepting = on
-        for listener in self.ctx.listeners:
-            if on:
-                self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
-            else:
-                self.loop.remove_reader(listener.sock.fileno())
+        self._waiter.watch(on)
+
+    def _listeners_ready(self, fds: list[int]) -> None:
+        """The waiter thread's hand-off: accept a batch, then let it wait again (unless
+        this worker stopped accepting meanwhile: then ``_watch_listeners`` re-arms it)."""
+        if not self.accepting:
+            return
+        for fd in fds:
+            self._accept(self._by_fd[fd])
+        if self.accepting and self._waiter is not None:
+            self._waiter.rearm()
 
     def _room(self) -> int:
         return self.config.worker_connections - len(self.tasks)
@@ -686,6 +694,8 @@ class AioWorker:
                 with contextlib.suppress(OSError):
                     self._accept(listener.sock, self.config.backlog)
         self._watch_listeners(False)
+        if self._waiter is not None:
+            self._waiter.close()  # (before the close: other processes hold the listeners)
         for listener in self.ctx.listeners:
             listener.sock.close()
         grace = self._grace()
