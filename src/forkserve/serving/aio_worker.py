@@ -86,7 +86,7 @@ from .handlers import AsyncApp, import_object
 from .limits import apply_limits
 from .patience import Patience
 from .preamble import Proxied, check_trusted, open_connection, proxied
-from .signals import DROP_UNPROVEN, LOOK_AGAIN, REOPEN
+from .signals import HYBRID, Step, install_on_loop
 from .stopsignal import StopSignal
 from .worker import WorkerContext, resident_mb
 
@@ -106,9 +106,6 @@ ACCEPT_BATCH = 8
 #: A connection past ``max_connection_time`` whose handler neither reads nor writes is
 #: cancelled this long after (the fork model's timer gives a process as long).
 EXPIRY_GRACE = 5.0
-#: Signals a hybrid worker ignores: those meant for the master (sent to the whole group).
-#: (serving.signals.WORKER is prefork's table.)
-IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 #: A worker logs its refusals at most once per reason this often.
 REFUSAL_REPORT_INTERVAL = 5.0
 
@@ -261,16 +258,13 @@ class AioWorker:
                 raise RuntimeError("a blocking handler with threads 0")  # (checked at start)
             self.pool = ThreadPoolExecutor(self.config.threads,
                                            thread_name_prefix="forkserve-handler")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.begin_stop, "signal")
-        loop.add_signal_handler(REOPEN, self._reopen)
-        loop.add_signal_handler(DROP_UNPROVEN, self._given_way)
-        loop.add_signal_handler(LOOK_AGAIN, self._look_again)
         self._stress_word = loop.create_future()
-        for sig in IGNORED:
-            signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, _quit_now)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        # the hybrid worker's table (``signals.HYBRID``): most steps on the loop
+        install_on_loop(HYBRID, loop, {
+            Step.FINISH: functools.partial(self.begin_stop, "signal"),
+            Step.REOPEN: self._reopen, Step.LOOK_AGAIN: self._look_again,
+            Step.GIVE_WAY: self._given_way,
+        }, {Step.QUIT: _quit_now})
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints every stack
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         set_parent_death_signal(signal.SIGTERM)
