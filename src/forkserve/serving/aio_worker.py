@@ -296,18 +296,19 @@ class AioWorker:
         if not self.stopping:
             self._waiter = ListenerWaiter(list(self._by_fd), loop, self._listeners_ready)
             self._watch_listeners(True)
-        self._beat()
+        self._beat(first=True)
         await self._done
         await self._finish_connections()
         return WorkerExit.OK
 
-    def _beat(self) -> None:
+    def _beat(self, *, first: bool = False) -> None:
         """Stamp the heartbeat (the watchdog's proof that the loop turns), and look at the
-        memory bound; again in ``timeout / 2``."""
+        memory bound (not at the first beat, before any accept: a bound below what a new
+        worker holds would then end every worker unserved); again in ``timeout / 2``."""
         self.ctx.scoreboard.beat(self.slot)
         self._tell_pauses(time.monotonic())
         limit = self.config.max_worker_memory
-        if limit and not self.stopping and (rss := resident_mb()) > limit:
+        if limit and not first and not self.stopping and (rss := resident_mb()) > limit:
             log.info("worker %d: resident memory %.0f MB is over max_worker_memory %d MB, "
                      "recycling", self.pid, rss, limit)
             self.begin_stop("recycle")
