@@ -424,7 +424,6 @@ class AioWorker:
                                            release=release)
         finally:
             release()  # (a client that never proved itself)
-            self._yield_to.pop(place, None)
             if key is not None and self.ctx.gate is not None:
                 self.ctx.gate.release(key)
 
@@ -471,13 +470,15 @@ class AioWorker:
 
     def _releaser(self, place: int) -> Callable[[], None]:
         """Gives ``place`` back, once: at the client's proof or at its end, whichever first
-        (the place may serve another client by the second)."""
+        (the place may serve another client by the second; a proven client never gives way,
+        so its ``_yield_to`` entry goes too)."""
         if place < 0:
             return _nothing
         held = [place]
 
         def release() -> None:
             if held:
+                self._yield_to.pop(place, None)
                 self.guard.leave(held.pop())
         return release
 
