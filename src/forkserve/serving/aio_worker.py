@@ -99,9 +99,11 @@ log = logging.getLogger("forkserve")
 Places = tuple[Scoreboard, int, int]
 
 #: Connections accepted per wake-up of the loop, at most (the rest wait for the next turn, so
-#: one burst cannot starve the connections already open). Both workers wake for a burst; the
-#: smaller the batch, the more evenly they share it: at 10,000 clients on 2 workers, p99 was
-#: 2.2-2.3 s with 64 and 0.3-0.65 s with 8 (docs/benchmarks.md, issue 17).
+#: one burst cannot starve the connections already open). One worker wakes for a connection
+#: (``aio_accept``); while it takes its batch, the kernel offers the next ones to the others,
+#: so the smaller the batch, the more evenly they share a burst: at 10,000 clients on 2
+#: workers (when both woke for every connection), p99 was 2.2-2.3 s with 64 and 0.3-0.65 s
+#: with 8 (docs/benchmarks.md, issue 17).
 ACCEPT_BATCH = 8
 #: A connection past ``max_connection_time`` whose handler neither reads nor writes is
 #: cancelled this long after (the fork model's timer gives a process as long).
