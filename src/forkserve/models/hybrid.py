@@ -20,6 +20,12 @@ What differs:
 - ``status`` counts connections, not workers: each worker publishes how many it holds in its
   scoreboard slot (``aio_worker.OPEN_FORMAT``), and ``busy`` is their sum, ``capacity``
   ``workers x worker_connections``.
+- The unproven clients (the per-source cap, the early drop) are counted on a second board
+  with a place per connection, not one slot per worker (``serving.aio_guard`` says why).
+- The stress mode (``models.stress``) is judged on connections, not workers: when a worker
+  reaches ``worker_connections`` it says BUSY on the pool pipe, and the master compares the
+  connections held with ``workers x worker_connections``; under stress it looks again once
+  a second, so an idle server sets no timer.
 - A blocking handler needs the thread pool: ``threads 0`` with one is refused at start.
 - ``exec`` hands a program the raw socket of one connection: it has no place on a loop, and
   is refused (``apps.exec.check_model``).
@@ -36,12 +42,16 @@ from ..kernel import Kernel
 from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.scoreboard import Slot, SlotState
+from ..serving.aio_guard import places_board
 from ..serving.aio_slots import OPEN_FORMAT
 from ..serving.handlers import check_app
 from ..serving.worker import WorkerContext
 from .adaptive import Adapter, PoolPlan
 from .host import Host, ModelStatus, Serving
 from .prefork import PreforkModel
+
+#: Under stress, how often the master looks whether it is over (a quarter of the capacity free).
+STRESS_LOOK_SECONDS = 1.0
 
 
 def cpus() -> int:
@@ -67,13 +77,17 @@ class HybridModel(PreforkModel):
         # master only, before any fork: the workers share their pages
         importlib.import_module("forkserve.serving.aio_worker").preload(serving.config.loop)
         super().__init__(serving, host=host, kernel=kernel, gate=gate, listeners=listeners)
+        # the unproven clients of every worker, one place each (``serving.aio_guard``)
+        self.places = places_board(pool_plan.start, serving.config.worker_connections)
         self.adapter = Adapter(pool_plan)
         self.pool.target = pool_plan.start
+        #: When to judge the stress mode (None: when a worker reaches its cap and says so).
+        self._stress_look: float | None = None
 
     def _run_worker(self, ctx: WorkerContext, slot: int) -> NoReturn:
         from ..serving.aio_worker import run_aio_worker  # noqa: PLC0415  (imported already)
 
-        run_aio_worker(ctx, slot, self.pool.generation)
+        run_aio_worker(ctx, slot, self.pool.generation, self.places)
 
     def reconfigure(self, serving: Serving) -> str:
         pool_plan = hybrid_plan(serving)
@@ -82,6 +96,29 @@ class HybridModel(PreforkModel):
         self.adapter.plan = pool_plan
         self.pool.target = pool_plan.start
         return f"starting worker generation {self.pool.generation}"
+
+    # ------------------------------------------------------------------ stress mode
+
+    def _stir(self) -> None:
+        """A worker spoke (a worker at its cap says BUSY): judge the stress mode now."""
+        self._stress_look = self.kernel.monotonic()
+
+    def _adapt(self, now: float) -> None:
+        """The pool is fixed: only the stress mode (``models.stress``) is judged here, on
+        the connections held against ``workers x worker_connections``; when a worker says
+        it reached its cap, then once a second while under stress (idle: no timer)."""
+        if self._stress_look is None or now < self._stress_look:
+            return
+        held = sum(open_count(self.scoreboard.read(w.slot)) for w in self._current())
+        capacity = self.pool.target * self.config.worker_connections
+        self.stress.update(self.config, held, capacity, self.workers)
+        self._stress_look = now + STRESS_LOOK_SECONDS if self.stress.active else None
+
+    def next_deadline(self) -> float | None:
+        deadline = super().next_deadline()
+        if self._stress_look is None or self.host.stopping:
+            return deadline
+        return self._stress_look if deadline is None else min(deadline, self._stress_look)
 
     def status(self) -> ModelStatus:
         figures = super().status()

@@ -194,6 +194,16 @@ class Scoreboard:
         """Unproven clients in all slots (a copy of ``size`` bytes, counted in C)."""
         return self._map[self._flags_at:self._flags_at + self.size].count(1)
 
+    def unproven_slots(self) -> list[int]:
+        """The slots whose client is unproven (the flags searched in C: a scan of a large
+        board costs what its unproven slots cost, not what its size does)."""
+        flags = self._map[self._flags_at:self._flags_at + self.size]
+        found, at = [], flags.find(1)
+        while at != -1:
+            found.append(at)
+            at = flags.find(1, at + 1)
+        return found
+
     def count_source(self, tag: int) -> int:
         """Unproven clients of source ``tag`` (a copy of the tags, then a Python int per slot:
         about 5 us at 512 slots; call it only when ``count_unproven`` says it matters)."""

@@ -42,6 +42,7 @@ from ..errors import ConnectionExpired, FirstByteTimeout, IdleTimeout, LineTooLo
 
 if TYPE_CHECKING:
     from ..config import Config
+    from .patience import Patience
 
 #: Bytes a connection buffers past ``max_line`` before it stops reading the socket.
 READ_AHEAD = 65536
@@ -70,7 +71,8 @@ class AsyncConnection(asyncio.Protocol):
                  write_timeout: float | None, first_byte_timeout: float | None = None,
                  max_time: float | None = None, linger_timeout: float = 2.0,
                  settings: Config | None = None, peer: str = "", local: str = "",
-                 on_proven: Callable[[], None] | None = None) -> None:
+                 on_proven: Callable[[], None] | None = None,
+                 stress: Patience | None = None) -> None:
         self.peer = peer
         self.local = local
         #: The server's settings, read-only.
@@ -85,6 +87,9 @@ class AsyncConnection(asyncio.Protocol):
         self._opened = time.monotonic()
         self._expires = self._opened + max_time if max_time else None
         self._on_proven = on_proven
+        #: The shorter deadlines under stress (``stress_idle``, ``stress_first_byte``) and
+        #: the master's word; the worker calls ``look_again`` when that word changes.
+        self._stress = stress
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf known to hold no b"\n"
         self._eof = False
@@ -265,13 +270,20 @@ class AsyncConnection(asyncio.Protocol):
     def _read_deadline(self, called: float) -> tuple[float | None, str]:
         """When a wait for more input that began at ``called`` gives up, and why: ``idle``,
         ``first``, ``expired``, ``stop``."""
-        if self._first_byte is None and self._expires is None and self._stop_began is None:
-            return (None, "") if self._idle is None else (called + self._idle, "idle")
+        idle, first = self._idle, self._first_byte
+        stress = self._stress
+        if stress is not None and stress.stressed():
+            idle = stress.idle_limit(idle, True)
+            if not self.bytes_in and stress.stress_first_byte:
+                first = stress.stress_first_byte if first is None else \
+                    min(first, stress.stress_first_byte)
+        if first is None and self._expires is None and self._stop_began is None:
+            return (None, "") if idle is None else (called + idle, "idle")
         options: list[tuple[float, str]] = []
-        if self._idle is not None:
-            options.append((called + self._idle, "idle"))
-        if self._first_byte is not None:
-            options.append((self._opened + self._first_byte, "first"))
+        if idle is not None:
+            options.append((called + idle, "idle"))
+        if first is not None:
+            options.append((self._opened + first, "first"))
         if self._expires is not None:
             options.append((self._expires, "expired"))
         if self._stop_began is not None:
@@ -342,6 +354,10 @@ class AsyncConnection(asyncio.Protocol):
         if self._stop_began is None:
             self._stop_began = time.monotonic()
         self._grace = min(self._grace, grace)
+        self._wake()
+
+    def look_again(self) -> None:
+        """The stress word changed: a waiting read looks at its deadline again."""
         self._wake()
 
     @property

@@ -8,14 +8,14 @@ spawn, respawn, generations, TTIN/TTOU, retirement, the pool pipe, the watchdog)
 differs is the body, here:
 
 1. It never returns into the master's code: ``run_aio_worker`` ends in ``os._exit``.
-2. One loop (``asyncio``, or ``uvloop`` with ``loop`` auto/uvloop) watches the listeners.
-   Every worker's loop is woken for a new connection and the losers get EAGAIN: a herd of at
-   most ``workers`` processes (one per CPU by default). ``EPOLLEXCLUSIVE`` cannot help here:
-   the loop's epoll would have to hold the listener itself, and a nested epoll (one per
-   worker, registered exclusively, watched by the loop) is woken like a non-exclusive one.
+2. One loop (``asyncio``, or ``uvloop`` with ``loop`` auto/uvloop) serves the connections;
+   a thread waits for new ones in a private epoll set with ``EPOLLEXCLUSIVE`` and hands them
+   to the loop (``aio_accept``, which says why a thread): one new connection wakes one
+   worker, and a busy worker is offered fewer.
 3. Each accepted connection is a task: the PROXY header (trusted sources only, within
    ``handshake_timeout``), the admission rules and the sources the master publishes as
-   penalised, the per-source cap of unproven connections (counted in this worker), the TLS
+   penalised, the per-source cap of unproven connections and the early drop, counted across
+   the whole server on the places board (``aio_guard``, which says why that shape), the TLS
    handshake on the loop (the rest of ``handshake_timeout``), then the handler. An async
    handler runs on the loop with an ``AsyncConnection`` (its limits are the loop's timers);
    a blocking handler (a function, a class, a socketserver handler) waits on the loop for its
@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import logging
 import os
 import random
@@ -53,24 +54,25 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import hooks
 from ..apps import ASYNC_FORMS
 from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong, PeerGone, WorkerExit
 from ..hooks import Process
 from ..ops.logs import AccessRecord
-from ..ops.scoreboard import SlotState
+from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.address import format_address
 from ..protocol.admission import ClientKey, source_tag
 from ..protocol.defence import CAUSES, Cause
 from ..protocol.poolpipe import Kind, Message, PauseTally
 from ..protocol.proxyproto import ProxyParser
 from .accept import ACCEPT_PAUSE_SECONDS, skip
+from .aio_accept import ListenerWaiter
 from .aio_connection import STOP_GRACE, AsyncConnection
+from .aio_guard import LocalGuard, PlacesGuard
 from .aio_slots import OPEN_FORMAT
 from .child import (
     CHILD_GRACE_MARGIN,
@@ -82,8 +84,9 @@ from .child import (
 from .connection import Connection
 from .handlers import AsyncApp, import_object
 from .limits import apply_limits
+from .patience import Patience
 from .preamble import Proxied, check_trusted, open_connection, proxied
-from .signals import DROP_UNPROVEN, LOOK_AGAIN, REOPEN
+from .signals import HYBRID, Step, install_on_loop
 from .stopsignal import StopSignal
 from .worker import WorkerContext, resident_mb
 
@@ -92,18 +95,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forkserve")
 
+#: The places board (``aio_guard.places_board``): the board, its regions, places per region.
+Places = tuple[Scoreboard, int, int]
+
 #: Connections accepted per wake-up of the loop, at most (the rest wait for the next turn, so
-#: one burst cannot starve the connections already open). Both workers wake for a burst; the
-#: smaller the batch, the more evenly they share it: at 10,000 clients on 2 workers, p99 was
-#: 2.2-2.3 s with 64 and 0.3-0.65 s with 8 (docs/benchmarks.md, issue 17).
+#: one burst cannot starve the connections already open). One worker wakes for a connection
+#: (``aio_accept``); while it takes its batch, the kernel offers the next ones to the others,
+#: so the smaller the batch, the more evenly they share a burst: at 10,000 clients on 2
+#: workers (when both woke for every connection), p99 was 2.2-2.3 s with 64 and 0.3-0.65 s
+#: with 8 (docs/benchmarks.md, issue 17).
 ACCEPT_BATCH = 8
 #: A connection past ``max_connection_time`` whose handler neither reads nor writes is
 #: cancelled this long after (the fork model's timer gives a process as long).
 EXPIRY_GRACE = 5.0
-#: Signals a hybrid worker ignores: those meant for the master (sent to the whole group), the
-#: stress word (the loop's timers look at nothing the master says) and the early drop's
-#: displacement (no slot holds one client). (serving.signals.WORKER is prefork's table.)
-IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, LOOK_AGAIN, DROP_UNPROVEN)
 #: A worker logs its refusals at most once per reason this often.
 REFUSAL_REPORT_INTERVAL = 5.0
 
@@ -155,7 +159,8 @@ class _ThreadStop(StopSignal):
 class AioWorker:
     """One hybrid worker's loop and connections. Runs in the worker process only."""
 
-    def __init__(self, ctx: WorkerContext, slot: int, generation: int) -> None:
+    def __init__(self, ctx: WorkerContext, slot: int, generation: int,
+                 places: Places | None = None) -> None:
         self.ctx = ctx
         self.config = config = ctx.config
         self.slot = slot
@@ -175,11 +180,68 @@ class AioWorker:
         self._stop_began = 0.0
         self.orphaned = False
         self.accepting = False
-        self.unproven: Counter[int] = Counter()
+        self.guard = self._guard(places)
+        #: The stress mode's deadlines (None: no stress setting), the master's word read from
+        #: the scoreboard; ``LOOK_AGAIN`` settles ``_stress_word`` (waits look again).
+        self.stress: Patience | None = None
+        if config.stress_idle_timeout or config.stress_first_byte_timeout:
+            board = ctx.scoreboard
+            self.stress = Patience(stress_idle=config.stress_idle_timeout or None,
+                                   stress_first_byte=config.stress_first_byte_timeout or None,
+                                   stressed=lambda: board.stressed)
+        self._stress_word: asyncio.Future[None] | None = None
+        #: How each held place's client gives way (``DROP_UNPROVEN``, ``aio_guard``).
+        self._yield_to: dict[int, Callable[[], None]] = {}
         self._pauses = PauseTally()
         self._refusals: dict[str, float] = {}
         self._done: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: ListenerWaiter | None = None
+        self._by_fd = {lst.sock.fileno(): lst.sock for lst in ctx.listeners}
+
+    def _guard(self, places: Places | None) -> PlacesGuard | LocalGuard:
+        limit, startups = self.ctx.source_limit, self.ctx.startups
+        if places is not None and self.slot < places[1]:
+            board, _, per = places
+            return PlacesGuard(board, self.slot * per, per, limit=limit, startups=startups,
+                               give_way=self._give_way)
+        if limit or startups is not None:
+            log.info("worker %d: slot %d has no places on the board: its unproven clients "
+                     "are counted in this worker only (no early drop)", self.pid, self.slot)
+        return LocalGuard(limit)
+
+    def _give_way(self, place: int) -> None:
+        """The unproven client on ``place`` makes room for a newcomer: its input ends."""
+        give_way = self._yield_to.get(place)
+        if give_way is not None:
+            give_way()
+
+    def _given_way(self) -> None:
+        """``DROP_UNPROVEN``: another worker's newcomer took the place of some of ours."""
+        for place in self.guard.given_way():
+            self._give_way(place)
+
+    def _look_again(self) -> None:
+        """``LOOK_AGAIN``: the stress mode began or ended; every wait for a client looks at
+        its deadline again."""
+        for conn in self.conns:
+            conn.look_again()
+        assert self.loop is not None
+        word, self._stress_word = self._stress_word, self.loop.create_future()
+        if word is not None and not word.done():
+            word.set_result(None)
+
+    def _first_byte_limit(self) -> float:
+        """How long a blocking handler's client may take to send its first byte, now."""
+        config = self.config
+        stressed = self.stress is not None and self.stress.stressed()
+        if config.first_byte_timeout:
+            limit = config.first_byte_timeout
+            shorter = config.stress_first_byte_timeout if stressed else 0.0
+        else:
+            limit = config.idle_timeout
+            shorter = config.stress_idle_timeout if stressed else 0.0
+        return min(limit, shorter) if shorter else limit
 
     # ------------------------------------------------------------------ boot
 
@@ -198,13 +260,13 @@ class AioWorker:
                 raise RuntimeError("a blocking handler with threads 0")  # (checked at start)
             self.pool = ThreadPoolExecutor(self.config.threads,
                                            thread_name_prefix="forkserve-handler")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.begin_stop, "signal")
-        loop.add_signal_handler(REOPEN, self._reopen)
-        for sig in IGNORED:
-            signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, _quit_now)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        self._stress_word = loop.create_future()
+        # the hybrid worker's table (``signals.HYBRID``): most steps on the loop
+        install_on_loop(HYBRID, loop, {
+            Step.FINISH: functools.partial(self.begin_stop, "signal"),
+            Step.REOPEN: self._reopen, Step.LOOK_AGAIN: self._look_again,
+            Step.GIVE_WAY: self._given_way,
+        }, {Step.QUIT: _quit_now})
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints every stack
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         set_parent_death_signal(signal.SIGTERM)
@@ -234,19 +296,21 @@ class AioWorker:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         if not self.stopping:
+            self._waiter = ListenerWaiter(list(self._by_fd), loop, self._listeners_ready)
             self._watch_listeners(True)
-        self._beat()
+        self._beat(first=True)
         await self._done
         await self._finish_connections()
         return WorkerExit.OK
 
-    def _beat(self) -> None:
+    def _beat(self, *, first: bool = False) -> None:
         """Stamp the heartbeat (the watchdog's proof that the loop turns), and look at the
-        memory bound; again in ``timeout / 2``."""
+        memory bound (not at the first beat, before any accept: a bound below what a new
+        worker holds would then end every worker unserved); again in ``timeout / 2``."""
         self.ctx.scoreboard.beat(self.slot)
         self._tell_pauses(time.monotonic())
         limit = self.config.max_worker_memory
-        if limit and not self.stopping and (rss := resident_mb()) > limit:
+        if limit and not first and not self.stopping and (rss := resident_mb()) > limit:
             log.info("worker %d: resident memory %.0f MB is over max_worker_memory %d MB, "
                      "recycling", self.pid, rss, limit)
             self.begin_stop("recycle")
@@ -254,15 +318,20 @@ class AioWorker:
         self.loop.call_later(self.config.timeout / 2, self._beat)
 
     def _watch_listeners(self, on: bool) -> None:
-        if on == self.accepting:
+        if on == self.accepting or self._waiter is None:
             return
-        assert self.loop is not None
         self.accepting = on
-        for listener in self.ctx.listeners:
-            if on:
-                self.loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
-            else:
-                self.loop.remove_reader(listener.sock.fileno())
+        self._waiter.watch(on)
+
+    def _listeners_ready(self, fds: list[int]) -> None:
+        """The waiter thread's hand-off: accept a batch, then let it wait again (unless
+        this worker stopped accepting meanwhile: then ``_watch_listeners`` re-arms it)."""
+        if not self.accepting:
+            return
+        for fd in fds:
+            self._accept(self._by_fd[fd])
+        if self.accepting and self._waiter is not None:
+            self._waiter.rearm()
 
     def _room(self) -> int:
         return self.config.worker_connections - len(self.tasks)
@@ -283,8 +352,11 @@ class AioWorker:
                 break
             taken += 1
             self._start(sock, addr)
-        if self._room() <= 0:
+        if self._room() <= 0 and self.accepting:
             self._watch_listeners(False)  # the backlog holds the rest (rule 4)
+            # the master judges its stress mode now (all workers at their cap: stress)
+            with contextlib.suppress(BrokenPipeError):
+                self._tell(Message(Kind.BUSY, self.slot, self.pid))
         return taken
 
     def _pause_accepting(self, code: int) -> None:
@@ -334,7 +406,7 @@ class AioWorker:
             if config.proxy_protocol:
                 header = await self._read_header(sock, addr, deadline)
                 addr = header.addr
-            admitted, key, tag = self._admit(sock, addr)
+            admitted, key, place = self._admit(sock, addr)
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s",
                      format_address(addr, sock.family), exc)
@@ -344,15 +416,16 @@ class AioWorker:
             return
         if not admitted:
             return
+        release = self._releaser(place)
         try:
             if self.app is not None:
                 await self._serve_async(self.app, sock, addr, header=header, started=started,
-                                        deadline=deadline, tag=tag)
+                                        deadline=deadline, place=place, release=release)
             else:
-                await self._serve_blocking(sock, addr, header, started)
+                await self._serve_blocking(sock, addr, header, started, place=place,
+                                           release=release)
         finally:
-            if tag and self.unproven[tag]:
-                self.unproven[tag] -= 1  # (a client that never proved itself)
+            release()  # (a client that never proved itself)
             if key is not None and self.ctx.gate is not None:
                 self.ctx.gate.release(key)
 
@@ -373,8 +446,9 @@ class AioWorker:
                     return proxied(header, sock, addr)
 
     def _admit(self, sock: socket.socket, addr: object) -> tuple[bool, ClientKey | None, int]:
-        """Rules, penalties, the per-source cap: admitted (if not, the socket is closed), the
-        gate's key (None: no gate) and the source's tag counted as unproven (0: none)."""
+        """Rules, penalties, the per-source cap and the early drop: admitted (if not, the
+        socket is closed), the gate's key (None: no gate) and the place that counts the
+        client as unproven (-1: none)."""
         gate = self.ctx.gate
         key: ClientKey | None = None
         if gate is not None:
@@ -383,18 +457,32 @@ class AioWorker:
             if not admitted:
                 return False, None, 0
         if not isinstance(addr, tuple):
-            return True, key, 0  # a unix-socket peer has no source
-        tag = source_tag(addr[0])
+            return True, key, -1  # a unix-socket peer has no source
         board = self.ctx.scoreboard
-        if self.config.penalties != "off" and board.penalised(tag):
+        if self.config.penalties != "off" and board.penalised(source_tag(addr[0])):
             self._refuse(sock, "penalty", addr[0], key)
-            return False, None, 0
-        limit = self.ctx.source_limit
-        if limit and self.unproven[tag] >= limit:
-            self._refuse(sock, "startups", addr[0], key)
-            return False, None, 0
-        self.unproven[tag] += 1
-        return True, key, tag
+            return False, None, -1
+        if not self.guard.active:
+            return True, key, -1
+        place, refused = self.guard.enter(addr[0])
+        if refused is not None:
+            self._refuse(sock, str(refused), addr[0], key)
+            return False, None, -1
+        return True, key, place
+
+    def _releaser(self, place: int) -> Callable[[], None]:
+        """Gives ``place`` back, once: at the client's proof or at its end, whichever first
+        (the place may serve another client by the second; a proven client never gives way,
+        so its ``_yield_to`` entry goes too)."""
+        if place < 0:
+            return _nothing
+        held = [place]
+
+        def release() -> None:
+            if held:
+                self._yield_to.pop(place, None)
+                self.guard.leave(held.pop())
+        return release
 
     def _refuse(self, sock: socket.socket, reason: str, who: str,
                 key: ClientKey | None) -> None:
@@ -412,7 +500,7 @@ class AioWorker:
 
     async def _serve_async(self, app: AsyncApp, sock: socket.socket, addr: object, *,
                            header: Proxied | None, started: float, deadline: float,
-                           tag: int) -> None:
+                           place: int, release: Callable[[], None]) -> None:
         config = self.config
         family = sock.family if header is None else header.family
         local = format_address(sock.getsockname(), sock.family) if header is None or \
@@ -423,7 +511,9 @@ class AioWorker:
             first_byte_timeout=config.first_byte_timeout or None,
             max_time=config.max_connection_time or None, linger_timeout=config.linger_timeout,
             settings=config, peer=format_address(addr, family), local=local,
-            on_proven=self._proven_callback(tag))
+            on_proven=release, stress=self.stress)
+        if place >= 0:
+            self._yield_to[place] = functools.partial(conn.interrupt, 0.0)
         if not await self._open_transport(conn, sock, addr, deadline):
             return
         self.conns.add(conn)
@@ -439,17 +529,6 @@ class AioWorker:
             await conn.close()
         self._count(conn.peer, addr, started, bytes_in=conn.bytes_in,
                     bytes_out=conn.bytes_out, status=status)
-
-    def _proven_callback(self, tag: int) -> Callable[[], None] | None:
-        if not tag:
-            return None
-
-        def proven() -> None:
-            if self.unproven[tag]:
-                self.unproven[tag] -= 1
-                if not self.unproven[tag]:
-                    del self.unproven[tag]
-        return proven
 
     async def _open_transport(self, conn: AsyncConnection, sock: socket.socket, addr: object,
                               deadline: float) -> bool:
@@ -514,13 +593,18 @@ class AioWorker:
             return ChildExit.HANDLER_ERROR
 
     async def _serve_blocking(self, sock: socket.socket, addr: object,
-                              header: Proxied | None, started: float) -> None:
-        """A blocking handler: the first byte awaited on the loop, then a pool thread."""
-        if not await self._first_byte(sock, started):
+                              header: Proxied | None, started: float, *, place: int,
+                              release: Callable[[], None]) -> None:
+        """A blocking handler: the first byte awaited on the loop (the client's proof, here),
+        then a pool thread."""
+        if not await self._first_byte(sock, started, place):
             sock.close()
-            if self.config.first_byte_timeout and not self.stopping:
+            limit = self.config.first_byte_timeout
+            if limit and not self.stopping and time.monotonic() - started >= limit:
+                # (not a client that gave way to a newcomer: it was not late)
                 self._ended_badly(addr, Cause.FIRST_BYTE)
             return
+        release()
         assert self.pool is not None
         loop = asyncio.get_running_loop()
         status, peer, bytes_in, bytes_out = await loop.run_in_executor(
@@ -528,25 +612,29 @@ class AioWorker:
         self._count(peer, addr, started, bytes_in=bytes_in, bytes_out=bytes_out,
                     status=status)
 
-    async def _first_byte(self, sock: socket.socket, started: float) -> bool:
+    async def _first_byte(self, sock: socket.socket, started: float, place: int) -> bool:
         """Wait until the client sends something (or closes); False after the first-byte
-        (else idle) deadline, or at a stop once the grace has passed."""
+        (else idle) deadline, at a stop once the grace has passed, or when the client gives
+        way to a newcomer (``aio_guard``)."""
         loop = asyncio.get_running_loop()
-        limit = self.config.first_byte_timeout or self.config.idle_timeout
-        readable = loop.create_future()
+        readable: asyncio.Future[bool] = loop.create_future()
         fd = sock.fileno()
-        loop.add_reader(fd, _settle, readable)
+        loop.add_reader(fd, _settle, readable, True)
+        if place >= 0:
+            self._yield_to[place] = functools.partial(_settle, readable, False)
         try:
             while not readable.done():
-                until = started + limit
+                until = started + self._first_byte_limit()
                 if self.stopping:
                     until = min(until, self._stop_began + self._grace())
                 if until <= time.monotonic():
                     return False
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(loop.time() + until - time.monotonic()):
-                        await asyncio.shield(readable)
-            return True
+                waits: set[asyncio.Future[Any]] = {readable}
+                if self._stress_word is not None:
+                    waits.add(self._stress_word)  # (settled: the limit may have changed)
+                await asyncio.wait(waits, timeout=until - time.monotonic(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            return readable.result()
         finally:
             loop.remove_reader(fd)
 
@@ -604,6 +692,8 @@ class AioWorker:
                 with contextlib.suppress(OSError):
                     self._accept(listener.sock, self.config.backlog)
         self._watch_listeners(False)
+        if self._waiter is not None:
+            self._waiter.close()  # (before the close: other processes hold the listeners)
         for listener in self.ctx.listeners:
             listener.sock.close()
         grace = self._grace()
@@ -676,20 +766,26 @@ class _BootAborted(Exception):
     """The worker cannot become ready (the reason is already in the log)."""
 
 
-def _settle(future: asyncio.Future[None]) -> None:
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(value)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _quit_now(signum: int, frame: object) -> None:
     os._exit(WorkerExit.OK)  # a fast stop: nothing to finish
 
 
-def run_aio_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
-    """Body of a freshly forked hybrid worker. Never returns."""
+def run_aio_worker(ctx: WorkerContext, slot: int, generation: int,
+                   places: Places | None = None) -> NoReturn:
+    """Body of a freshly forked hybrid worker (``places``: the places board, see
+    ``aio_guard``). Never returns."""
     status: int = WorkerExit.BOOT_ERROR
     try:
-        worker = AioWorker(ctx, slot, generation)
+        worker = AioWorker(ctx, slot, generation, places)
         loop = worker.boot()
         status = WorkerExit.ERROR
         status = loop.run_until_complete(worker.main())

@@ -5,6 +5,8 @@ processes that serve connections:
 
 - ``CHILD``: a fork model's per-connection child (``serving.child``);
 - ``WORKER``: a prefork worker (``serving.worker``);
+- ``HYBRID``: a hybrid worker (``serving.aio_worker``): its event loop runs most steps as
+  the loop's callbacks (``install_on_loop``);
 - ``PROGRAM``: an exec program's child between fork and ``execve`` (``apps.exec``): every
   signal at its default, so the program starts as inetd or tcpserver would start it;
 - ``SINGLE``: the single model, which serves in the master: the master's table, plus the
@@ -28,6 +30,7 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, Protocol
 
 from ..kernel import SIG_DFL, SIG_IGN, set_handler
 
@@ -107,6 +110,33 @@ WORKER: tuple[Row, ...] = (
         "From the master's watchdog: print the Python stack (faulthandler) and end."),
 )
 
+#: A hybrid worker: one event loop over many connections. The master's other signals are at
+#: their defaults.
+HYBRID: tuple[Row, ...] = (
+    Row(signal.SIGTERM, Step.FINISH,
+        "Stop accepting, then finish every connection: idle ones close at once, a request in "
+        "flight is answered (an incomplete one gets `STOP_GRACE`), within `graceful_timeout`; "
+        "then exit. At a stop of the whole server it first takes what is queued on the "
+        "listeners."),
+    Row(signal.SIGINT, Step.FINISH, "Same as TERM."),
+    Row(signal.SIGQUIT, Step.QUIT, _QUIT),
+    Row(signal.SIGHUP, Step.IGNORE, _GROUP),
+    Row(signal.SIGTTIN, Step.IGNORE, _GROUP),
+    Row(signal.SIGTTOU, Step.IGNORE, _GROUP),
+    Row(REOPEN, Step.REOPEN, "Reopen the access log (the master sends it on `reopen`)."),
+    Row(LOOK_AGAIN, Step.LOOK_AGAIN,
+        "The stress mode changed: every connection that waits for its client looks at its "
+        "deadline again."),
+    Row(DROP_UNPROVEN, Step.GIVE_WAY,
+        "A newcomer took the place of some of this worker's clients that have not proven "
+        "themselves yet: their input ends now."),
+    Row(signal.SIGALRM, Step.DEFAULT,
+        "At its default: the worker sets no timer (its deadlines are the loop's)."),
+    Row(signal.SIGABRT, Step.DEFAULT,
+        "From the master's watchdog (the loop blocked for `timeout`): print every thread's "
+        "Python stack (faulthandler) and end."),
+)
+
 #: An exec program's child, from the fork to ``execve``: every signal at its default and the
 #: mask empty at ``execve`` (installed by ``apps.exec``, its rule 2, for every signal).
 PROGRAM: tuple[Row, ...] = (
@@ -127,7 +157,8 @@ SINGLE: tuple[Row, ...] = (
 
 #: The tables by role, in the order the README shows them.
 ROLES: dict[str, tuple[Row, ...]] = {
-    "fork child": CHILD, "prefork worker": WORKER, "exec program": PROGRAM,
+    "fork child": CHILD, "prefork worker": WORKER, "hybrid worker": HYBRID,
+    "exec program": PROGRAM,
     "single model (in the master)": SINGLE,
 }
 
@@ -146,6 +177,27 @@ def install(table: tuple[Row, ...], handlers: Mapping[Step, Handler]) -> dict[in
             handler = handlers[row.step]
         previous[int(row.signal)] = set_handler(row.signal, handler)
     return previous
+
+
+class SignalLoop(Protocol):
+    """What ``install_on_loop`` needs of an event loop (asyncio's, uvloop's)."""
+
+    def add_signal_handler(self, sig: int, callback: Callable[..., object],
+                           *args: Any) -> None: ...
+
+
+def install_on_loop(table: tuple[Row, ...], loop: SignalLoop,
+                    on_loop: Mapping[Step, Callable[[], object]],
+                    handlers: Mapping[Step, Handler]) -> dict[int, object]:
+    """Install ``table`` in a process with an event loop: the steps in ``on_loop`` become the
+    loop's callbacks (``add_signal_handler``: the loop's wakeup fd records the signal and the
+    callback runs on the loop, rule 4); the others as ``install`` does, from ``handlers``.
+    Returns what ``install`` replaced (for ``restore``; the loop's own are removed with
+    ``remove_signal_handler``)."""
+    for row in table:
+        if row.step in on_loop:
+            loop.add_signal_handler(row.signal, on_loop[row.step])
+    return install(tuple(row for row in table if row.step not in on_loop), handlers)
 
 
 def restore(previous: Mapping[int, object]) -> None:

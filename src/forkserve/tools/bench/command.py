@@ -23,8 +23,8 @@ from typing import Any
 
 from ..._version import __version__
 from ...errors import ExitCode
-from . import report
-from .runner import SCENARIOS, Window, run_scenario, settle
+from . import many, report
+from .runner import DEFAULT_SCENARIOS, SCENARIOS, Window, run_scenario, settle
 from .servers import (
     MODELS,
     BenchFailed,
@@ -54,8 +54,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--server", action="append", default=[], metavar="'NAME=COMMAND {port}'",
                        help="also measure this server; {port} is replaced by the port it must "
                             "listen on 127.0.0.1 (repeatable)")
-    bench.add_argument("--scenarios", default=",".join(SCENARIOS), metavar="LIST",
-                       help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all)")
+    bench.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), metavar="LIST",
+                       help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all "
+                            f"but persist_c10000, which runs only when named: it needs "
+                            f"RLIMIT_NOFILE above 10,000 and somaxconn of "
+                            f"{many.SOMAXCONN_NEEDED}, checked first)")
     bench.add_argument("--duration", type=float, default=3.0, metavar="SECONDS",
                        help="measured window per scenario (default 3)")
     bench.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS",
@@ -97,6 +100,7 @@ def check(args: argparse.Namespace) -> tuple[list[ServerSpec], list[str], Window
         raise BenchUsage(f"--client-processes must be 1..{MAX_CLIENT_PROCESSES}")
     if args.plot is not None:
         report.check_plot()
+    many.check(specs, scenarios)
     return specs, scenarios, Window(args.warmup, args.duration, args.timeout,
                                     args.client_processes)
 
@@ -134,10 +138,11 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     status = 0
     try:
+        runs = many.plan(specs, scenarios)
         with tempfile.TemporaryDirectory(prefix="forkserve-bench-") as logdir, \
-                report.Progress(len(specs) * len(scenarios)) as progress:
-            for spec in specs:
-                measure(spec, scenarios, w, Path(logdir), progress=progress, records=records)
+                report.Progress(sum(len(names) for _, names in runs)) as progress:
+            for spec, names in runs:
+                measure(spec, names, w, Path(logdir), progress=progress, records=records)
     except BenchFailed as exc:
         print(f"forkserve: bench: {exc}", file=sys.stderr)
         status = 1

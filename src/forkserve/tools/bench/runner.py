@@ -45,6 +45,8 @@ class Scenario:
     conns: int
     slow: int = 0
     label: str = ""
+    #: Run only when named, after ``many.check`` (what it needs of the machine).
+    guarded: bool = False
 
 
 SCENARIOS = {s.name: s for s in (
@@ -55,7 +57,12 @@ SCENARIOS = {s.name: s for s in (
     Scenario("hol_c10_s5", "persist", 10, 5,
              label="10 clients beside 5 slow ones that connect and send nothing"),
     Scenario("persist_c1000", "persist", 1000, label="1000 clients, each keeps its connection"),
+    Scenario("persist_c10000", "persist", 10000, guarded=True,
+             label="10,000 clients, each keeps its connection (hybrid or --server; only when "
+                   "named: it checks RLIMIT_NOFILE and somaxconn)"),
 )}
+#: The scenarios run when none are named: all but the guarded ones.
+DEFAULT_SCENARIOS = tuple(name for name, s in SCENARIOS.items() if not s.guarded)
 #: Memory per connection is shown only with at least this many connections held: below it,
 #: the figure would be the whole server divided by one or two clients.
 MIN_CONNS_FOR_MEM = 10

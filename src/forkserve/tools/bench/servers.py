@@ -62,6 +62,8 @@ class ServerSpec:
 
     name: str
     argv: tuple[str, ...]
+    #: The forkserve model it runs (None: a --server).
+    model: str | None = None
 
     def command(self, port: int) -> list[str]:
         return [a.replace(PORT_PLACEHOLDER, str(port)) for a in self.argv]
@@ -72,7 +74,8 @@ def model_spec(model: str) -> ServerSpec:
     if model not in MODELS:
         raise BenchUsage(f"unknown model {model!r} (choose from {', '.join(MODELS)})")
     return ServerSpec(model, (sys.executable, "-m", "forkserve", "serve", "--bind",
-                              f"127.0.0.1:{PORT_PLACEHOLDER}", "--model", model))
+                              f"127.0.0.1:{PORT_PLACEHOLDER}", "--model", model),
+                      model=model)
 
 
 def parse_server(text: str) -> ServerSpec:
