@@ -263,7 +263,8 @@ class Config:
     max_startups_per_source: int | None = setting(
         None, IntOrUnset(minimum=0),
         "Unproven connections (no whole first line yet) from one client (IPv4 address, IPv6 "
-        "/64) at most, as sshd's PerSourceMaxStartups; more are refused at once. Unset: an "
+        "/64) at most, as sshd's PerSourceMaxStartups; more are refused (fork: after 0.25 s "
+        "in which a first line still proves them). Unset: an "
         "eighth of the capacity (max_children; prefork: max_workers), at least 8; 0: no "
         "limit. Behind a NAT, or a proxy that sends no PROXY header, its clients count as one.",
     )
