@@ -77,6 +77,7 @@ from .aio_slots import OPEN_FORMAT
 from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
+    exit_process,
     serve_one,
     set_parent_death_signal,
     set_title,
@@ -796,7 +797,4 @@ def run_aio_worker(ctx: WorkerContext, slot: int, generation: int,
             log.exception("worker %d failed", os.getpid())
     finally:
         # This must never return into the master's loop, hence os._exit() on every path.
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(status)
+        exit_process(status)

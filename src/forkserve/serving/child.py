@@ -284,8 +284,15 @@ def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int, *
     finally:
         # This must never return into the master's accept loop, hence os._exit() on every
         # path: the seed's child fell through into accept() and served as a second master.
-        # os._exit skips Python's exit, so flush what a handler may have printed.
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(status)
+        exit_process(status)
+
+
+def exit_process(status: int) -> NoReturn:
+    """The end of every forked process of forkserve's (a child, a worker, the zygote):
+    flush what Python buffered (os._exit skips Python's exit, and a handler may have
+    printed), then ``os._exit(status)``: never back into the code that forked it, never
+    the atexit handlers it inherited. Raises nothing."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    os._exit(status)

@@ -72,6 +72,7 @@ from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
     arm_connection_timer,
+    exit_process,
     patience_for,
     serve_one,
     set_parent_death_signal,
@@ -479,7 +480,4 @@ def run_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
             log.exception("worker %d failed", os.getpid())
     finally:
         # This must never return into the master's loop, hence os._exit() on every path.
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(status)
+        exit_process(status)

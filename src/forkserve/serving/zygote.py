@@ -50,7 +50,7 @@ from ..errors import ExitCode, ForkserveError
 from ..kernel import pthread_sigmask
 from ..ops.scoreboard import MEMFD_NAME, Scoreboard
 from ..protocol import zygote as wire
-from .child import ChildContext, run_child, set_parent_death_signal, set_title
+from .child import ChildContext, exit_process, run_child, set_parent_death_signal, set_title
 from .preamble import Proxied
 
 if TYPE_CHECKING:
@@ -309,10 +309,7 @@ def run_forked(ctl: socket.socket, settings: Settings, board: Scoreboard, app: A
         with contextlib.suppress(BaseException):
             log.exception("the zygote failed")
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(BaseException):
-                stream.flush()
-        os._exit(status)
+        exit_process(status)  # never back into the code that started it: os._exit
 
 
 def main(argv: list[str]) -> int:
