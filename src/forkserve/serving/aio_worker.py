@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import hooks
 from ..apps import ASYNC_FORMS
-from ..errors import ChildExit, ClientError, FirstByteTimeout, LineTooLong, PeerGone, WorkerExit
+from ..errors import ChildExit, ClientError, LineTooLong, PeerGone, WorkerExit
 from ..hooks import Process
 from ..ops.logs import AccessRecord
 from ..ops.scoreboard import Scoreboard, SlotState
@@ -77,6 +77,7 @@ from .aio_slots import OPEN_FORMAT
 from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
+    client_ended,
     exit_process,
     serve_one,
     set_parent_death_signal,
@@ -577,12 +578,8 @@ class AioWorker:
                 await conn.write(b"ERR line too long\n")
             log.info("%s: closed: line longer than max_line", conn.peer)
             return ChildExit.LINE_TOO_LONG
-        except FirstByteTimeout as exc:
-            log.debug("%s: closed: %s", conn.peer, exc)
-            return ChildExit.FIRST_BYTE
         except ClientError as exc:
-            log.debug("%s: closed: %s", conn.peer, exc)
-            return ChildExit.OK
+            return client_ended(conn.peer, exc)
         except asyncio.CancelledError:
             if self.stopping:
                 raise  # the end of the stop's wait: nothing more to account for

@@ -127,12 +127,8 @@ def serve_one(app: App, conn: Connection) -> ChildExit:
             conn.write(LINE_TOO_LONG_ANSWER)
         log.info("%s: closed: line longer than max_line", conn.peer)
         return ChildExit.LINE_TOO_LONG
-    except FirstByteTimeout as exc:
-        log.debug("%s: closed: %s", conn.peer, exc)
-        return ChildExit.FIRST_BYTE
     except ClientError as exc:
-        log.debug("%s: closed: %s", conn.peer, exc)
-        return ChildExit.OK
+        return client_ended(conn.peer, exc)
     except (Exception, SystemExit):
         log.exception("handler failed on the connection from %s", conn.peer)
         return ChildExit.HANDLER_ERROR
@@ -285,6 +281,14 @@ def run_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int, *
         # This must never return into the master's accept loop, hence os._exit() on every
         # path: the seed's child fell through into accept() and served as a second master.
         exit_process(status)
+
+
+def client_ended(peer: str, exc: ClientError) -> ChildExit:
+    """The status of a connection its client ended (any ``ClientError`` but a line too long,
+    which answers first): a first-byte timeout has its own, which earns the source a
+    penalty; any other is an ordinary end. For the blocking and the async handler paths."""
+    log.debug("%s: closed: %s", peer, exc)
+    return ChildExit.FIRST_BYTE if isinstance(exc, FirstByteTimeout) else ChildExit.OK
 
 
 def exit_process(status: int) -> NoReturn:
