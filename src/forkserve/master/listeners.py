@@ -5,20 +5,33 @@ Rules: ``SO_REUSEADDR`` so a restart is not refused while old connections sit in
 reuseport sockets drops its queue); IPv6 listeners are v6-only so ``[::]`` and ``0.0.0.0`` can
 coexist; listeners are non-blocking (the master only accepts when the selector says so).
 A unix socket file is unlinked on close only if it is still the one we created.
+
+A stop closes a listener for good, and the kernel resets the clients still queued on it at
+its last close. So a stop first refuses new clients (``refuse_new``: a socket filter that
+drops every SYN, so a connecting client retries and is refused once the socket is closed;
+for a unix socket, its file goes), then the model takes what is queued (the handshakes in
+flight still complete and join the queue), then the socket closes with nothing left in it.
+Only a socket nobody else holds is sealed so: systemd keeps its sockets, and their queues,
+for the next start, and the filter would stay on them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 
 from ..config import Address
 from ..errors import ListenError
 from ..protocol.address import format_address
+
+log = logging.getLogger("forkserve")
 
 _REASONS = {
     errno.EADDRINUSE: "address already in use",
@@ -35,6 +48,9 @@ class Listener:
     sock: socket.socket
     name: str
     unix_inode: int | None = None
+    #: Nobody but this master (and its workers) holds the socket: it bound it, or took it
+    #: over from the master an upgrade replaced. False for systemd's sockets.
+    ours: bool = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -43,11 +59,51 @@ class Listener:
         """Close the socket and remove our unix socket file. Idempotent."""
         if self.sock.fileno() >= 0:
             self.sock.close()
-        if self.unix_inode is not None:
-            path, self.unix_inode, inode = self.address.path, None, self.unix_inode
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
+        self._unlink()
+
+    def refuse_new(self) -> None:
+        """Refuse new clients from now on, for good, where the socket is ``ours``; those
+        queued or in their handshake can still be accepted. Once, at a stop, before the last
+        drain; the close that follows ends it."""
+        if not self.ours or self.sock.fileno() < 0:
+            return
+        if self.address.kind == "unix":
+            self._unlink()
+            return
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _drop_syn_program()[0])
+        except OSError as exc:  # (a kernel without socket filters: a close resets, as before)
+            log.debug("%s: cannot refuse new clients before the close: %s", self.name,
+                      exc.strerror)
+
+    def _unlink(self) -> None:
+        path, self.unix_inode, inode = self.address.path, None, self.unix_inode
+        if inode is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+
+
+#: setsockopt(2): attach a classic BPF program to a socket (``linux/filter.h``).
+SO_ATTACH_FILTER = 26
+
+
+@functools.cache
+def _drop_syn_program() -> tuple[bytes, object]:
+    """A ``struct sock_fprog`` that drops every TCP segment with SYN set and lets the rest
+    through, and the buffer it points to (kept alive: the kernel copies the code from it at
+    each attach). A listener's filter sees a segment from its TCP header (byte 13: flags)."""
+    import ctypes  # noqa: PLC0415  (only a stop needs it)
+
+    ld_byte, jset, ret = 0x00 | 0x10 | 0x20, 0x05 | 0x40, 0x06
+    program = [(ld_byte, 0, 0, 13),           # A = flags
+               (jset, 1, 0, 0x02),            # SYN? to "drop"
+               (ret, 0, 0, 0xFFFF_FFFF),      # keep the whole segment
+               (ret, 0, 0, 0)]                # drop
+    code = b"".join(struct.pack("HBBI", *op) for op in program)
+    buffer = ctypes.create_string_buffer(code, len(code))
+    return struct.pack("HL", len(program), ctypes.addressof(buffer)), buffer
 
 
 def _fail(address: Address, exc: OSError) -> ListenError:
@@ -73,7 +129,7 @@ def _bind_tcp(address: Address, backlog: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise _fail(address, exc) from None
-    return Listener(address, sock, format_address(sock.getsockname(), family))
+    return Listener(address, sock, format_address(sock.getsockname(), family), ours=True)
 
 
 def _clear_stale_unix(address: Address) -> None:
@@ -116,7 +172,7 @@ def _bind_unix(address: Address, backlog: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise _fail(address, exc) from None
-    return Listener(address, sock, str(address), os.stat(address.path).st_ino)
+    return Listener(address, sock, str(address), os.stat(address.path).st_ino, ours=True)
 
 
 def bind_all(addresses: tuple[Address, ...], backlog: int) -> list[Listener]:

@@ -6,7 +6,10 @@ once; the master's loop calls ``advance`` after every wake-up for steps 5 and 6,
 most until ``deadlines()``; it reaps (step 7) and ends once ``finished``.
 
 1. **Stop accepting.** The listeners leave the selector; systemd is told the service stops
-   (not on a handover: the service goes on, in the new master).
+   (not on a handover: the service goes on, in the new master). A graceful stop refuses new
+   clients on the sockets nobody else holds (``Listener.refuse_new``: not systemd's, not on a
+   handover, not while an upgrade's new master may still take them), so that step 2 leaves
+   nothing queued for the close to reset.
 2. **Serve what is queued** (graceful, not a handover): the model takes what the kernel has
    queued on each listener (``Model.drain``: the fork model forks for it, prefork workers are
    told on the scoreboard), so those clients are answered, not reset by the close.
@@ -75,8 +78,10 @@ class StopChecklist:
         #: Something had to be killed to stop: the master exits 1.
         self.killed = False
 
-    def begin(self, *, fast: bool, timeout: float, handover: bool = False) -> None:
-        """Steps 1 to 4 (or, during a graceful stop, a fast one jumps to step 6)."""
+    def begin(self, *, fast: bool, timeout: float, handover: bool = False,
+              shared: bool = False) -> None:
+        """Steps 1 to 4 (or, during a graceful stop, a fast one jumps to step 6). ``shared``:
+        an upgrade's new master, not ready yet, holds the sockets too."""
         now = self._kernel.monotonic()
         if self.stop is not None:
             if fast and not self.stop.fast:
@@ -88,6 +93,9 @@ class StopChecklist:
         if not handover:
             self._notifier.stopping()
         self._stop_accepting()  # 1
+        if not (fast or handover or shared):
+            for listener in self._listeners:
+                listener.refuse_new()
         for listener in self._listeners:
             if not fast and not handover:
                 self._model.drain(listener)  # 2

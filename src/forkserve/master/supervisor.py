@@ -429,7 +429,7 @@ class Supervisor:
     # ------------------------------------------------------------------ stopping
 
     def _begin_stop(self, *, fast: bool, handover: bool = False) -> None:
-        self.checklist.begin(fast=fast, handover=handover,
+        self.checklist.begin(fast=fast, handover=handover, shared=self.upgrader.pending is not None,
                              timeout=self.config.graceful_timeout)
 
     def note_killed(self, message: str) -> None:

@@ -23,6 +23,11 @@ the sockets, which stay open in the new master, and lets its children finish. If
 master exits before it is ready, or does not say so within ``READY_TIMEOUT``, the upgrade is
 abandoned (the new master is killed if it is still there) and the old master goes on
 serving; the log says why.
+
+The same goes for the right to seal a socket at a stop (``Listener.refuse_new``): only a socket
+that no one else holds is sealed, and systemd holds the sockets it passed. The old master names
+the sockets that were its alone (their inodes, in ``FORKSERVE_UPGRADE_OURS``), and they become
+the new master's alone once it has said it is ready.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ READY_TIMEOUT = 30.0
 READY_FD = "FORKSERVE_UPGRADE_FD"
 #: The environment variable that names the unix socket files handed over (JSON: path -> inode).
 FILES = "FORKSERVE_UPGRADE_FILES"
+#: The environment variable that names the sockets only forkserve holds (JSON: inodes).
+OURS = "FORKSERVE_UPGRADE_OURS"
 #: The message the new master writes when it serves.
 READY = b"ready\n"
 #: The first fd of a socket-activation handover (sd_listen_fds(3)).
@@ -80,10 +87,13 @@ class Successor:
 
     fd: int
     files: dict[str, int]
+    #: The inodes of the sockets no one but the old master held (not systemd's).
+    ours: frozenset[int] = frozenset()
 
 
 def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify: dict[str, str],
-          deadline: float, files: dict[str, int] | None = None) -> Upgrade:
+          deadline: float, files: dict[str, int] | None = None, *,
+          ours: Sequence[int] = ()) -> Upgrade:
     """Fork and exec the new master, handing it ``sockets`` ((name, fd) each). Raises
     ``OSError`` if the fork fails. Call with the master's signals blocked."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -94,7 +104,8 @@ def spawn(sockets: Sequence[tuple[str, int]], cwd: str, notify: dict[str, str],
         os.close(ready_w)
         raise
     if pid == 0:
-        _exec_new_master(sockets, ready_w, cwd, {**notify, FILES: json.dumps(files or {})})
+        _exec_new_master(sockets, ready_w, cwd, {**notify, FILES: json.dumps(files or {}),
+                                                 OURS: json.dumps(list(ours))})
     os.close(ready_w)
     os.set_blocking(ready_r, False)
     return Upgrade(pid, ready_r, deadline)
@@ -151,6 +162,7 @@ def take_ready_fd() -> Successor | None:
     this master was not started by an upgrade."""
     text = os.environ.pop(READY_FD, None)
     files = _handed_files(os.environ.pop(FILES, "{}"))
+    ours = _handed_inodes(os.environ.pop(OURS, "[]"))
     if text is None:
         return None
     try:
@@ -160,7 +172,7 @@ def take_ready_fd() -> Successor | None:
         log.warning("upgrade: %s=%r is unusable (%s); the old master will give up on this "
                     "one", READY_FD, text, exc)
         return None
-    return Successor(fd, files)
+    return Successor(fd, files, ours)
 
 
 def _handed_files(text: str) -> dict[str, int]:
@@ -173,6 +185,23 @@ def _handed_files(text: str) -> dict[str, int]:
                     FILES, text[:80])
         return {}
     return {str(path): inode for path, inode in files.items() if isinstance(inode, int)}
+
+
+def _handed_inodes(text: str) -> frozenset[int]:
+    try:
+        inodes = json.loads(text)
+    except ValueError:
+        inodes = None
+    if not isinstance(inodes, list):
+        log.warning("upgrade: %s=%r is unusable; no socket is sealed at this master's stop",
+                    OURS, text[:80])
+        return frozenset()
+    return frozenset(i for i in inodes if isinstance(i, int))
+
+
+def socket_inode(listener: Listener) -> int:
+    """The socket's inode: the same in every process that holds it."""
+    return os.fstat(listener.fileno()).st_ino
 
 
 def owned_files(listeners: Sequence[Listener]) -> dict[str, int]:
@@ -195,6 +224,8 @@ def announce_ready(successor: Successor, listeners: Sequence[Listener]) -> None:
         inode = successor.files.get(listener.address.path)
         if listener.address.kind == "unix" and inode is not None:
             listener.unix_inode = inode
+        with contextlib.suppress(OSError):
+            listener.ours = socket_inode(listener) in successor.ours
 
 
 class Host(Protocol):
@@ -233,10 +264,11 @@ class Upgrader:
         sockets = [(LISTENER, listener.fileno()) for listener in self.listeners]
         sockets += [(name, listener.fileno()) for name, listener in self.operators]
         files = owned_files(self._all_sockets())
+        ours = [socket_inode(lst) for lst in self._all_sockets() if lst.ours]
         try:
             with self.host.signals_blocked():
                 self.pending = spawn(sockets, cwd, self.notifier.environment(),
-                                     self.kernel.monotonic() + READY_TIMEOUT, files)
+                                     self.kernel.monotonic() + READY_TIMEOUT, files, ours=ours)
         except OSError as exc:
             log.error("upgrade: cannot fork the new master: %s; still serving", exc.strerror)
             return
@@ -262,6 +294,7 @@ class Upgrader:
         self.notifier.mainpid(pid)
         for listener in self._all_sockets():
             listener.unix_inode = None  # the socket files are the new master's now
+            listener.ours = False
         log.info("upgrade: the new master (pid %d) serves; this one stops gracefully", pid)
         self.host.begin_graceful_stop(handover=True)
 

@@ -685,15 +685,17 @@ class AioWorker:
         self.stopping = True
         self._stop_began = time.monotonic()
         draining = why == "signal" and self.ctx.scoreboard.draining and not self.orphaned
-        if draining:
-            for listener in self.ctx.listeners:
+        # out of the waiter's set before the close (other processes hold the listeners); the
+        # drain then the close with nothing between them: the master refused new clients
+        # already, but a handshake may still complete until this worker's copy is closed
+        self._watch_listeners(False)
+        for listener in self.ctx.listeners:
+            if draining:
                 with contextlib.suppress(OSError):
                     self._accept(listener.sock, self.config.backlog)
-        self._watch_listeners(False)
-        if self._waiter is not None:
-            self._waiter.close()  # (before the close: other processes hold the listeners)
-        for listener in self.ctx.listeners:
             listener.sock.close()
+        if self._waiter is not None:
+            self._waiter.close()
         grace = self._grace()
         for conn in list(self.conns):
             conn.interrupt(grace)

@@ -19,13 +19,15 @@ Theory of operation
    connections its last wake-up was for, then closes its listeners: ``EPOLLEXCLUSIVE`` woke
    no other worker for them, so a worker that dropped them would leave those clients queued
    with nobody woken, until another client came (a sequential client waits for ever). At a
-   stop of the whole server (the master has announced a drain on the scoreboard and closed
-   its own copies) a busy worker closes its listeners in the handler, and an idle one first
-   serves what is queued on them, so that queued clients are answered, not reset by the last
-   close (if every worker is busy at the stop, they are). An orphan (its master died:
-   PR_SET_PDEATHSIG) lets go of the listeners at once, so the port is free for a new server,
-   and waits for no incomplete request. The master sends SIGTERM once more to a worker still
-   there (``child.STOP_REMINDER``), for handlers that read the socket themselves.
+   stop of the whole server (the master has refused new clients, announced a drain on the
+   scoreboard and closed its own copies) every worker serves what is queued on the listeners
+   before it closes them, an idle one at once, a busy one once its connection ends, so that
+   queued clients are answered, not reset by the last close; a busy worker that finds nothing
+   queued lets go at once (nothing new can queue: the port closes with the server). An
+   orphan (its master died: PR_SET_PDEATHSIG) lets go of the listeners at once, so the port
+   is free for a new server, and waits for no incomplete request. The master sends SIGTERM
+   once more to a worker still there (``child.STOP_REMINDER``), for handlers that read the
+   socket themselves.
 5. When it is ready to accept it says so through the pool pipe (``poolpipe``), and keeps the
    pipe to tell the master what it must not log alone: its accept errors (the master counts
    them and logs them at the rate of the whole server), and that it took a connection while
@@ -204,25 +206,26 @@ class Worker:
         """SIGTERM: record the stop; a connection in service is told to finish. A worker
         retired from a pool that goes on (reload, TTOU) keeps the listeners until its loop
         has served the connections it was woken for (``run``): the rest of the queue is the
-        other workers'. At a stop of the whole server (the master has announced a drain), an
-        idle worker keeps them until it has taken what is queued there (``_take_queued``), so
-        those clients are answered instead of reset; a busy one lets go at once. An orphan
-        has no server to drain for: it lets go at once."""
+        other workers'. At a stop of the whole server (the master has announced a drain), a
+        worker keeps them until it has taken what is queued there (``_take_queued``: an idle
+        one now, a busy one after its connection), so those clients are answered instead of
+        reset; a busy one with nothing queued lets go at once. An orphan has no server to
+        drain for: it lets go at once."""
         first = self.stop.record()
         conn = self.serving
         if conn is not None:
             conn.interrupt(self.stop.grace)
             self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
         whole_stop = self.ctx.scoreboard.draining
-        if self.stop.orphaned or (whole_stop and conn is not None):
-            # the port must close with the server: no client may queue behind a connection
-            # that can take graceful_timeout (a reminder after a reload may be such a stop)
+        if self.stop.orphaned or (whole_stop and conn is not None and not self._queued()):
+            # the port closes with the server: a busy worker holds it only for clients that
+            # were queued when the stop began (the master refused new ones: none can come)
             self._close_listeners()
         if not first:
             return  # the master's reminder (child.STOP_REMINDER): the rest is done
         self.stopping = True
         self._stop_began = self.stop.began
-        self._draining = conn is None and whole_stop and not self.stop.orphaned
+        self._draining = whole_stop and not self.stop.orphaned
         signal.setitimer(signal.ITIMER_REAL, self.ctx.config.graceful_timeout
                          + CHILD_GRACE_MARGIN)
 
@@ -240,6 +243,11 @@ class Worker:
         conn = self.serving
         if conn is not None and not conn.proven:
             conn.interrupt(0.0)
+
+    def _queued(self) -> bool:
+        """Someone waits on an open listener (or may: a unix socket does not say)."""
+        return any(listener.sock.fileno() != -1 and accept_queue(listener.sock) != 0
+                   for listener in self.ctx.listeners)
 
     def _close_listeners(self) -> None:
         for listener in self.ctx.listeners:
@@ -280,6 +288,8 @@ class Worker:
         deadline = min(time.monotonic() + DRAIN_SECONDS,
                        self._stop_began + self.ctx.config.graceful_timeout / 2)
         for listener in self.ctx.listeners:
+            if listener.sock.fileno() == -1:
+                continue  # (closed at the stop: nothing was queued)
             queued = accept_queue(listener.sock)
             for _ in range(self.ctx.config.backlog if queued is None else queued):
                 if time.monotonic() >= deadline or not self._accept(listener):
