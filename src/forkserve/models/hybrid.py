@@ -75,7 +75,8 @@ class HybridModel(PreforkModel):
         pool_plan = hybrid_plan(serving)  # first: a refused handler leaves nothing open
         # the loop's modules (asyncio, uvloop: about 5 MB) are loaded here, in this model's
         # master only, before any fork: the workers share their pages
-        importlib.import_module("forkserve.serving.aio_worker").preload(serving.config.loop)
+        importlib.import_module("forkserve.serving.aio_worker")
+        importlib.import_module("forkserve.serving.aio_loop").preload(serving.config.loop)
         super().__init__(serving, host=host, kernel=kernel, gate=gate, listeners=listeners)
         # the unproven clients of every worker, one place each (``serving.aio_guard``)
         self.places = places_board(pool_plan.start, serving.config.worker_connections)

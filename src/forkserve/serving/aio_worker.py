@@ -49,7 +49,6 @@ import functools
 import logging
 import os
 import random
-import select
 import signal
 import socket
 import sys
@@ -59,20 +58,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import hooks
-from ..apps import ASYNC_FORMS
-from ..errors import ChildExit, ClientError, LineTooLong, PeerGone, WorkerExit
+from ..errors import ChildExit, ClientError, LineTooLong, WorkerExit
 from ..hooks import Process
 from ..ops.logs import AccessRecord
-from ..ops.scoreboard import Scoreboard, SlotState
+from ..ops.scoreboard import SlotState
 from ..protocol.address import format_address
-from ..protocol.admission import ClientKey, source_tag
-from ..protocol.defence import CAUSES, Cause
-from ..protocol.poolpipe import Kind, Message, PauseTally
-from ..protocol.proxyproto import ProxyParser
+from ..protocol.defence import Cause
 from .accept import ACCEPT_PAUSE_SECONDS, skip
 from .aio_accept import ListenerWaiter
+from .aio_admission import LoopAdmission, Places
 from .aio_connection import STOP_GRACE, AsyncConnection
-from .aio_guard import LocalGuard, PlacesGuard
+from .aio_loop import async_form, new_loop
 from .aio_slots import OPEN_FORMAT
 from .child import (
     CHILD_GRACE_MARGIN,
@@ -84,10 +80,11 @@ from .child import (
     set_title,
 )
 from .connection import Connection
-from .handlers import AsyncApp, import_object
+from .handlers import AsyncApp
 from .limits import apply_limits
 from .patience import Patience
-from .preamble import Proxied, check_trusted, open_connection, proxied
+from .poolreport import PoolReport
+from .preamble import Proxied, open_connection
 from .signals import HYBRID, Step, install_on_loop
 from .stopsignal import StopSignal
 from .worker import WorkerContext, resident_mb
@@ -96,9 +93,6 @@ if TYPE_CHECKING:
     from ..apps import App
 
 log = logging.getLogger("forkserve")
-
-#: The places board (``aio_guard.places_board``): the board, its regions, places per region.
-Places = tuple[Scoreboard, int, int]
 
 #: Connections accepted per wake-up of the loop, at most (the rest wait for the next turn, so
 #: one burst cannot starve the connections already open). One worker wakes for a connection
@@ -110,43 +104,6 @@ ACCEPT_BATCH = 8
 #: A connection past ``max_connection_time`` whose handler neither reads nor writes is
 #: cancelled this long after (the fork model's timer gives a process as long).
 EXPIRY_GRACE = 5.0
-#: A worker logs its refusals at most once per reason this often.
-REFUSAL_REPORT_INTERVAL = 5.0
-
-
-def new_loop(choice: str) -> asyncio.AbstractEventLoop:
-    """The loop ``choice`` names (``Config.loop``): uvloop when asked or, for auto, found."""
-    if choice != "asyncio":
-        try:
-            import uvloop  # noqa: PLC0415  (an optional extra: forkserve[fast])
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
-def preload(choice: str) -> None:
-    """In the master, before any fork: load the loop ``choice`` names (the workers then
-    share its pages)."""
-    if choice != "asyncio":
-        with contextlib.suppress(ImportError):
-            import uvloop  # noqa: F401, PLC0415  (an optional extra: forkserve[fast])
-
-
-def async_form(app: App) -> AsyncApp | None:
-    """The async handler to run for ``app``: itself, a built-in's async form, or None (a
-    blocking handler: the thread pool runs it)."""
-    if isinstance(app, AsyncApp):
-        return app
-    name = f"{getattr(app, '__module__', '')}:{getattr(app, '__qualname__', '')}"
-    spec = ASYNC_FORMS.get(name)
-    if spec is None:
-        return None
-    handler = import_object(spec)
-    assert callable(handler)
-    return AsyncApp(handler, name)
 
 
 class _ThreadStop(StopSignal):
@@ -182,7 +139,7 @@ class AioWorker:
         self._stop_began = 0.0
         self.orphaned = False
         self.accepting = False
-        self.guard = self._guard(places)
+        self.admission = LoopAdmission(ctx, slot, places)
         #: The stress mode's deadlines (None: no stress setting), the master's word read from
         #: the scoreboard; ``LOOK_AGAIN`` settles ``_stress_word`` (waits look again).
         self.stress: Patience | None = None
@@ -192,36 +149,11 @@ class AioWorker:
                                    stress_first_byte=config.stress_first_byte_timeout or None,
                                    stressed=lambda: board.stressed)
         self._stress_word: asyncio.Future[None] | None = None
-        #: How each held place's client gives way (``DROP_UNPROVEN``, ``aio_guard``).
-        self._yield_to: dict[int, Callable[[], None]] = {}
-        self._pauses = PauseTally()
-        self._refusals: dict[str, float] = {}
+        self.report = PoolReport(ctx.ready_fd, slot, self.pid)
         self._done: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiter: ListenerWaiter | None = None
         self._by_fd = {lst.sock.fileno(): lst.sock for lst in ctx.listeners}
-
-    def _guard(self, places: Places | None) -> PlacesGuard | LocalGuard:
-        limit, startups = self.ctx.source_limit, self.ctx.startups
-        if places is not None and self.slot < places[1]:
-            board, _, per = places
-            return PlacesGuard(board, self.slot * per, per, limit=limit, startups=startups,
-                               give_way=self._give_way)
-        if limit or startups is not None:
-            log.info("worker %d: slot %d has no places on the board: its unproven clients "
-                     "are counted in this worker only (no early drop)", self.pid, self.slot)
-        return LocalGuard(limit)
-
-    def _give_way(self, place: int) -> None:
-        """The unproven client on ``place`` makes room for a newcomer: its input ends."""
-        give_way = self._yield_to.get(place)
-        if give_way is not None:
-            give_way()
-
-    def _given_way(self) -> None:
-        """``DROP_UNPROVEN``: another worker's newcomer took the place of some of ours."""
-        for place in self.guard.given_way():
-            self._give_way(place)
 
     def _look_again(self) -> None:
         """``LOOK_AGAIN``: the stress mode began or ended; every wait for a client looks at
@@ -267,7 +199,7 @@ class AioWorker:
         install_on_loop(HYBRID, loop, {
             Step.FINISH: functools.partial(self.begin_stop, "signal"),
             Step.REOPEN: self._reopen, Step.LOOK_AGAIN: self._look_again,
-            Step.GIVE_WAY: self._given_way,
+            Step.GIVE_WAY: self.admission.given_way,
         }, {Step.QUIT: _quit_now})
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints every stack
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -279,18 +211,11 @@ class AioWorker:
                           Process(self.pid, "worker", self.slot, self.generation)):
             raise _BootAborted
         self._publish()
-        self._tell_ready()
-        return loop
-
-    def _tell_ready(self) -> None:
-        ready = Message(Kind.READY, self.slot, self.pid)
         try:
-            while not self._tell(ready):
-                room = select.poll()
-                room.register(self.ctx.ready_fd, select.POLLOUT)
-                room.poll()
+            self.report.ready()
         except BrokenPipeError:
             raise _BootAborted from None
+        return loop
 
     # ------------------------------------------------------------------ loop
 
@@ -310,7 +235,7 @@ class AioWorker:
         memory bound (not at the first beat, before any accept: a bound below what a new
         worker holds would then end every worker unserved); again in ``timeout / 2``."""
         self.ctx.scoreboard.beat(self.slot)
-        self._tell_pauses(time.monotonic())
+        self.report.tell_pauses(time.monotonic())
         limit = self.config.max_worker_memory
         if limit and not first and not self.stopping and (rss := resident_mb()) > limit:
             log.info("worker %d: resident memory %.0f MB is over max_worker_memory %d MB, "
@@ -357,15 +282,13 @@ class AioWorker:
         if self._room() <= 0 and self.accepting:
             self._watch_listeners(False)  # the backlog holds the rest (rule 4)
             # the master judges its stress mode now (all workers at their cap: stress)
-            with contextlib.suppress(BrokenPipeError):
-                self._tell(Message(Kind.BUSY, self.slot, self.pid))
+            self.report.busy()
         return taken
 
     def _pause_accepting(self, code: int) -> None:
         """EMFILE and kin: load, not a bug; never spin (``accept``)."""
         assert self.loop is not None
-        self._pauses.add(code)
-        self._tell_pauses(time.monotonic())
+        self.report.pause(code, time.monotonic())
         self._watch_listeners(False)
         self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume_accepting)
 
@@ -406,19 +329,19 @@ class AioWorker:
         header = None
         try:
             if config.proxy_protocol:
-                header = await self._read_header(sock, addr, deadline)
+                header = await self.admission.header(sock, addr, deadline)
                 addr = header.addr
-            admitted, key, place = self._admit(sock, addr)
+            admitted, key, place = self.admission.admit(sock, addr)
         except (ClientError, OSError) as exc:
             log.info("%s: closed before the handler: %s",
                      format_address(addr, sock.family), exc)
             if isinstance(exc, TimeoutError):
-                self._ended_badly(addr, Cause.HANDSHAKE)
+                self.report.ended_badly(addr, Cause.HANDSHAKE)
             sock.close()
             return
         if not admitted:
             return
-        release = self._releaser(place)
+        release = self.admission.releaser(place)
         try:
             if self.app is not None:
                 await self._serve_async(self.app, sock, addr, header=header, started=started,
@@ -428,77 +351,7 @@ class AioWorker:
                                            release=release)
         finally:
             release()  # (a client that never proved itself)
-            if key is not None and self.ctx.gate is not None:
-                self.ctx.gate.release(key)
-
-    async def _read_header(self, sock: socket.socket, addr: object,
-                           deadline: float) -> Proxied:
-        """The PROXY header, from a trusted peer, by ``deadline``. Raises ``ClientError``,
-        ``TimeoutError`` (late: the caller penalises) or ``OSError``."""
-        check_trusted(sock, addr, self.config)
-        loop = asyncio.get_running_loop()
-        parser = ProxyParser()
-        async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-            while True:
-                data = await loop.sock_recv(sock, parser.wanted)
-                if not data:
-                    raise PeerGone("closed before its PROXY header was complete")
-                header = parser.feed(data)
-                if header is not None:
-                    return proxied(header, sock, addr)
-
-    def _admit(self, sock: socket.socket, addr: object) -> tuple[bool, ClientKey | None, int]:
-        """Rules, penalties, the per-source cap and the early drop: admitted (if not, the
-        socket is closed), the gate's key (None: no gate) and the place that counts the
-        client as unproven (-1: none)."""
-        gate = self.ctx.gate
-        key: ClientKey | None = None
-        if gate is not None:
-            gate.tick(time.monotonic())
-            admitted, key = gate.admit(sock, addr)  # (a refusal closes the socket)
-            if not admitted:
-                return False, None, 0
-        if not isinstance(addr, tuple):
-            return True, key, -1  # a unix-socket peer has no source
-        board = self.ctx.scoreboard
-        if self.config.penalties != "off" and board.penalised(source_tag(addr[0])):
-            self._refuse(sock, "penalty", addr[0], key)
-            return False, None, -1
-        if not self.guard.active:
-            return True, key, -1
-        place, refused = self.guard.enter(addr[0])
-        if refused is not None:
-            self._refuse(sock, str(refused), addr[0], key)
-            return False, None, -1
-        return True, key, place
-
-    def _releaser(self, place: int) -> Callable[[], None]:
-        """Gives ``place`` back, once: at the client's proof or at its end, whichever first
-        (the place may serve another client by the second; a proven client never gives way,
-        so its ``_yield_to`` entry goes too)."""
-        if place < 0:
-            return _nothing
-        held = [place]
-
-        def release() -> None:
-            if held:
-                self._yield_to.pop(place, None)
-                self.guard.leave(held.pop())
-        return release
-
-    def _refuse(self, sock: socket.socket, reason: str, who: str,
-                key: ClientKey | None) -> None:
-        with contextlib.suppress(OSError):
-            message = self.config.refuse_message
-            if message is not None:
-                sock.send(message.encode() + b"\n")
-        sock.close()
-        if key is not None and self.ctx.gate is not None:
-            self.ctx.gate.release(key)
-        now = time.monotonic()
-        if now - self._refusals.get(reason, -REFUSAL_REPORT_INTERVAL) >= REFUSAL_REPORT_INTERVAL:
-            self._refusals[reason] = now
-            log.info("worker %d: refused %s: %s", self.pid, who, reason)
+            self.admission.leave(key)
 
     async def _serve_async(self, app: AsyncApp, sock: socket.socket, addr: object, *,
                            header: Proxied | None, started: float, deadline: float,
@@ -514,8 +367,7 @@ class AioWorker:
             max_time=config.max_connection_time or None, linger_timeout=config.linger_timeout,
             settings=config, peer=format_address(addr, family), local=local,
             on_proven=release, stress=self.stress)
-        if place >= 0:
-            self._yield_to[place] = functools.partial(conn.interrupt, 0.0)
+        self.admission.hold(place, functools.partial(conn.interrupt, 0.0))
         if not await self._open_transport(conn, sock, addr, deadline):
             return
         self.conns.add(conn)
@@ -552,7 +404,7 @@ class AioWorker:
                      f"no TLS handshake within {self.config.handshake_timeout:g} s"
                      if timed_out else f"TLS handshake failed: {exc}")
             if timed_out:
-                self._ended_badly(addr, Cause.HANDSHAKE)
+                self.report.ended_badly(addr, Cause.HANDSHAKE)
             if sock.fileno() != -1:
                 sock.close()
             return False
@@ -600,7 +452,7 @@ class AioWorker:
             limit = self.config.first_byte_timeout
             if limit and not self.stopping and time.monotonic() - started >= limit:
                 # (not a client that gave way to a newcomer: it was not late)
-                self._ended_badly(addr, Cause.FIRST_BYTE)
+                self.report.ended_badly(addr, Cause.FIRST_BYTE)
             return
         release()
         assert self.pool is not None
@@ -618,8 +470,7 @@ class AioWorker:
         readable: asyncio.Future[bool] = loop.create_future()
         fd = sock.fileno()
         loop.add_reader(fd, _settle, readable, True)
-        if place >= 0:
-            self._yield_to[place] = functools.partial(_settle, readable, False)
+        self.admission.hold(place, functools.partial(_settle, readable, False))
         try:
             while not readable.done():
                 until = started + self._first_byte_limit()
@@ -668,7 +519,7 @@ class AioWorker:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
         if (cause := PENALISED_EXITS.get(status)) is not None:
-            self._ended_badly(addr, cause)
+            self.report.ended_badly(addr, cause)
         if self.ctx.access_log is not None:
             self.ctx.access_log.write(AccessRecord(
                 peer=peer, pid=self.pid, duration_s=round(time.monotonic() - started, 6),
@@ -737,31 +588,6 @@ class AioWorker:
                                   conn_start=0.0, heartbeat=time.monotonic(),
                                   peer=OPEN_FORMAT.format(open_now), errors=self.errors)
 
-    def _tell(self, message: Message) -> bool:
-        try:
-            os.write(self.ctx.ready_fd, message.encode())
-        except BlockingIOError:
-            return False
-        return True
-
-    def _ended_badly(self, addr: object, cause: Cause) -> None:
-        if not isinstance(addr, tuple):
-            return
-        message = Message(Kind.ENDED_BADLY, self.slot, self.pid, CAUSES.index(cause),
-                          tag=source_tag(addr[0]))
-        with contextlib.suppress(BrokenPipeError):
-            self._tell(message)
-
-    def _tell_pauses(self, now: float) -> None:
-        for err, count in self._pauses.due(now):
-            try:
-                told = self._tell(Message(Kind.ACCEPT_PAUSED, self.slot, self.pid, err, count))
-            except BrokenPipeError:
-                return
-            if not told:
-                self._pauses.keep(err, count)
-
-
 class _BootAborted(Exception):
     """The worker cannot become ready (the reason is already in the log)."""
 
@@ -769,10 +595,6 @@ class _BootAborted(Exception):
 def _settle(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _quit_now(signum: int, frame: object) -> None:

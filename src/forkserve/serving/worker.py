@@ -66,9 +66,7 @@ from ..hooks import Process
 from ..ops.logs import AccessLog, AccessRecord, RateLimiter
 from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.address import format_address
-from ..protocol.admission import source_tag
-from ..protocol.defence import CAUSES, Cause, Startups
-from ..protocol.poolpipe import Kind, Message, PauseTally
+from ..protocol.defence import Cause, Startups
 from .accept import ACCEPT_PAUSE_SECONDS, Listening, Rules, accept_queue, skip
 from .child import (
     CHILD_GRACE_MARGIN,
@@ -82,6 +80,7 @@ from .child import (
 )
 from .connection import Connection
 from .limits import apply_limits
+from .poolreport import PoolReport
 from .preamble import Proxied, open_connection, proxy_addresses
 from .signals import WORKER, Step, install, look_again, reset
 from .sourceguard import SourceGuard
@@ -159,7 +158,7 @@ class Worker:
         self._stop_poll.register(self.stop.fd, select.POLLIN)
         self.poller = select.epoll()
         self._listeners = {lst.fileno(): lst for lst in ctx.listeners}
-        self._pauses = PauseTally()
+        self.report = PoolReport(ctx.ready_fd, slot, self.pid)
 
     # ------------------------------------------------------------------ boot
 
@@ -180,12 +179,8 @@ class Worker:
                           Process(self.pid, "worker", self.slot, self.generation)):
             raise BootAborted  # logged by the hook's caller; not ready: a boot failure
         self._state(SlotState.IDLE)
-        ready = Message(Kind.READY, self.slot, self.pid)
         try:
-            while not self._tell(ready):  # a master behind: READY waits for room
-                room = select.poll()  # (not select(): the fd may be above FD_SETSIZE)
-                room.register(self.ctx.ready_fd, select.POLLOUT)
-                room.poll()
+            self.report.ready()  # (a master behind: READY waits for room)
         except BrokenPipeError:
             raise BootAborted from None  # the master died while this worker booted
 
@@ -258,7 +253,7 @@ class Worker:
     def run(self) -> WorkerExit:
         beat = self.ctx.config.timeout / 2  # idle, it still shows the watchdog it is alive
         while not self.stopping:
-            events = self.poller.poll(self._pauses.wait(beat, time.monotonic()))
+            events = self.poller.poll(self.report.pauses.wait(beat, time.monotonic()))
             if self._reopen:  # (before a connection that came with it writes its line)
                 self._reopen_access_log()
             if not events:
@@ -270,13 +265,13 @@ class Worker:
                     # even after a stop: this wake-up was this worker's alone (EPOLLEXCLUSIVE)
                     self._accept(listener)
             self.ctx.scoreboard.beat(self.slot)
-            self._tell_pauses(time.monotonic())
+            self.report.tell_pauses(time.monotonic())
             if self._should_recycle():
                 break
         if self._draining:
             self._take_queued()
         self._close_listeners()
-        self._tell_pauses(math.inf)
+        self.report.tell_pauses(math.inf)
         return WorkerExit.OK
 
     def _take_queued(self) -> None:
@@ -316,8 +311,7 @@ class Worker:
             if skip(exc):
                 return True  # that client is gone; the next one may be there
             # (``accept``: never spin) the master logs it, for the whole pool
-            self._pauses.add(exc.errno or 0)
-            self._tell_pauses(time.monotonic())
+            self.report.pause(exc.errno or 0, time.monotonic())
             self._stop_poll.poll(ACCEPT_PAUSE_SECONDS * 1000)  # a stop ends the pause
             return False
         header = None
@@ -392,7 +386,7 @@ class Worker:
             log.info("%s: closed before the handler: %s", peer, exc)
             self._state(SlotState.IDLE)
             if isinstance(exc, HandshakeTimeout):
-                self._ended_badly(addr, Cause.HANDSHAKE)
+                self.report.ended_badly(addr, Cause.HANDSHAKE)
             return
         if conn.peer != peer:  # the PROXY header named the real client
             peer = conn.peer
@@ -411,7 +405,7 @@ class Worker:
         self.served += 1
         self.errors += status == ChildExit.HANDLER_ERROR
         if (cause := PENALISED_EXITS.get(status)) is not None:
-            self._ended_badly(addr, cause)
+            self.report.ended_badly(addr, cause)
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         self._state(SlotState.IDLE)
@@ -427,40 +421,7 @@ class Worker:
                                   heartbeat=time.monotonic(), peer=peer, errors=self.errors)
         # (after the slot is written: see Scoreboard.want_wake)
         if state is not SlotState.IDLE and self.ctx.scoreboard.take_wake():
-            # (a full pipe wakes the master anyway: any message ends its rest)
-            with contextlib.suppress(BrokenPipeError):
-                self._tell(Message(Kind.BUSY, self.slot, self.pid))
-
-    # ------------------------------------------------------------------ the pool pipe
-
-    def _tell(self, message: Message) -> bool:
-        """Write one message to the master; False if the pipe is full (the master is behind).
-        Raises ``BrokenPipeError`` once the master is gone."""
-        try:
-            os.write(self.ctx.ready_fd, message.encode())
-        except BlockingIOError:
-            return False
-        return True
-
-    def _ended_badly(self, addr: object, cause: Cause) -> None:
-        """Tell the master, which keeps the penalties of the whole pool (``defence``)."""
-        if not isinstance(addr, tuple):
-            return  # a unix-socket peer has no source
-        message = Message(Kind.ENDED_BADLY, self.slot, self.pid, CAUSES.index(cause),
-                          tag=source_tag(addr[0]))
-        with contextlib.suppress(BrokenPipeError):  # the master is gone (PDEATHSIG follows)
-            self._tell(message)  # (a full pipe loses it: a penalty is best effort)
-
-    def _tell_pauses(self, now: float) -> None:
-        """Tell the master of the accept pauses due: one message per errno per interval."""
-        for err, count in self._pauses.due(now):
-            try:
-                told = self._tell(Message(Kind.ACCEPT_PAUSED, self.slot, self.pid, err, count))
-            except BrokenPipeError:
-                return  # the master is gone: this worker is told to stop (PDEATHSIG)
-            if not told:
-                self._pauses.keep(err, count)
-
+            self.report.busy()
 
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 1048576
 
