@@ -323,6 +323,26 @@ def test_handshake_timeout_on_the_loop(server_factory: Factory, pki: Pki) -> Non
 
 
 @pytest.mark.timeout(60)
+def test_a_stop_gives_a_client_mid_handshake_the_grace_of_an_incomplete_request(
+        server_factory: Factory, pki: Pki) -> None:
+    # a client that has connected but not finished its TLS handshake has sent no request:
+    # like a half-sent line, it gets STOP_GRACE (1 s), not the rest of handshake_timeout
+    # (before: the stop waited for the handshake's own deadline, here 30 s)
+    server = hybrid(server_factory, "--workers", "1", "--handshake-timeout", "30",
+                    *tls_args(pki))
+    with server.connect() as mid_handshake:
+        mid_handshake.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, no more
+        with tls_connect(server, pki.client()) as s:  # (the worker has taken both)
+            assert ask(s, b"a\n", len(HELLO)) == HELLO
+        began = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert recv_all(mid_handshake) == b""
+        assert_took(time.monotonic() - began, 1.0, "ending a TLS handshake at a stop")
+    assert server.wait() == 0
+    server.wait_for_log("closed during its TLS handshake: the server stops")
+
+
+@pytest.mark.timeout(60)
 def test_proxy_header_from_a_trusted_peer(server_factory: Factory) -> None:
     server = hybrid(server_factory, "examples.async_upper:handle", "--workers", "1",
                     "--proxy-protocol", "--trusted-proxy", "127.0.0.0/8", cwd=ROOT)

@@ -27,6 +27,7 @@ from tests.integration.test_defences import (
     taken_all,
     trickling,
 )
+from tests.integration.test_tls import make_pki, tls_args
 
 Factory = Callable[..., Server]
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +125,32 @@ def test_a_newcomer_at_full_makes_the_oldest_unproven_connection_give_way(
         assert closed_by_server(silent[0], 5.0), "the oldest did not give way"
         assert not any(closed_by_server(s, 0.2) for s in silent[1:]), "only the oldest"
         assert served_in(server, "127.0.0.20") < 5
+    finally:
+        for s in silent:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_newcomer_at_full_displaces_a_client_stuck_in_its_tls_handshake(
+        server_factory: Factory, tmp_path: Path) -> None:
+    # the same, with TLS: the silent clients never send a ClientHello, so they are in their
+    # handshake when the newcomer comes (before: the oldest gave way only when its handshake
+    # ended, at handshake_timeout, here 30 s)
+    pki = make_pki(tmp_path)
+    server = hybrid(server_factory, "--max-startups", "4:100:8",
+                    "--max-startups-per-source", "0", "--first-byte-timeout", "60",
+                    "--handshake-timeout", "30", "--penalties", "off", *tls_args(pki))
+    silent = []
+    try:
+        for n in range(2, 10):
+            silent += open_silent(server, [f"127.0.0.{n}"], 1)
+            taken_all(server)
+            time.sleep(0.05)
+        assert not any(closed_by_server(s, 0.5) for s in silent), "FULL is not reached yet"
+        silent += open_silent(server, ["127.0.0.10"], 1)
+        assert closed_by_server(silent[0], 5.0), "the oldest did not give way"
+        assert not any(closed_by_server(s, 0.2) for s in silent[1:]), "only the oldest"
+        server.wait_for_log("closed during its TLS handshake: gave way to a newcomer")
     finally:
         for s in silent:
             s.close()

@@ -132,6 +132,8 @@ class AioWorker:
         self.pool: ThreadPoolExecutor | None = None
         self.served = self.errors = self.bytes_in = self.bytes_out = 0
         self.conns: set[AsyncConnection] = set()
+        #: The TLS handshakes under way (``_open_transport``).
+        self.handshakes: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         #: Connections served in threads, and the stop pipe of each.
         self.threaded: dict[Connection, _ThreadStop] = {}
@@ -367,9 +369,9 @@ class AioWorker:
             max_time=config.max_connection_time or None, linger_timeout=config.linger_timeout,
             settings=config, peer=format_address(addr, family), local=local,
             on_proven=release, stress=self.stress)
-        self.admission.hold(place, functools.partial(conn.interrupt, 0.0))
-        if not await self._open_transport(conn, sock, addr, deadline):
+        if not await self._open_transport(conn, sock, addr, deadline, place):
             return
+        self.admission.hold(place, functools.partial(conn.interrupt, 0.0))
         self.conns.add(conn)
         if self.stopping:
             conn.interrupt(self._grace())
@@ -385,19 +387,36 @@ class AioWorker:
                     bytes_out=conn.bytes_out, status=status)
 
     async def _open_transport(self, conn: AsyncConnection, sock: socket.socket, addr: object,
-                              deadline: float) -> bool:
+                              deadline: float, place: int) -> bool:
         """The transport (and the TLS handshake, on the loop, by ``deadline``); False if the
-        client failed it (the socket is closed)."""
+        client failed it, gave way to a newcomer during it, or the stop's grace ended it
+        (the socket is closed)."""
         loop = asyncio.get_running_loop()
         tls = self.ctx.tls
-        try:
-            if tls is None:
-                await loop.connect_accepted_socket(lambda: conn, sock)
-            else:
-                left = max(deadline - time.monotonic(), 0.001)
-                await loop.connect_accepted_socket(lambda: conn, sock, ssl=tls,
-                                                   ssl_handshake_timeout=left)
+        if tls is None:
+            await loop.connect_accepted_socket(lambda: conn, sock)
             return True
+        left = max(deadline - time.monotonic(), 0.001)
+        handshake = loop.create_task(loop.connect_accepted_socket(
+            lambda: conn, sock, ssl=tls, ssl_handshake_timeout=left))
+        # a client in its handshake is unproven: a newcomer may displace it, a stop gives it
+        # the grace of an incomplete request (``begin_stop``)
+        self.admission.hold(place, functools.partial(_cancel, handshake))
+        self.handshakes.add(handshake)
+        if self.stopping:
+            loop.call_later(self._grace(), handshake.cancel)
+        try:
+            await handshake
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # (this connection's task itself: the end of the stop's wait)
+            log.info("%s: closed during its TLS handshake: %s", conn.peer,
+                     "the server stops" if self.stopping else "gave way to a newcomer")
+            if sock.fileno() != -1:
+                sock.close()
+            return False
         except (TimeoutError, OSError) as exc:
             timed_out = isinstance(exc, TimeoutError) or "timed out" in str(exc)
             log.info("%s: closed before the handler: %s", conn.peer,
@@ -408,6 +427,8 @@ class AioWorker:
             if sock.fileno() != -1:
                 sock.close()
             return False
+        finally:
+            self.handshakes.discard(handshake)
 
     def _arm_expiry(self, started: float) -> asyncio.TimerHandle | None:
         """``max_connection_time``: a handler still running ``EXPIRY_GRACE`` after it (one
@@ -550,6 +571,9 @@ class AioWorker:
         grace = self._grace()
         for conn in list(self.conns):
             conn.interrupt(grace)
+        if self.loop is not None:
+            for handshake in self.handshakes:
+                self.loop.call_later(grace, handshake.cancel)
         for tconn, stop in list(self.threaded.items()):
             stop.record()
             tconn.interrupt(grace)
@@ -595,6 +619,10 @@ class _BootAborted(Exception):
 def _settle(future: asyncio.Future[bool], value: bool) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
 
 
 def _quit_now(signum: int, frame: object) -> None:
