@@ -480,6 +480,33 @@ def test_max_worker_memory_recycles_by_draining(server_factory: Factory) -> None
     server.wait_for_log(r"over max_worker_memory 1 MB, recycling")
 
 
+def sockets_held(pid: int) -> int:
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+               for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(60)
+def test_clients_that_come_one_at_a_time_are_shared_by_the_workers(
+        server_factory: Factory) -> None:
+    # one new connection wakes one worker (EPOLLEXCLUSIVE); the kernel wakes the first
+    # waiting one in the listener's queue, so each worker goes to the back after each
+    # wake-up (before: the worker registered first took 383 to 401 of 400)
+    server = hybrid(server_factory, "--workers", "2")
+    pids = wait_for_workers(server, 2)
+    base = {pid: sockets_held(pid) for pid in pids}
+    held = []
+    try:
+        for _ in range(40):
+            held.append(server.connect())
+            assert ask(held[-1], b"a\n", len(HELLO)) == HELLO
+        taken = {pid: sockets_held(pid) - base[pid] for pid in pids}
+        assert sum(taken.values()) >= 40, taken  # (a worker may open sockets of its own)
+        assert min(taken.values()) >= 10, f"one worker took nearly all: {taken}"
+    finally:
+        for c in held:
+            c.close()
+
+
 @pytest.mark.timeout(60)
 def test_status_counts_connections_per_worker(server_factory: Factory, tmp_path: Path) -> None:
     control = tmp_path / "ctl"

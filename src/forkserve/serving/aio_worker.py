@@ -54,7 +54,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import hooks
@@ -70,27 +69,25 @@ from .aio_admission import LoopAdmission, Places
 from .aio_connection import STOP_GRACE, AsyncConnection
 from .aio_loop import async_form, new_loop
 from .aio_slots import OPEN_FORMAT
+from .aio_threads import ThreadedHandlers
 from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
     client_ended,
     exit_process,
-    serve_one,
     set_parent_death_signal,
     set_title,
 )
-from .connection import Connection
 from .handlers import AsyncApp
 from .limits import apply_limits
 from .patience import Patience
 from .poolreport import PoolReport
-from .preamble import Proxied, open_connection
+from .preamble import Proxied
 from .signals import HYBRID, Step, install_on_loop
-from .stopsignal import StopSignal
 from .worker import WorkerContext, resident_mb
 
 if TYPE_CHECKING:
-    from ..apps import App
+    pass
 
 log = logging.getLogger("forkserve")
 
@@ -106,15 +103,6 @@ ACCEPT_BATCH = 8
 EXPIRY_GRACE = 5.0
 
 
-class _ThreadStop(StopSignal):
-    """The stop of one connection served in a thread: the wakeup pipe that its waits poll,
-    written by the loop (signals reach the main thread only)."""
-
-    def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._write_fd, b"\0")
-
-
 class AioWorker:
     """One hybrid worker's loop and connections. Runs in the worker process only."""
 
@@ -128,29 +116,27 @@ class AioWorker:
         jitter = random.randint(0, config.max_requests_jitter) if config.max_requests else 0
         self.max_requests = config.max_requests + jitter if config.max_requests else 0
         self.app = async_form(ctx.app)
-        self.blocking: App = ctx.app
-        self.pool: ThreadPoolExecutor | None = None
         self.served = self.errors = self.bytes_in = self.bytes_out = 0
         self.conns: set[AsyncConnection] = set()
         #: The TLS handshakes under way (``_open_transport``).
         self.handshakes: set[asyncio.Task[Any]] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        #: Connections served in threads, and the stop pipe of each.
-        self.threaded: dict[Connection, _ThreadStop] = {}
         self.stopping = False
-        self._stop_began = 0.0
+        self.stop_began = 0.0
         self.orphaned = False
         self.accepting = False
         self.admission = LoopAdmission(ctx, slot, places)
         #: The stress mode's deadlines (None: no stress setting), the master's word read from
-        #: the scoreboard; ``LOOK_AGAIN`` settles ``_stress_word`` (waits look again).
+        #: the scoreboard; ``LOOK_AGAIN`` settles ``stress_word`` (waits look again).
         self.stress: Patience | None = None
         if config.stress_idle_timeout or config.stress_first_byte_timeout:
             board = ctx.scoreboard
             self.stress = Patience(stress_idle=config.stress_idle_timeout or None,
                                    stress_first_byte=config.stress_first_byte_timeout or None,
                                    stressed=lambda: board.stressed)
-        self._stress_word: asyncio.Future[None] | None = None
+        self.stress_word: asyncio.Future[None] | None = None
+        #: The thread pool of a blocking handler (None: an async one).
+        self.threads: ThreadedHandlers | None = None
         self.report = PoolReport(ctx.ready_fd, slot, self.pid)
         self._done: asyncio.Future[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -163,21 +149,9 @@ class AioWorker:
         for conn in self.conns:
             conn.look_again()
         assert self.loop is not None
-        word, self._stress_word = self._stress_word, self.loop.create_future()
+        word, self.stress_word = self.stress_word, self.loop.create_future()
         if word is not None and not word.done():
             word.set_result(None)
-
-    def _first_byte_limit(self) -> float:
-        """How long a blocking handler's client may take to send its first byte, now."""
-        config = self.config
-        stressed = self.stress is not None and self.stress.stressed()
-        if config.first_byte_timeout:
-            limit = config.first_byte_timeout
-            shorter = config.stress_first_byte_timeout if stressed else 0.0
-        else:
-            limit = config.idle_timeout
-            shorter = config.stress_idle_timeout if stressed else 0.0
-        return min(limit, shorter) if shorter else limit
 
     # ------------------------------------------------------------------ boot
 
@@ -192,11 +166,8 @@ class AioWorker:
         loop = self.loop = new_loop(self.config.loop)
         asyncio.set_event_loop(loop)
         if self.app is None:
-            if self.config.threads == 0:
-                raise RuntimeError("a blocking handler with threads 0")  # (checked at start)
-            self.pool = ThreadPoolExecutor(self.config.threads,
-                                           thread_name_prefix="forkserve-handler")
-        self._stress_word = loop.create_future()
+            self.threads = ThreadedHandlers(self)
+        self.stress_word = loop.create_future()
         # the hybrid worker's table (``signals.HYBRID``): most steps on the loop
         install_on_loop(HYBRID, loop, {
             Step.FINISH: functools.partial(self.begin_stop, "signal"),
@@ -349,8 +320,9 @@ class AioWorker:
                 await self._serve_async(self.app, sock, addr, header=header, started=started,
                                         deadline=deadline, place=place, release=release)
             else:
-                await self._serve_blocking(sock, addr, header, started, place=place,
-                                           release=release)
+                assert self.threads is not None
+                await self.threads.serve(sock, addr, header, started, place=place,
+                                         release=release)
         finally:
             release()  # (a client that never proved itself)
             self.admission.leave(key)
@@ -374,7 +346,7 @@ class AioWorker:
         self.admission.hold(place, functools.partial(conn.interrupt, 0.0))
         self.conns.add(conn)
         if self.stopping:
-            conn.interrupt(self._grace())
+            conn.interrupt(self.grace())
         expiry = self._arm_expiry(started)
         try:
             status = await self._run_async(app, conn)
@@ -383,7 +355,7 @@ class AioWorker:
                 expiry.cancel()
             self.conns.discard(conn)
             await conn.close()
-        self._count(conn.peer, addr, started, bytes_in=conn.bytes_in,
+        self.count(conn.peer, addr, started, bytes_in=conn.bytes_in,
                     bytes_out=conn.bytes_out, status=status)
 
     async def _open_transport(self, conn: AsyncConnection, sock: socket.socket, addr: object,
@@ -404,7 +376,7 @@ class AioWorker:
         self.admission.hold(place, functools.partial(_cancel, handshake))
         self.handshakes.add(handshake)
         if self.stopping:
-            loop.call_later(self._grace(), handshake.cancel)
+            loop.call_later(self.grace(), handshake.cancel)
         try:
             await handshake
             return True
@@ -463,77 +435,7 @@ class AioWorker:
             log.exception("handler failed on the connection from %s", conn.peer)
             return ChildExit.HANDLER_ERROR
 
-    async def _serve_blocking(self, sock: socket.socket, addr: object,
-                              header: Proxied | None, started: float, *, place: int,
-                              release: Callable[[], None]) -> None:
-        """A blocking handler: the first byte awaited on the loop (the client's proof, here),
-        then a pool thread."""
-        if not await self._first_byte(sock, started, place):
-            sock.close()
-            limit = self.config.first_byte_timeout
-            if limit and not self.stopping and time.monotonic() - started >= limit:
-                # (not a client that gave way to a newcomer: it was not late)
-                self.report.ended_badly(addr, Cause.FIRST_BYTE)
-            return
-        release()
-        assert self.pool is not None
-        loop = asyncio.get_running_loop()
-        status, peer, bytes_in, bytes_out = await loop.run_in_executor(
-            self.pool, self._in_thread, sock, addr, header)
-        self._count(peer, addr, started, bytes_in=bytes_in, bytes_out=bytes_out,
-                    status=status)
-
-    async def _first_byte(self, sock: socket.socket, started: float, place: int) -> bool:
-        """Wait until the client sends something (or closes); False after the first-byte
-        (else idle) deadline, at a stop once the grace has passed, or when the client gives
-        way to a newcomer (``aio_guard``)."""
-        loop = asyncio.get_running_loop()
-        readable: asyncio.Future[bool] = loop.create_future()
-        fd = sock.fileno()
-        loop.add_reader(fd, _settle, readable, True)
-        self.admission.hold(place, functools.partial(_settle, readable, False))
-        try:
-            while not readable.done():
-                until = started + self._first_byte_limit()
-                if self.stopping:
-                    until = min(until, self._stop_began + self._grace())
-                if until <= time.monotonic():
-                    return False
-                waits: set[asyncio.Future[Any]] = {readable}
-                if self._stress_word is not None:
-                    waits.add(self._stress_word)  # (settled: the limit may have changed)
-                await asyncio.wait(waits, timeout=until - time.monotonic(),
-                                   return_when=asyncio.FIRST_COMPLETED)
-            return readable.result()
-        finally:
-            loop.remove_reader(fd)
-
-    def _in_thread(self, sock: socket.socket, addr: object,
-                   header: Proxied | None) -> tuple[ChildExit, str, int, int]:
-        """In a pool thread: the blocking handler's whole connection (``Connection``)."""
-        stop = _ThreadStop(self.ctx.master_pid)
-        try:
-            sock.setblocking(True)
-            try:
-                conn = open_connection(sock, addr, self.config, self.ctx.tls, header=header,
-                                       stop=stop)
-            except (ClientError, OSError) as exc:
-                log.info("%s: closed before the handler: %s",
-                         format_address(addr, sock.family), exc)
-                return ChildExit.OK, format_address(addr, sock.family), 0, 0
-            self.threaded[conn] = stop
-            if self.stopping:
-                stop.record()
-                conn.interrupt(self._grace())
-            try:
-                status = serve_one(self.blocking, conn)
-            finally:
-                self.threaded.pop(conn, None)
-            return status, conn.peer, conn.bytes_in, conn.bytes_out
-        finally:
-            stop.close()
-
-    def _count(self, peer: str, addr: object, started: float, *, bytes_in: int,
+    def count(self, peer: str, addr: object, started: float, *, bytes_in: int,
                bytes_out: int, status: ChildExit) -> None:
         self.served += 1
         self.errors += status == ChildExit.HANDLER_ERROR
@@ -555,7 +457,7 @@ class AioWorker:
         if self.stopping:
             return
         self.stopping = True
-        self._stop_began = time.monotonic()
+        self.stop_began = time.monotonic()
         draining = why == "signal" and self.ctx.scoreboard.draining and not self.orphaned
         # out of the waiter's set before the close (other processes hold the listeners); the
         # drain then the close with nothing between them: the master refused new clients
@@ -568,29 +470,27 @@ class AioWorker:
             listener.sock.close()
         if self._waiter is not None:
             self._waiter.close()
-        grace = self._grace()
+        grace = self.grace()
         for conn in list(self.conns):
             conn.interrupt(grace)
         if self.loop is not None:
             for handshake in self.handshakes:
                 self.loop.call_later(grace, handshake.cancel)
-        for tconn, stop in list(self.threaded.items()):
-            stop.record()
-            tconn.interrupt(grace)
-            stop.wake()
+        if self.threads is not None:
+            self.threads.interrupt(grace)
         self.ctx.scoreboard.mark(self.slot, SlotState.FINISHING)
         # with connections open, the wait ends when the last one does (``_ended``)
         if self._done is not None and not self._done.done() and not self.tasks:
             self._done.set_result(None)
 
-    def _grace(self) -> float:
+    def grace(self) -> float:
         return 0.0 if self.orphaned else STOP_GRACE
 
     async def _finish_connections(self) -> None:
         """Wait for the connections in flight, up to ``graceful_timeout``; cancel the rest."""
         if not self.tasks:
             return
-        left = self._stop_began + self.config.graceful_timeout + CHILD_GRACE_MARGIN \
+        left = self.stop_began + self.config.graceful_timeout + CHILD_GRACE_MARGIN \
             - time.monotonic()
         _, pending = await asyncio.wait(set(self.tasks), timeout=max(left, 0.0))
         for task in pending:
@@ -614,11 +514,6 @@ class AioWorker:
 
 class _BootAborted(Exception):
     """The worker cannot become ready (the reason is already in the log)."""
-
-
-def _settle(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def _cancel(task: asyncio.Task[Any]) -> None:
