@@ -480,9 +480,22 @@ def test_max_worker_memory_recycles_by_draining(server_factory: Factory) -> None
     server.wait_for_log(r"over max_worker_memory 1 MB, recycling")
 
 
-def sockets_held(pid: int) -> int:
-    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-               for fd in os.listdir(f"/proc/{pid}/fd"))
+def socket_inodes(pid: int) -> set[int]:
+    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return {int(link[8:-1]) for link in links if link.startswith("socket:[")}
+
+
+def server_side_inodes(server: Server, clients: list[socket.socket]) -> set[int]:
+    """The inodes of the server's ends of ``clients``' connections (/proc/net/tcp)."""
+    ports = {c.getsockname()[1] for c in clients}
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server.port and \
+                int(remote.split(":")[1], 16) in ports:
+            inodes.add(int(fields[9]))
+    return inodes
 
 
 @pytest.mark.timeout(60)
@@ -493,14 +506,15 @@ def test_clients_that_come_one_at_a_time_are_shared_by_the_workers(
     # wake-up (before: the worker registered first took 383 to 401 of 400)
     server = hybrid(server_factory, "--workers", "2")
     pids = wait_for_workers(server, 2)
-    base = {pid: sockets_held(pid) for pid in pids}
     held = []
     try:
         for _ in range(40):
             held.append(server.connect())
             assert ask(held[-1], b"a\n", len(HELLO)) == HELLO
-        taken = {pid: sockets_held(pid) - base[pid] for pid in pids}
-        assert sum(taken.values()) >= 40, taken  # (a worker may open sockets of its own)
+        ends = server_side_inodes(server, held)
+        assert len(ends) == 40
+        taken = {pid: len(socket_inodes(pid) & ends) for pid in pids}
+        assert sum(taken.values()) == 40, taken
         assert min(taken.values()) >= 10, f"one worker took nearly all: {taken}"
     finally:
         for c in held:

@@ -182,3 +182,60 @@ def test_stress_mode_shortens_the_deadlines_of_hybrid_connections_already_waitin
     with server.connect(source="127.0.0.4") as s:
         s.sendall(b"hi\n")
         assert s.recv(64), "served once the stress is over"
+
+
+# ---------------------------------------------------------------------- blocking handlers
+
+
+@pytest.mark.timeout(60)
+def test_clients_that_hold_every_thread_bring_the_stress_mode(server_factory: Factory) -> None:
+    # a blocking handler holds its thread until its client leaves: 2 clients that ask once
+    # and then wait took both threads for idle_timeout (300 s), and a third was not served
+    # (before: a worker at its threads was not "busy" for the stress mode, which counted the
+    # loop's 1000 connections); now the last thread taken brings the stress mode, whose idle
+    # deadline (here 1 s) reaches the threads' waits too
+    server = server_factory("--model", "hybrid", "examples.upper:handle", "--workers", "1",
+                            "--threads", "2", "--stress-idle-timeout", "1", cwd=ROOT)
+    waiting = []
+    try:
+        for _ in range(2):
+            s = server.connect()
+            s.sendall(b"hi\n")
+            assert s.recv(16) == b"HI\n"
+            waiting.append(s)
+        server.wait_for_log(r"entering stress mode: 2 of 2 connections in use")
+        with server.connect() as late:
+            late.settimeout(10)
+            began = time.monotonic()
+            late.sendall(b"late\n")
+            assert late.recv(16) == b"LATE\n"
+            assert time.monotonic() - began < 5, "waited for idle_timeout, not the stress one"
+        for s in waiting:
+            assert closed_by_server(s, 1.0), "an idle client in a thread outlived the stress"
+    finally:
+        for s in waiting:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_handlers_client_proves_itself_with_its_first_line(
+        server_factory: Factory) -> None:
+    # a client that has sent part of a line is still unproven in its thread (before: the
+    # first byte counted as its proof): with one unproven connection allowed per source, a
+    # second from the same source is refused until the first finishes its line
+    server = server_factory("--model", "hybrid", "examples.upper:handle", "--workers", "1",
+                            "--max-startups-per-source", "1", "--first-byte-timeout", "60",
+                            cwd=ROOT)
+    with server.connect(source="127.0.0.2") as partial:
+        partial.sendall(b"par")
+        taken_all(server)
+        with server.connect(source="127.0.0.2") as second:
+            assert closed_by_server(second, 5.0), "a second unproven client was let in"
+        server.wait_for_log(r"refused 127\.0\.0\.2: startups")
+        partial.sendall(b"tial\n")
+        partial.settimeout(5)
+        assert partial.recv(16) == b"PARTIAL\n"
+        with server.connect(source="127.0.0.2") as again:  # proven: the source is free again
+            again.settimeout(5)
+            again.sendall(b"again\n")
+            assert again.recv(16) == b"AGAIN\n"

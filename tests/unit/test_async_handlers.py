@@ -11,9 +11,9 @@ from forkserve import AsyncHandler, ConfigError
 from forkserve.apps import ASYNC_FORMS
 from forkserve.apps import hello as hello_app
 from forkserve.config import Config
-from forkserve.models.hybrid import open_count
+from forkserve.models.hybrid import open_count, slot_figures
 from forkserve.ops.scoreboard import Slot, SlotState
-from forkserve.serving.aio_slots import OPEN_FORMAT
+from forkserve.serving.aio_slots import OPEN_FORMAT, slot_counts, slot_text
 from forkserve.serving.handlers import AsyncApp, adapt, check_app, is_async
 
 
@@ -89,6 +89,17 @@ def test_the_status_reads_open_connections_from_a_slot(peer: str, state: SlotSta
                                                        count: int) -> None:
     slot = Slot(0, 42, 0, state, 0, 0, 0, 0.0, 0.0, peer)
     assert open_count(slot) == count
+
+
+@pytest.mark.parametrize(("open_now", "in_threads"), [(0, None), (7, None), (0, 0), (12, 5),
+                                                    (3, 3)])
+def test_a_slots_text_says_the_connections_and_those_in_threads(
+        open_now: int, in_threads: int | None) -> None:
+    text = slot_text(open_now, in_threads)
+    assert slot_counts(text) == (open_now, in_threads or 0)
+    slot = Slot(0, 42, 0, SlotState.WRITING, 0, 0, 0, 0.0, 0.0, text)
+    assert slot_figures(slot) == (open_now, in_threads or 0)
+    assert open_count(slot) == open_now
 
 
 def test_loop_uvloop_needs_uvloop_installed_and_unknown_loops_are_refused() -> None:

@@ -25,7 +25,10 @@ What differs:
 - The stress mode (``models.stress``) is judged on connections, not workers: when a worker
   reaches ``worker_connections`` it says BUSY on the pool pipe, and the master compares the
   connections held with ``workers x worker_connections``; under stress it looks again once
-  a second, so an idle server sets no timer.
+  a second, so an idle server sets no timer. With a blocking handler the threads are a
+  capacity too (a connection holds its thread until it ends): a worker also says BUSY when
+  its last thread is taken, and the master judges on whichever is fuller, the connections
+  or those in the pools (running or waiting for a thread) against ``workers x threads``.
 - A blocking handler needs the thread pool: ``threads 0`` with one is refused at start.
 - ``exec`` hands a program the raw socket of one connection: it has no place on a loop, and
   is refused (``apps.exec.check_model``).
@@ -43,7 +46,8 @@ from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..ops.scoreboard import Slot, SlotState
 from ..serving.aio_guard import places_board
-from ..serving.aio_slots import OPEN_FORMAT
+from ..serving.aio_loop import async_form
+from ..serving.aio_slots import slot_counts
 from ..serving.handlers import check_app
 from ..serving.worker import WorkerContext
 from .adaptive import Adapter, PoolPlan
@@ -84,6 +88,8 @@ class HybridModel(PreforkModel):
         self.pool.target = pool_plan.start
         #: When to judge the stress mode (None: when a worker reaches its cap and says so).
         self._stress_look: float | None = None
+        #: A blocking handler: its threads, not the loop's connections, are the capacity.
+        self._blocking = async_form(serving.app) is None
 
     def _run_worker(self, ctx: WorkerContext, slot: int) -> NoReturn:
         from ..serving.aio_worker import run_aio_worker  # noqa: PLC0415  (imported already)
@@ -93,6 +99,7 @@ class HybridModel(PreforkModel):
     def reconfigure(self, serving: Serving) -> str:
         pool_plan = hybrid_plan(serving)
         self.serving = serving
+        self._blocking = async_form(serving.app) is None
         self.pool.generation += 1
         self.adapter.plan = pool_plan
         self.pool.target = pool_plan.start
@@ -101,7 +108,8 @@ class HybridModel(PreforkModel):
     # ------------------------------------------------------------------ stress mode
 
     def _stir(self) -> None:
-        """A worker spoke (a worker at its cap says BUSY): judge the stress mode now."""
+        """A worker spoke (a worker at its cap, or with every thread in use, says BUSY):
+        judge the stress mode now."""
         self._stress_look = self.kernel.monotonic()
 
     def _adapt(self, now: float) -> None:
@@ -110,8 +118,14 @@ class HybridModel(PreforkModel):
         it reached its cap, then once a second while under stress (idle: no timer)."""
         if self._stress_look is None or now < self._stress_look:
             return
-        held = sum(open_count(self.scoreboard.read(w.slot)) for w in self._current())
+        figures = [slot_figures(self.scoreboard.read(w.slot)) for w in self._current()]
+        held = sum(f[0] for f in figures)
         capacity = self.pool.target * self.config.worker_connections
+        if self._blocking:  # the threads are a capacity too: whichever is fuller counts
+            in_threads = sum(f[1] for f in figures)
+            threads = self.pool.target * self.config.threads
+            if in_threads * capacity > held * threads:
+                held, capacity = in_threads, threads
         self.stress.update(self.config, held, capacity, self.workers)
         self._stress_look = now + STRESS_LOOK_SECONDS if self.stress.active else None
 
@@ -135,7 +149,11 @@ class HybridModel(PreforkModel):
 
 def open_count(slot: Slot) -> int:
     """The connections a hybrid worker's slot says it holds."""
+    return slot_figures(slot)[0]
+
+
+def slot_figures(slot: Slot) -> tuple[int, int]:
+    """The connections a hybrid worker's slot says it holds, and those in its thread pool."""
     if slot.state is SlotState.STARTING or not slot.peer:
-        return 0
-    number = slot.peer.removesuffix(OPEN_FORMAT.format(""))
-    return int(number) if number.isdigit() else 0
+        return 0, 0
+    return slot_counts(slot.peer)

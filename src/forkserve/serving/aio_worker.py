@@ -31,7 +31,8 @@ differs is the body, here:
    at once, a request in flight is answered, an incomplete one gets ``STOP_GRACE``), wait for
    them up to ``graceful_timeout``, then cancel what is left and exit 0. SIGQUIT exits at once.
 6. The scoreboard slot says IDLE with no connection, WRITING with some, the number open as
-   its peer text (``aio_slots.OPEN_FORMAT``), and the served count; a timer stamps the
+   its peer text (``aio_slots``: with a blocking handler, those in its thread pool too), and
+   the served count; a timer stamps the
    heartbeat every ``timeout / 2``, so the master's watchdog (prefork's) fires when the
    *loop* is blocked for ``timeout``: a handler that never awaits gets its worker's stacks
    dumped (SIGABRT, ``faulthandler``) and the worker replaced.
@@ -68,7 +69,7 @@ from .aio_accept import ListenerWaiter
 from .aio_admission import LoopAdmission, Places
 from .aio_connection import STOP_GRACE, AsyncConnection
 from .aio_loop import async_form, new_loop
-from .aio_slots import OPEN_FORMAT
+from .aio_slots import slot_text
 from .aio_threads import ThreadedHandlers
 from .child import (
     CHILD_GRACE_MARGIN,
@@ -148,6 +149,8 @@ class AioWorker:
         its deadline again."""
         for conn in self.conns:
             conn.look_again()
+        if self.threads is not None:
+            self.threads.look_again()
         assert self.loop is not None
         word, self.stress_word = self.stress_word, self.loop.create_future()
         if word is not None and not word.done():
@@ -183,7 +186,7 @@ class AioWorker:
         if not hooks.call(self.config, "post_fork",
                           Process(self.pid, "worker", self.slot, self.generation)):
             raise _BootAborted
-        self._publish()
+        self.publish()
         try:
             self.report.ready()
         except BrokenPipeError:
@@ -275,13 +278,13 @@ class AioWorker:
         task = self.loop.create_task(self._connection(sock, addr))
         self.tasks.add(task)
         task.add_done_callback(self._ended)
-        self._publish()
+        self.publish()
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("worker %d: a connection task failed: %r", self.pid, exc)
-        self._publish()
+        self.publish()
         if self.stopping:
             if not self.tasks and self._done is not None and not self._done.done():
                 self._done.set_result(None)
@@ -502,7 +505,7 @@ class AioWorker:
 
     # ------------------------------------------------------------------ the scoreboard, the pipe
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         open_now = len(self.tasks)
         state = SlotState.FINISHING if self.stopping else (
             SlotState.WRITING if open_now else SlotState.IDLE)
@@ -510,7 +513,9 @@ class AioWorker:
                                   state=state, connections=self.served,
                                   bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                                   conn_start=0.0, heartbeat=time.monotonic(),
-                                  peer=OPEN_FORMAT.format(open_now), errors=self.errors)
+                                  peer=slot_text(open_now, None if self.threads is None
+                                                 else self.threads.in_use),
+                                  errors=self.errors)
 
 class _BootAborted(Exception):
     """The worker cannot become ready (the reason is already in the log)."""
