@@ -499,29 +499,34 @@ ANSWER_WITHIN = 10.0
 
 
 def answers_while_silent_clients_stay(server: Server, silent: int, clients: int,
-                                      timeout: float = ANSWER_WITHIN) -> list[float | None]:
-    """Connect ``silent`` clients that send nothing, then ``clients`` at once that ask one
-    line each; how long each of those waited for its answer (None: none within
-    ``timeout``)."""
+                                      timeout: float = ANSWER_WITHIN, *, queued: int = 0,
+                                      source: str | None = None) -> list[float | None]:
+    """Connect ``silent`` clients that send nothing, wait until the workers have taken all but
+    ``queued`` of them, then connect ``clients`` at once (from ``source``) that ask one line
+    each; how long each of those waited for its answer (None: none within ``timeout``). With
+    ``queued``, those still wait in the queue at the end: no worker let go of a silent one."""
     holders = [server.connect() for _ in range(silent)]
     waited: list[float | None] = [None] * clients
 
     def ask(i: int) -> None:
         start = time.monotonic()
-        with contextlib.suppress(OSError), server.connect(timeout=timeout) as s:
+        with contextlib.suppress(OSError), server.connect(timeout=timeout, source=source) as s:
             s.sendall(b"hi\n")
             if recv_exactly(s, len(HELLO)) == HELLO:
                 waited[i] = time.monotonic() - start
 
     try:
-        # the silent ones are taken first: none left in the accept queue
-        assert wait_until(lambda: accept_queue(server.host, server.port) == 0, 10)
+        # the silent ones are taken first (all but ``queued``, left in the accept queue)
+        assert wait_until(lambda: accept_queue(server.host, server.port) == queued, 10), \
+            f"queued: {accept_queue(server.host, server.port)}\n{server.log_tail()}"
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(2 * timeout)
         assert not any(t.is_alive() for t in threads)
+        # (the silent ones were not let go meanwhile: no worker was free to take the rest)
+        assert accept_queue(server.host, server.port) >= queued, "a worker was freed"
     finally:
         for s in holders:
             s.close()
@@ -539,6 +544,13 @@ def test_five_silent_clients_cannot_starve_the_default_pool(server_factory: Fact
     server.wait_for_log(r"workers: \d+ idle \(min_spare 5\): growing the pool to \d+")
     fixed = server_factory("--model", "prefork", "--workers", "4")  # what the operator asked
     wait_for_workers(fixed, 4)
-    assert answers_while_silent_clients_stay(fixed, silent=5, clients=1, timeout=3) == [None]
+    # The four workers hold four of the silent clients, the fifth waits in the queue (the pool
+    # does not grow past them), and nothing frees a worker before first_byte_timeout (10 s):
+    # four of 256 (max_workers) busy is no stress mode. A client asking meanwhile, from
+    # another address (so that no penalty of the silent ones' source can be why it gets
+    # nothing), is not answered.
+    waited = answers_while_silent_clients_stay(fixed, silent=5, clients=1, timeout=3,
+                                               queued=1, source="127.0.0.2")
+    assert waited == [None], f"answered while every worker was held\n{fixed.log_tail()}"
     assert len(worker_pids(fixed)) == 4, "--workers N alone: a fixed pool, as documented"
     assert "growing the pool" not in fixed.log()
