@@ -22,6 +22,7 @@ from tests.integration.harness import (
     Load,
     Server,
     accept_queue,
+    assert_took,
     cpu_seconds,
     proc_info,
     quiet,
@@ -554,3 +555,33 @@ def test_five_silent_clients_cannot_starve_the_default_pool(server_factory: Fact
     assert waited == [None], f"answered while every worker was held\n{fixed.log_tail()}"
     assert len(worker_pids(fixed)) == 4, "--workers N alone: a fixed pool, as documented"
     assert "growing the pool" not in fixed.log()
+
+
+#: The default stress_first_byte_timeout.
+STRESS_FIRST_BYTE = 2.0
+
+
+def test_a_fixed_pool_at_max_workers_cuts_silent_clients_at_the_stress_deadline(
+        server_factory: Factory) -> None:
+    # Every worker of a pool at its ceiling held is the stress mode (Postfix's), for a fixed
+    # pool too: the silent clients' first-byte deadline shrinks to 2 s, and a well-behaved
+    # client queued behind them is answered then. Before, a fixed pool's master never judged
+    # the stress mode: it was answered only once first_byte_timeout (10 s) cut them.
+    server = server_factory("--model", "prefork", "--workers", "4", "--max-workers", "4")
+    wait_for_workers(server, 4)
+    started = time.monotonic()  # (before the silent clients connect: their deadlines follow)
+    holders = [server.connect() for _ in range(5)]
+    try:
+        assert wait_until(lambda: accept_queue(server.host, server.port) == 1, 10), \
+            "four held, the fifth queued"
+        # from another address: the silent ones' is penalised once they are cut
+        with server.connect(timeout=10, source="127.0.0.2") as s:
+            s.sendall(b"hi\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO, server.log_tail()
+            waited = time.monotonic() - started
+    finally:
+        for holder in holders:
+            holder.close()
+    server.wait_for_log(r"entering stress mode: 4 of 4 connections in use")
+    assert_took(waited, STRESS_FIRST_BYTE, "a client queued behind silent ones, at the ceiling")
+    assert len(worker_pids(server)) == 4, "a fixed pool all the same"
