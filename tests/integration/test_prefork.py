@@ -363,6 +363,24 @@ def test_watchdog_aborts_a_stuck_worker_with_its_stack_and_replaces_it(
         assert recv_exactly(s, 3) == b"ok\n"
 
 
+def test_watchdog_aborts_a_worker_stuck_once_its_silent_client_spoke(
+        server_factory: Factory) -> None:
+    # The master looks at the worker while it waits on its client (by then the idle worker's
+    # last heartbeat, at most timeout / 2 old at the connect, is timeout old): nothing to
+    # bound. Before, it set no timer for a waiting worker, nothing else woke it, and the
+    # worker that got stuck once its client spoke was never aborted (nor the stop ended).
+    server = server_factory("3", "0", script=WATCHDOG_APP)
+    server.traceback_expected = True  # faulthandler's stack dump of the stuck worker
+    (stuck_pid,) = wait_for_workers(server, 1)
+    with server.connect() as s:
+        time.sleep(4.5)  # the client's pace: silent past the master's look (3 s, plus slack)
+        s.sendall(b"stuck\n")
+        assert recv_all(s) == b"", "the stuck connection is closed when its worker dies"
+    server.wait_for_log(rf"worker 0 \(pid {stuck_pid}\), stopped by the watchdog, ended "
+                        r"\((SIGABRT|SIGKILL)\)")
+    assert wait_until(lambda: len(worker_pids(server) - {stuck_pid}) == 1, 5)
+
+
 def test_watchdog_spares_a_worker_that_waits_on_its_client(server_factory: Factory) -> None:
     server = server_factory("2", "0", script=WATCHDOG_APP)
     (pid,) = wait_for_workers(server, 1)

@@ -470,3 +470,29 @@ def test_a_fixed_pool_below_its_ceiling_is_never_under_stress(sup: Supervisor,
     assert not model.stress.active, "3 of 4 is not the capacity"
     assert model._fixed_stress_look is None, "and no timer for a judgement that cannot change"
     assert not model.scoreboard.take_wake(), "nor a word asked of the workers"
+
+
+def test_the_watchdog_looks_again_at_a_worker_that_waited_on_its_client(
+        sup: Supervisor, kernel: FakeKernel) -> None:
+    # Before: a worker waiting on its client when the master looked had no deadline, so a
+    # master with nothing else to do set no timer, and never saw that worker stuck once its
+    # client had spoken and its handler hung (the worker tells the master nothing).
+    model = pool(sup)
+    ready(sup, *model.workers)
+    for pid in model.workers:
+        show(sup, pid, SlotState.READING)
+    model.manage()
+    timeout = model.config.timeout
+    look = model.next_deadline()  # (the master sleeps until then: nothing else wakes it)
+    assert look == pytest.approx(kernel.now + timeout)
+    stuck = min(model.workers)
+    kernel.now += 1.0
+    show(sup, stuck, SlotState.WRITING)  # its client spoke; its handler hangs from now
+    hung_at = kernel.now
+    kernel.now = look
+    model.manage()
+    assert kernel.killed == [], "not stuck for timeout yet"
+    assert model.next_deadline() == pytest.approx(hung_at + timeout)
+    kernel.now = hung_at + timeout
+    model.manage()
+    assert kernel.killed == [(stuck, signal.SIGABRT)]
