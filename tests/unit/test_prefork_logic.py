@@ -484,6 +484,7 @@ def test_the_watchdog_looks_again_at_a_worker_that_waited_on_its_client(
     model.manage()
     timeout = model.config.timeout
     look = model.next_deadline()  # (the master sleeps until then: nothing else wakes it)
+    assert look is not None
     assert look == pytest.approx(kernel.now + timeout)
     stuck = min(model.workers)
     kernel.now += 1.0

@@ -36,11 +36,9 @@ it keeps the pool at its target size and rolls it on reload.
   second the target grows while too few workers are idle and shrinks while too many are. Only
   ready workers of the current generation count. A pool whose workers are all idle rests: the
   master sets no timer until a worker takes a connection and says so.
-- Stress mode (``stress``) at ``max_workers`` busy, the pool's ceiling: judged with the adaptive
-  pool's look. A fixed pool does not adapt, but one at its ceiling (``workers`` =
-  ``max_workers``, or grown there by TTIN) is judged the same way, and so is one under stress:
-  when a worker says it took a connection (asked as at rest), then each second while one is
-  busy (a quarter of one while workers hold unproven clients); no timer while all are idle.
+- Stress mode (``stress``) at ``max_workers`` busy, the ceiling: judged in the adaptive look, and
+  in a fixed pool at its ceiling (or under stress) on the same schedule: when a worker says it
+  took a connection (asked as at rest), then each second while one is busy; idle, no timer.
 """
 
 from __future__ import annotations
@@ -204,18 +202,14 @@ class PreforkModel:
         while the pool is at that ceiling or under stress (a smaller one cannot reach it)."""
         if self._fixed_stress_look is None or now < self._fixed_stress_look:
             return
-        current = self._current()
-        busy = sum(1 for w in current if w.ready and self._slot_of(w).state in BUSY)
-        ceiling = self.config.max_workers
-        self.stress.update(self.config, busy, ceiling, self.workers)
+        busy = self._busy()
+        self.stress.update(self.config, busy, self.config.max_workers, self.workers)
         self._fixed_stress_look = None
         if not self._may_be_stressed():
             return  # judged again when the pool changes (TTIN, a reload: ``_stir``)
-        if not busy:
-            # as at rest: the first worker to take a connection says so; set, then look
-            # once more (``Scoreboard.want_wake``)
+        if not busy:  # as at rest: set, then look once more (``Scoreboard.want_wake``)
             self.scoreboard.want_wake(True)
-            if not any(w.ready and self._slot_of(w).state in BUSY for w in current):
+            if not self._busy():
                 return
             self.scoreboard.want_wake(False)  # one was quicker
         unproven = self.scoreboard.count_unproven()
@@ -242,6 +236,10 @@ class PreforkModel:
     def _may_be_stressed(self) -> bool:
         """Can a fixed pool's stress mode change? Only at its ceiling, or under stress."""
         return self.stress.active or self.pool.target >= self.config.max_workers
+
+    def _busy(self) -> int:
+        """Ready workers of the current generation that hold a connection."""
+        return sum(1 for w in self._current() if w.ready and self._slot_of(w).state in BUSY)
 
     def _current(self) -> list[WorkerInfo]:
         """The workers of the current generation that are not retiring."""
