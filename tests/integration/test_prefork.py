@@ -22,6 +22,7 @@ from tests.integration.harness import (
     Load,
     Server,
     accept_queue,
+    assert_took,
     cpu_seconds,
     proc_info,
     quiet,
@@ -362,6 +363,24 @@ def test_watchdog_aborts_a_stuck_worker_with_its_stack_and_replaces_it(
         assert recv_exactly(s, 3) == b"ok\n"
 
 
+def test_watchdog_aborts_a_worker_stuck_once_its_silent_client_spoke(
+        server_factory: Factory) -> None:
+    # The master looks at the worker while it waits on its client (by then the idle worker's
+    # last heartbeat, at most timeout / 2 old at the connect, is timeout old): nothing to
+    # bound. Before, it set no timer for a waiting worker, nothing else woke it, and the
+    # worker that got stuck once its client spoke was never aborted (nor the stop ended).
+    server = server_factory("3", "0", script=WATCHDOG_APP)
+    server.traceback_expected = True  # faulthandler's stack dump of the stuck worker
+    (stuck_pid,) = wait_for_workers(server, 1)
+    with server.connect() as s:
+        time.sleep(4.5)  # the client's pace: silent past the master's look (3 s, plus slack)
+        s.sendall(b"stuck\n")
+        assert recv_all(s) == b"", "the stuck connection is closed when its worker dies"
+    server.wait_for_log(rf"worker 0 \(pid {stuck_pid}\), stopped by the watchdog, ended "
+                        r"\((SIGABRT|SIGKILL)\)")
+    assert wait_until(lambda: len(worker_pids(server) - {stuck_pid}) == 1, 5)
+
+
 def test_watchdog_spares_a_worker_that_waits_on_its_client(server_factory: Factory) -> None:
     server = server_factory("2", "0", script=WATCHDOG_APP)
     (pid,) = wait_for_workers(server, 1)
@@ -499,29 +518,34 @@ ANSWER_WITHIN = 10.0
 
 
 def answers_while_silent_clients_stay(server: Server, silent: int, clients: int,
-                                      timeout: float = ANSWER_WITHIN) -> list[float | None]:
-    """Connect ``silent`` clients that send nothing, then ``clients`` at once that ask one
-    line each; how long each of those waited for its answer (None: none within
-    ``timeout``)."""
+                                      timeout: float = ANSWER_WITHIN, *, queued: int = 0,
+                                      source: str | None = None) -> list[float | None]:
+    """Connect ``silent`` clients that send nothing, wait until the workers have taken all but
+    ``queued`` of them, then connect ``clients`` at once (from ``source``) that ask one line
+    each; how long each of those waited for its answer (None: none within ``timeout``). With
+    ``queued``, those still wait in the queue at the end: no worker let go of a silent one."""
     holders = [server.connect() for _ in range(silent)]
     waited: list[float | None] = [None] * clients
 
     def ask(i: int) -> None:
         start = time.monotonic()
-        with contextlib.suppress(OSError), server.connect(timeout=timeout) as s:
+        with contextlib.suppress(OSError), server.connect(timeout=timeout, source=source) as s:
             s.sendall(b"hi\n")
             if recv_exactly(s, len(HELLO)) == HELLO:
                 waited[i] = time.monotonic() - start
 
     try:
-        # the silent ones are taken first: none left in the accept queue
-        assert wait_until(lambda: accept_queue(server.host, server.port) == 0, 10)
+        # the silent ones are taken first (all but ``queued``, left in the accept queue)
+        assert wait_until(lambda: accept_queue(server.host, server.port) == queued, 10), \
+            f"queued: {accept_queue(server.host, server.port)}\n{server.log_tail()}"
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(2 * timeout)
         assert not any(t.is_alive() for t in threads)
+        # (the silent ones were not let go meanwhile: no worker was free to take the rest)
+        assert accept_queue(server.host, server.port) >= queued, "a worker was freed"
     finally:
         for s in holders:
             s.close()
@@ -539,6 +563,42 @@ def test_five_silent_clients_cannot_starve_the_default_pool(server_factory: Fact
     server.wait_for_log(r"workers: \d+ idle \(min_spare 5\): growing the pool to \d+")
     fixed = server_factory("--model", "prefork", "--workers", "4")  # what the operator asked
     wait_for_workers(fixed, 4)
-    assert answers_while_silent_clients_stay(fixed, silent=5, clients=1, timeout=3) == [None]
+    # The four workers hold four of the silent clients, the fifth waits in the queue (the pool
+    # does not grow past them), and nothing frees a worker before first_byte_timeout (10 s):
+    # four of 256 (max_workers) busy is no stress mode. A client asking meanwhile, from
+    # another address (so that no penalty of the silent ones' source can be why it gets
+    # nothing), is not answered.
+    waited = answers_while_silent_clients_stay(fixed, silent=5, clients=1, timeout=3,
+                                               queued=1, source="127.0.0.2")
+    assert waited == [None], f"answered while every worker was held\n{fixed.log_tail()}"
     assert len(worker_pids(fixed)) == 4, "--workers N alone: a fixed pool, as documented"
     assert "growing the pool" not in fixed.log()
+
+
+#: The default stress_first_byte_timeout.
+STRESS_FIRST_BYTE = 2.0
+
+
+def test_a_fixed_pool_at_max_workers_cuts_silent_clients_at_the_stress_deadline(
+        server_factory: Factory) -> None:
+    # Every worker of a pool at its ceiling held is the stress mode (Postfix's), for a fixed
+    # pool too: the silent clients' first-byte deadline shrinks to 2 s, and a well-behaved
+    # client queued behind them is answered then. Before, a fixed pool's master never judged
+    # the stress mode: it was answered only once first_byte_timeout (10 s) cut them.
+    server = server_factory("--model", "prefork", "--workers", "4", "--max-workers", "4")
+    wait_for_workers(server, 4)
+    started = time.monotonic()  # (before the silent clients connect: their deadlines follow)
+    holders = [server.connect() for _ in range(5)]
+    try:
+        # queued behind all five (the accept queue is FIFO), from another address (the silent
+        # ones' is penalised once they are cut): answered only once a silent one is let go
+        with server.connect(timeout=10, source="127.0.0.2") as s:
+            s.sendall(b"hi\n")
+            assert recv_exactly(s, len(HELLO)) == HELLO, server.log_tail()
+            waited = time.monotonic() - started
+    finally:
+        for holder in holders:
+            holder.close()
+    server.wait_for_log(r"entering stress mode: 4 of 4 connections in use")
+    assert_took(waited, STRESS_FIRST_BYTE, "a client queued behind silent ones, at the ceiling")
+    assert len(worker_pids(server)) == 4, "a fixed pool all the same"

@@ -424,3 +424,76 @@ def test_a_reload_keeps_the_size_the_load_gave_an_adaptive_pool(
     model.reconfigure(model.serving.with_config(model.config.replace(workers=3)))
     assert model.pool.target == 3, "a pool the operator fixes has the size asked for"
     assert not model.adapter.plan.adaptive
+
+
+def test_a_fixed_pool_at_its_ceiling_enters_the_stress_mode_and_rests_once_idle(
+        kernel: FakeKernel) -> None:
+    # a fixed pool's master never adapted, so it never judged its stress mode either: a pool of
+    # max_workers, every worker held by a silent client, kept first_byte_timeout (10 s)
+    config = Config(model="prefork", workers=2, max_workers=2)
+    sup = Supervisor(Serving(config, never_called), [], kernel=kernel)
+    sup.model.start()
+    try:
+        model = pool(sup)
+        ready(sup, *model.workers)
+        model.manage()
+        assert model._fixed_stress_look is None, "all idle: no timer"
+        assert model.scoreboard.take_wake(), "the first worker to take a connection says so"
+        for pid in model.workers:
+            show(sup, pid, SlotState.READING)
+        taker = min(model.workers)
+        os.write(model._ready_w, Message(Kind.BUSY, model.workers[taker].slot, taker).encode())
+        model._on_pipe()
+        model.manage()
+        assert model.stress.active, "2 of 2 busy: the pool is at its capacity"
+        assert {(pid, signal.SIGUSR2) for pid in model.workers} <= set(kernel.killed)
+        assert model.next_deadline() == pytest.approx(kernel.now + ADAPT_INTERVAL)
+        for pid in model.workers:
+            show(sup, pid, SlotState.IDLE)
+        kernel.now += ADAPT_INTERVAL
+        model.manage()
+        assert not model.stress.active
+        assert model._fixed_stress_look is None, "idle again: it rests"
+        assert model.scoreboard.take_wake()
+    finally:
+        sup._close()
+
+
+def test_a_fixed_pool_below_its_ceiling_is_never_under_stress(sup: Supervisor,
+                                                              kernel: FakeKernel) -> None:
+    model = pool(sup)  # 3 workers of max_workers 4
+    ready(sup, *model.workers)
+    for pid in model.workers:
+        show(sup, pid, SlotState.READING)
+    model._stir()
+    model.manage()
+    assert not model.stress.active, "3 of 4 is not the capacity"
+    assert model._fixed_stress_look is None, "and no timer for a judgement that cannot change"
+    assert not model.scoreboard.take_wake(), "nor a word asked of the workers"
+
+
+def test_the_watchdog_looks_again_at_a_worker_that_waited_on_its_client(
+        sup: Supervisor, kernel: FakeKernel) -> None:
+    # Before: a worker waiting on its client when the master looked had no deadline, so a
+    # master with nothing else to do set no timer, and never saw that worker stuck once its
+    # client had spoken and its handler hung (the worker tells the master nothing).
+    model = pool(sup)
+    ready(sup, *model.workers)
+    for pid in model.workers:
+        show(sup, pid, SlotState.READING)
+    model.manage()
+    timeout = model.config.timeout
+    look = model.next_deadline()  # (the master sleeps until then: nothing else wakes it)
+    assert look is not None
+    assert look == pytest.approx(kernel.now + timeout)
+    stuck = min(model.workers)
+    kernel.now += 1.0
+    show(sup, stuck, SlotState.WRITING)  # its client spoke; its handler hangs from now
+    hung_at = kernel.now
+    kernel.now = look
+    model.manage()
+    assert kernel.killed == [], "not stuck for timeout yet"
+    assert model.next_deadline() == pytest.approx(hung_at + timeout)
+    kernel.now = hung_at + timeout
+    model.manage()
+    assert kernel.killed == [(stuck, signal.SIGABRT)]

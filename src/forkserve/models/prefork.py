@@ -36,6 +36,9 @@ it keeps the pool at its target size and rolls it on reload.
   second the target grows while too few workers are idle and shrinks while too many are. Only
   ready workers of the current generation count. A pool whose workers are all idle rests: the
   master sets no timer until a worker takes a connection and says so.
+- Stress mode (``stress``) at ``max_workers`` busy, the ceiling: judged in the adaptive look, and
+  in a fixed pool at its ceiling (or under stress) on the same schedule: when a worker says it
+  took a connection (asked as at rest), then each second while one is busy; idle, no timer.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from ..serving.accept import ACCEPT_PAUSE_SECONDS
 from ..serving.child import STOP_REMINDER
 from ..serving.signals import REOPEN
 from ..serving.worker import WorkerContext, run_worker
-from .adaptive import Adapter, Step, plan
+from .adaptive import ADAPT_INTERVAL, UNPROVEN_INTERVAL, Adapter, Step, plan
 from .host import Host, ModelStatus, Serving
 from .pool import BUSY, Pool, WorkerInfo
 from .stress import StressMode
@@ -100,6 +103,9 @@ class PreforkModel:
         self.pool = Pool(target=self.adapter.plan.start)
         self.stress = StressMode(self.scoreboard, self.kernel, self.host.count)
         self.watchdog = Watchdog(self.scoreboard, self.kernel)
+        #: A fixed pool's next judgement of its stress mode (None: none due until a worker
+        #: says it took a connection, or the pool changes; see ``_judge_stress``).
+        self._fixed_stress_look: float | None = None
         #: When the earliest published penalty ends (the scoreboard is written again then).
         self._penalties_end: float | None = None
         #: Connections served by workers that have exited (the live ones are in their slots).
@@ -146,6 +152,8 @@ class PreforkModel:
                       if w.retiring and not w.reminded]
         if (look := self.adapter.deadline()) is not None:
             deadlines.append(look)
+        if not self.adapter.plan.adaptive and self._fixed_stress_look is not None:
+            deadlines.append(self._fixed_stress_look)
         if self._penalties_end is not None:
             deadlines.append(self._penalties_end)
         if self._current_count() < self.pool.target:
@@ -158,7 +166,10 @@ class PreforkModel:
 
     def _adapt(self, now: float) -> None:
         """Once a second: grow while too few workers are idle, shrink while too many are;
-        rest while all are idle (see ``adaptive``)."""
+        rest while all are idle (see ``adaptive``). A fixed pool: its stress mode only."""
+        if not self.adapter.plan.adaptive:
+            self._judge_stress(now)
+            return
         if not self.adapter.due(now):
             return
         current = self._current()
@@ -186,6 +197,24 @@ class PreforkModel:
         elif step is Step.REST:
             self._rest(now, current)
 
+    def _judge_stress(self, now: float) -> None:
+        """A fixed pool's stress mode, at ``max_workers`` busy as the adaptive pool's: judged
+        while the pool is at that ceiling or under stress (a smaller one cannot reach it)."""
+        if self._fixed_stress_look is None or now < self._fixed_stress_look:
+            return
+        busy = self._busy()
+        self.stress.update(self.config, busy, self.config.max_workers, self.workers)
+        self._fixed_stress_look = None
+        if not self._may_be_stressed():
+            return  # judged again when the pool changes (TTIN, a reload: ``_stir``)
+        if not busy:  # as at rest: set, then look once more (``Scoreboard.want_wake``)
+            self.scoreboard.want_wake(True)
+            if not self._busy():
+                return
+            self.scoreboard.want_wake(False)  # one was quicker
+        unproven = self.scoreboard.count_unproven()
+        self._fixed_stress_look = now + (UNPROVEN_INTERVAL if unproven else ADAPT_INTERVAL)
+
     def _rest(self, now: float, current: list[WorkerInfo]) -> None:
         """Ask the first worker that takes a connection to say so, then look once more: a
         worker marks its slot before it looks at the request (``Scoreboard.want_wake``)."""
@@ -196,9 +225,21 @@ class PreforkModel:
             self.scoreboard.want_wake(False)  # one was quicker: look again in a second
 
     def _stir(self) -> None:
-        """A worker spoke, or the pool changed: a pool at rest is judged again now."""
-        if self.adapter.stir(self.kernel.monotonic()):
+        """A worker spoke, or the pool changed: a pool at rest is judged again now (a fixed
+        pool: its stress mode)."""
+        now = self.kernel.monotonic()
+        if self.adapter.stir(now):
             self.scoreboard.want_wake(False)
+        if not self.adapter.plan.adaptive and self._may_be_stressed():
+            self._fixed_stress_look = now
+
+    def _may_be_stressed(self) -> bool:
+        """Can a fixed pool's stress mode change? Only at its ceiling, or under stress."""
+        return self.stress.active or self.pool.target >= self.config.max_workers
+
+    def _busy(self) -> int:
+        """Ready workers of the current generation that hold a connection."""
+        return sum(1 for w in self._current() if w.ready and self._slot_of(w).state in BUSY)
 
     def _current(self) -> list[WorkerInfo]:
         """The workers of the current generation that are not retiring."""

@@ -7,7 +7,10 @@ stack is printed: ``faulthandler``), then SIGKILL after ``ABORT_GRACE``, repeate
 must not spin meanwhile). A worker not ready ``timeout`` after its fork (a ``post_fork`` hook
 or an app's start that hangs) is ended the same way. Runs in the master; reads the scoreboard,
 signals through the kernel seam, and sets no timer of its own: ``deadlines`` says when the
-master's loop must look again.
+master's loop must look again. A worker that waits on its client when the master looks is
+looked at again ``timeout`` later all the same: it may work again at any moment, unseen (a
+worker tells the master nothing when it does), and a master that set no timer for it would
+never see it stuck after that.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Watchdog:
     def deadlines(self, workers: Iterable[WorkerInfo]) -> list[float]:
         """When ``check`` has something to do, per worker that it may have to end."""
         out = []
+        now = self.kernel.monotonic()
         for worker in workers:
             if worker.killed_at is not None:
                 out.append(worker.killed_at + KILL_RETRY)
@@ -50,8 +54,10 @@ class Watchdog:
                 out.append(worker.started + worker.timeout)
             else:
                 slot = self.board.read(worker.slot)
-                if slot.pid == worker.pid and slot.state in WATCHED:
-                    out.append(slot.heartbeat + worker.timeout)
+                if slot.pid == worker.pid:
+                    # waiting on its client: stuck no sooner than ``timeout`` from now
+                    watched = slot.state in WATCHED
+                    out.append((slot.heartbeat if watched else now) + worker.timeout)
         return out
 
     def check(self, workers: Iterable[WorkerInfo], now: float) -> None:
