@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import logging
 import os
 import signal
 import socket
@@ -60,6 +59,7 @@ from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.address import format_address
 from ..protocol.defence import Cause
 from .connection import Connection
+from .lazylog import LazyLogger
 from .limits import apply_limits
 from .patience import Patience
 from .preamble import Proxied, open_connection
@@ -70,7 +70,7 @@ from .tls import HandshakeTimeout
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
 
-log = logging.getLogger("forkserve")
+log = LazyLogger("forkserve")  # (no logging, no threading: see lazylog)
 
 #: What a client gets before the connection closes when a line is over ``max_line``.
 LINE_TOO_LONG_ANSWER = b"ERR line too long\n"
@@ -91,11 +91,38 @@ try:
 except (OSError, AttributeError):  # not Linux: the getppid check still works
     _prctl = None
 
-_setproctitle: Callable[[str], None] | None
-try:
-    from setproctitle import setproctitle as _setproctitle
-except ImportError:  # an optional extra: titles are a nicety
-    _setproctitle = None
+
+
+def _load_setproctitle() -> Callable[[str], None] | None:
+    """setproctitle's C function, if the optional extra is installed. Loaded without its
+    package: the package's ``__init__`` imports ``logging`` (and so ``threading``), whose
+    after-fork handlers every child of the zygote would run (``lazylog``)."""
+    import importlib.machinery  # noqa: PLC0415  (imported by the interpreter's start)
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        spec = importlib.util.find_spec("setproctitle")  # (does not import the package)
+        where = spec.submodule_search_locations if spec is not None else None
+        if not where:
+            return None
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(where[0], "_setproctitle" + suffix)
+            if os.path.exists(path):
+                loader = importlib.machinery.ExtensionFileLoader("setproctitle._setproctitle",
+                                                                 path)
+                found_spec = importlib.util.spec_from_loader(loader.name, loader)
+                if found_spec is None:
+                    return None
+                module = importlib.util.module_from_spec(found_spec)
+                loader.exec_module(module)
+                found: Callable[[str], None] = module.setproctitle
+                return found
+    except (ImportError, OSError, AttributeError, ValueError):
+        pass
+    return None  # an optional extra: titles are a nicety
+
+
+_setproctitle = _load_setproctitle()
 
 
 def set_title(title: str) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import logging
 import os
 import pickle
 import select
@@ -50,7 +49,9 @@ from ..errors import ExitCode, ForkserveError
 from ..kernel import pthread_sigmask
 from ..ops.scoreboard import MEMFD_NAME, Scoreboard
 from ..protocol import zygote as wire
+from . import lazylog
 from .child import ChildContext, exit_process, run_child, set_parent_death_signal, set_title
+from .lazylog import LazyLogger
 from .preamble import Proxied
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from ..apps import App
     from ..config import Config
 
-log = logging.getLogger("forkserve")
+log = LazyLogger("forkserve")
 
 #: Blocked around each fork (see ``Zygote._fork``).
 BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
@@ -271,13 +272,14 @@ def _fds_of(name: str) -> list[int]:
 
 def load_app(config: Config) -> tuple[App, ssl.SSLContext | None]:
     """The app and the TLS context, as the master made them. Raises ``ForkserveError``."""
-    from ..ops.logs import configure  # noqa: PLC0415  (imports in the order of the boot)
-    from .handlers import load  # noqa: PLC0415
+    from .handlers import load  # noqa: PLC0415  (imports in the order of the boot)
     from .tls import make_context  # noqa: PLC0415
 
-    configure(config.log_level, config.log_file)
+    lazylog.defer(config.log_level, config.log_file)  # (not logging: see lazylog)
     tls = make_context(config) if config.certfile is not None else None
-    return load(config.app), tls
+    app = load(config.app)
+    lazylog.settle()  # an app that imported logging itself logs as forkserve does
+    return app, tls
 
 
 def _name_process() -> None:
