@@ -178,6 +178,9 @@ class ChildContext:
     master_signals: Iterable[int]
     #: The TLS context, when TLS is on.
     tls: ssl.SSLContext | None = None
+    #: Whether ``config`` sets any rlimit (``limits.any_limits``, asked once by the process
+    #: that forks: a child of the zygote touches as little of its memory as it can).
+    limited: bool = True
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -265,7 +268,8 @@ def arm_connection_timer(config: Config, started: float) -> None:
 def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int,
                     header: Proxied | None) -> ChildExit:
     ctx.close_master_fds()
-    apply_limits(ctx.config)
+    if ctx.limited:
+        apply_limits(ctx.config)
     pid, start = os.getpid(), time.monotonic()
     peer = format_address(addr, sock.family)
     board = ctx.scoreboard

@@ -52,6 +52,7 @@ from ..protocol import zygote as wire
 from . import lazylog
 from .child import ChildContext, exit_process, run_child, set_parent_death_signal, set_title
 from .lazylog import LazyLogger
+from .limits import any_limits
 from .preamble import Proxied
 
 if TYPE_CHECKING:
@@ -117,16 +118,19 @@ class Zygote:
         self._context = ChildContext(
             app=app, config=settings.config, scoreboard=board, master_pid=os.getpid(),
             close_master_fds=self._close_in_child, master_signals=(signal.SIGCHLD, *IGNORED),
-            tls=tls)
+            tls=tls, limited=any_limits(settings.config))
         self._unix = int(socket.AF_UNIX)
+        #: What a child closes (``_close_in_child``), besides the packet's other sockets.
+        self._own_fds = (*self._board_fds, self._poller.fileno(), ctl.fileno(), self._wake_r,
+                         self._wake_w)
 
     def _close_in_child(self) -> None:
-        for fd in (*self._board_fds, *self._unclaimed):
+        # by number, not through the objects that own them (each object touched is a page
+        # the child copies); they are never used or collected in the child, which _exits
+        for fd in self._own_fds:
             os.close(fd)
-        self._poller.close()
-        self.ctl.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in self._unclaimed:
+            os.close(fd)
 
     def run(self) -> int:
         """Serve until retired (and every child reaped) or the master is gone."""
