@@ -8,6 +8,8 @@
 #   SERVERS="seed_c bare_fork ..." scripts/zygote-bench.sh ...   (a subset of the list below)
 #   OLDFORK_SRC=/tmp/oldfork/src SERVERS="... oldfork" ...   (the fork model of another
 #       checkout, e.g. `git worktree add /tmp/oldfork <commit>`: before and after, one run)
+#   NEWFORK_SRC=/tmp/newfork/src SERVERS="... newfork" ...   (the same, a second one: e.g.
+#       `git archive HEAD src | tar -x -C /tmp/newfork`, so edits during the run do not count)
 #
 # The bench is built in $BENCH (default /tmp/fsbench-d); records go to OUT/NAME.jsonl, then
 # scripts/zygote_table.py OUT prints the medians and ratios.
@@ -29,6 +31,7 @@ declare -A CMDS=(
     [mspare]="$PY $ROOT/scripts/zygote_proto.py mspare PORT"
     [zreal]="$PY $ROOT/scripts/zygote_master.py PORT"
     [oldfork]="env PYTHONPATH=${OLDFORK_SRC:-/nonexistent} $PY -m forkserve serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
+    [newfork]="env PYTHONPATH=${NEWFORK_SRC:-/nonexistent} $PY -m forkserve serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
 )
 ORDER=${SERVERS:-seed_c py_forking bare_fork fork zaccept mpass zspare mspare}
 port=19800

@@ -472,7 +472,13 @@ class ForkModel(WithoutPool):
                 "exits when its children are done)")
 
     def _booting(self) -> int:
-        return sum(len(z.booting) for z in self._zygotes())
+        # (asked several times per connection: ``full``, the stress mode; no list built)
+        count = len(self.zygote.booting) if self.zygote is not None else 0
+        if self._next is not None:
+            count += len(self._next.booting)
+        for retired in self._retired.values():
+            count += len(retired.booting)
+        return count
 
     @property
     def full(self) -> bool:

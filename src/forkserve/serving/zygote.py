@@ -110,6 +110,8 @@ class Zygote:
         self._decoder = wire.Decoder()
         #: The fds of the packet being read that no child has taken yet.
         self._unclaimed: list[int] = []
+        #: The socket of the child being forked (``_close_in_child`` keeps it open).
+        self._serving_fd = -1
         self._reports: list[bytes] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller = select.epoll()
@@ -130,7 +132,8 @@ class Zygote:
         for fd in self._own_fds:
             os.close(fd)
         for fd in self._unclaimed:
-            os.close(fd)
+            if fd != self._serving_fd:
+                os.close(fd)
 
     def run(self) -> int:
         """Serve until retired (and every child reaped) or the master is gone."""
@@ -162,54 +165,92 @@ class Zygote:
             for fd in fds:
                 os.close(fd)
             raise wire.WireError("a packet from the master was cut (too many fds or bytes)")
-        fds.reverse()  # (consumed from the end: in order)
-        self._unclaimed = fds  # a child closes the sockets of the packet that are not its own
+        done = 0  # fds[:done] are closed (their runs forked)
         try:
+            run: list[tuple[wire.Conn, int]] = []  # Conn records in a row, and their sockets
             for record in self._decoder.feed(data):
-                self._obey(record, fds)
+                if isinstance(record, wire.Conn):
+                    if done + len(run) == len(fds):
+                        raise wire.WireError("a Conn record without its socket")
+                    run.append((record, fds[done + len(run)]))
+                    continue
+                done = self._fork_run(run, fds, done)
+                run = []
+                self._obey(record)
+            done = self._fork_run(run, fds, done)
         finally:
-            for fd in fds:  # a packet with more fds than Conn records: a bug, never a leak
-                os.close(fd)
+            for fd in fds[done:]:  # a packet with more fds than Conn records (a bug) or cut
+                os.close(fd)  # by an error: never a leak
         return True
 
-    def _obey(self, record: wire.Record, fds: list[int]) -> None:
-        if isinstance(record, wire.Conn):
-            if not fds:
-                raise wire.WireError("a Conn record without its socket")
-            self._fork(record, socket.socket(fileno=fds.pop()))
-        elif isinstance(record, wire.Retire):
+    def _obey(self, record: wire.Record) -> None:
+        if isinstance(record, wire.Retire):
             self.retiring = True
         elif isinstance(record, wire.Query):
             self._report(wire.Counters(self.forks, self.fork_failures, len(self.children)))
         else:
             raise wire.WireError(f"the zygote cannot obey {type(record).__name__}")
 
-    def _fork(self, conn: wire.Conn, sock: socket.socket) -> None:
-        peer = conn.peer.as_addr(self._unix)
-        header = None
-        if conn.proxied:
-            local = conn.local.as_addr(self._unix) if conn.local is not None else None
-            header = Proxied(peer, local, conn.peer.family)
-        gc.freeze()  # (whatever this turn allocated: the child must not copy it to collect)
-        # the signals the child handles stay pending until it has installed its handlers
+    def _fork_run(self, run: list[tuple[wire.Conn, int]], fds: list[int], done: int) -> int:
+        """Fork one child per record of ``run`` (consecutive ``Conn`` records of the packet
+        whose fds are ``fds``, the first ``done`` of them closed already), back to back:
+        between two forks the zygote runs only the loop below, so it writes (and copies, its
+        pages being shared with the children) as little as it can; the books and the reports
+        come after the last fork. Each child closes the packet's other open sockets
+        (``_close_in_child``). Every socket of ``run`` is closed here; returns ``done`` past
+        them."""
+        if not run:
+            return done
+        unix = self._unix
+        ready = []
+        self._unclaimed = fds[done:]
+        try:
+            for conn, fd in run:
+                peer = conn.peer.as_addr(unix)
+                header = None
+                if conn.proxied:
+                    local = conn.local.as_addr(unix) if conn.local is not None else None
+                    header = Proxied(peer, local, conn.peer.family)
+                ready.append((conn.slot, fd, peer, header))
+            forked = self._fork_each(ready)
+        finally:
+            self._unclaimed = []
+            for _, fd in run:
+                os.close(fd)  # (the children have their copies)
+        for (slot, _, _, _), outcome in zip(ready, forked, strict=True):
+            if isinstance(outcome, OSError):
+                self.fork_failures += 1
+                self._report(wire.ForkFailed(slot, outcome.errno or 0))
+            else:
+                self.forks += 1
+                self.children[outcome] = slot
+                self._report(wire.Started(slot, outcome))
+        return done + len(run)
+
+    def _fork_each(self, ready: list[tuple[int, int, object, Proxied | None]]
+                   ) -> list[int | OSError]:
+        """The forks of ``_fork_run``: a pid or the error, per entry of ``ready``."""
+        forked: list[int | OSError] = []
+        context = self._context
+        gc.freeze()  # (whatever this turn allocated: a child must not copy it to collect)
+        # the signals a child handles stay pending until it has installed its handlers
         # (run_child clears the mask then): a SIGUSR2 or SIGTERM from the master in between
         # would otherwise meet the default action, which ends the process
         pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
-            pid = os.fork()
-            if pid == 0:
-                run_child(self._context, sock, peer, conn.slot, header=header)  # never returns
-        except OSError as exc:
-            sock.close()
-            self.fork_failures += 1
-            self._report(wire.ForkFailed(conn.slot, exc.errno or 0))
-            return
+            for slot, fd, peer, header in ready:
+                self._serving_fd = fd
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    forked.append(exc)
+                    continue
+                if pid == 0:  # never returns:
+                    run_child(context, socket.socket(fileno=fd), peer, slot, header=header)
+                forked.append(pid)
         finally:
             pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
-        sock.close()
-        self.forks += 1
-        self.children[pid] = conn.slot
-        self._report(wire.Started(conn.slot, pid))
+        return forked
 
     def _reap(self) -> None:
         with contextlib.suppress(BlockingIOError):
