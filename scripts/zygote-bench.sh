@@ -30,6 +30,7 @@ declare -A CMDS=(
     [zspare]="$PY $ROOT/scripts/zygote_proto.py zspare PORT"
     [mspare]="$PY $ROOT/scripts/zygote_proto.py mspare PORT"
     [zreal]="$PY $ROOT/scripts/zygote_master.py PORT"
+    [zspares]="$PY $ROOT/scripts/zygote_master.py PORT --spares ${SPARES:-10}"
     [oldfork]="env PYTHONPATH=${OLDFORK_SRC:-/nonexistent} $PY -m forkserve serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
     [newfork]="env PYTHONPATH=${NEWFORK_SRC:-/nonexistent} $PY -m forkserve serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
 )
