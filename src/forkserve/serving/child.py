@@ -87,7 +87,9 @@ STOP_REMINDER = 1.0
 
 _PR_SET_PDEATHSIG = 1
 try:
-    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+    # (without use_errno: its result is not looked at, and ctypes' errno swap costs each
+    # child of the zygote some 25 page faults of its own, docs/benchmarks.md, issue 16)
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl
 except (OSError, AttributeError):  # not Linux: the getppid check still works
     _prctl = None
 
