@@ -64,6 +64,7 @@ from .limits import apply_limits
 from .patience import Patience
 from .preamble import Proxied, open_connection
 from .signals import CHILD, Step, install, look_again, reset
+from .sockets import family_of
 from .stopsignal import StopSignal
 from .tls import HandshakeTimeout
 
@@ -273,7 +274,7 @@ def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: 
     if ctx.limited:
         apply_limits(ctx.config)
     pid, start = os.getpid(), time.monotonic()
-    peer = format_address(addr, sock.family)
+    peer = format_address(addr, family_of(sock))
     board = ctx.scoreboard
     board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                 peer=peer)

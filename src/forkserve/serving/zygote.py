@@ -211,10 +211,14 @@ class Zygote:
                 if conn.proxied:
                     local = conn.local.as_addr(unix) if conn.local is not None else None
                     header = Proxied(peer, local, conn.peer.family)
-                ready.append((conn.slot, fd, peer, header))
+                # (the socket objects made here, not in each child: their code's pages are
+                # this process's own; the child would copy them)
+                ready.append((conn.slot, socket.socket(fileno=fd), peer, header))
             forked = self._fork_each(ready)
         finally:
             self._unclaimed = []
+            for _, sock, _, _ in ready:
+                sock.detach()  # (closed below, with those of the run no object was made for)
             for _, fd in run:
                 os.close(fd)  # (the children have their copies)
         for (slot, _, _, _), outcome in zip(ready, forked, strict=True):
@@ -227,7 +231,7 @@ class Zygote:
                 self._report(wire.Started(slot, outcome))
         return done + len(run)
 
-    def _fork_each(self, ready: list[tuple[int, int, object, Proxied | None]]
+    def _fork_each(self, ready: list[tuple[int, socket.socket, object, Proxied | None]]
                    ) -> list[int | OSError]:
         """The forks of ``_fork_run``: a pid or the error, per entry of ``ready``."""
         forked: list[int | OSError] = []
@@ -238,15 +242,15 @@ class Zygote:
         # would otherwise meet the default action, which ends the process
         pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
-            for slot, fd, peer, header in ready:
-                self._serving_fd = fd
+            for slot, sock, peer, header in ready:
+                self._serving_fd = sock.fileno()
                 try:
                     pid = os.fork()
                 except OSError as exc:
                     forked.append(exc)
                     continue
-                if pid == 0:  # never returns:
-                    run_child(context, socket.socket(fileno=fd), peer, slot, header=header)
+                if pid == 0:
+                    run_child(context, sock, peer, slot, header=header)  # never returns
                 forked.append(pid)
         finally:
             pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
