@@ -5,8 +5,8 @@ Theory of operation
 ``logging`` imports ``threading``, and each registers a handler that CPython runs in every
 fork child before ``os.fork()`` returns there (``os.register_at_fork``: threading's
 ``_after_fork``, logging's lock re-initialisation). In the zygote's children that work was
-about 120 of a child's 740 page faults and 0.3 ms of its CPU (docs/benchmarks.md, issue 16),
-and a child that serves a connection well writes no log line at all. So the zygote imports
+about 170 page faults and half a millisecond of CPU each (docs/benchmarks.md, issue 16,
+phase 3), and a child that serves a connection well writes no log line at all. So the zygote imports
 neither, and the modules its children run log through a ``LazyLogger``:
 
 1. In a process that has imported ``logging`` (the master, a prefork or hybrid worker, the

@@ -8,23 +8,29 @@ interpreter, not a copy of the master, holding one end of a ``SOCK_SEQPACKET`` s
 
 1. Boot. The first record is ``Setup``: the settings (pickled: the ``Config``, the master's pid,
    the generation) with the scoreboard's memfd in the packet. The zygote asks for SIGKILL when
-   the master dies (``PR_SET_PDEATHSIG``, plus a ``getppid`` check), configures logging, loads
-   the app by name and makes the TLS context (only with TLS on: ``ssl`` costs 6 MB), then
-   ``gc.collect()``, ``gc.freeze()`` and ``Ready``. An app that does not import ends the boot
+   the master dies (``PR_SET_PDEATHSIG``, plus a ``getppid`` check), loads the app by name
+   and makes the TLS context (only with TLS on: ``ssl`` costs 6 MB), then ``gc.collect()``,
+   ``gc.freeze()`` and ``Ready``. It imports neither ``threading`` nor ``logging``, whose
+   after-fork handlers every child would run (``serving.lazylog``: a child imports and
+   configures ``logging`` at its first log record; an app that imports it is configured
+   before the first fork). An app that does not import ends the boot
    with ``Failed`` (one line: the same ``ConfigError`` text the master would print) and exit
    status ``BOOT_ERROR``, and the master stops the server with that line.
 2. Serving. It reads packets of ``Conn`` records, each with its socket in the packet's
    ``SCM_RIGHTS``, and forks one child per record, which runs ``child.run_child`` exactly as a
    child of the master did (hygiene, limits, PDEATHSIG, PROXY, TLS, handler, slot) and
-   ``_exit``s. The zygote's PDEATHSIG is SIGKILL, the child's SIGTERM relative to the zygote:
-   a dead master takes the zygote, a dead zygote its children (each finishes as an orphan:
-   no grace for incomplete requests, gone within milliseconds).
+   ``_exit``s. The ``Conn`` records of a packet are forked for back to back, the books and
+   reports after the last fork: between two forks the zygote writes, and so copies, almost
+   none of the pages it shares with its children. The zygote's PDEATHSIG is SIGKILL, the
+   child's SIGTERM relative to the zygote: a dead master takes the zygote, a dead zygote its
+   children (each finishes as an orphan: no grace for incomplete requests, gone within
+   milliseconds).
 3. Reaping. SIGCHLD wakes the loop (``set_wakeup_fd``; the handler does nothing); the loop
    reaps with ``waitpid(-1, WNOHANG)`` until 0 and reports ``Ended`` with the wait status
    and the bytes the child's slot counted. Reports are batched: one ``send`` per turn.
 4. It never grows: its state is a dict of children (at most ``max_children``), its loop
-   allocates nothing that survives a turn, and ``gc.freeze()`` runs before every fork, so a
-   child shares every page of the zygote that it does not write.
+   allocates nothing that survives a turn, and ``gc.freeze()`` runs before every run of
+   forks, so a child shares every page of the zygote that it does not write.
 5. Retire. ``Retire`` means no more ``Conn`` records will come: it exits once the last child
    is reaped. The end of the socketpair (the master gone) ends it at once.
 6. Signals. The operator's signals to the process group (TERM, INT, QUIT, HUP, USR1, USR2)
@@ -63,7 +69,7 @@ if TYPE_CHECKING:
 
 log = LazyLogger("forkserve")
 
-#: Blocked around each fork (see ``Zygote._fork``).
+#: Blocked around each run of forks (see ``Zygote._fork_each``).
 BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
            signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD)
 
