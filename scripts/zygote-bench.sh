@@ -8,6 +8,11 @@
 #   SERVERS="seed_c bare_fork ..." scripts/zygote-bench.sh ...   (a subset of the list below)
 #   OLDFORK_SRC=/tmp/oldfork/src SERVERS="... oldfork" ...   (the fork model of another
 #       checkout, e.g. `git worktree add /tmp/oldfork <commit>`: before and after, one run)
+#   FIRST_ROUND=3 scripts/zygote-bench.sh 2 OUT ...   (rounds r3 and r4 into the same OUT: e.g.
+#       a second call with SERVERS in the reverse order, so a load that rises or falls
+#       during a run does not favour the same server in every round)
+#   NEWFORK_SRC=/tmp/newfork/src SERVERS="... newfork" ...   (the same, a second one: e.g.
+#       `git archive HEAD src | tar -x -C /tmp/newfork`, so edits during the run do not count)
 #
 # The bench is built in $BENCH (default /tmp/fsbench-d); records go to OUT/NAME.jsonl, then
 # scripts/zygote_table.py OUT prints the medians and ratios.
@@ -28,11 +33,14 @@ declare -A CMDS=(
     [zspare]="$PY $ROOT/scripts/zygote_proto.py zspare PORT"
     [mspare]="$PY $ROOT/scripts/zygote_proto.py mspare PORT"
     [zreal]="$PY $ROOT/scripts/zygote_master.py PORT"
+    [zspares]="$PY $ROOT/scripts/zygote_master.py PORT --spares ${SPARES:-10}"
     [oldfork]="env PYTHONPATH=${OLDFORK_SRC:-/nonexistent} $PY -m forkserve serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
+    [newfork]="env PYTHONPATH=${NEWFORK_SRC:-/nonexistent} $PY -m forkserve serve --bind 127.0.0.1:PORT --model fork --max-children 1024"
 )
 ORDER=${SERVERS:-seed_c py_forking bare_fork fork zaccept mpass zspare mspare}
 port=19800
-for r in $(seq 1 "$ROUNDS"); do
+FIRST=${FIRST_ROUND:-1}
+for r in $(seq "$FIRST" $((FIRST + ROUNDS - 1))); do
     for name in $ORDER; do
         port=$((port + 1))
         # shellcheck disable=SC2086

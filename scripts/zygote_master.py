@@ -4,7 +4,10 @@ that can drive it: bind, start the zygote by exec, accept, pass each accepted so
 no stop, no reload: it measures what the zygote and forkserve's child path cost (issue 16)
 before the fork model runs through it.
 
-    .venv/bin/python scripts/zygote_master.py PORT [--max-children N] [--app NAME]
+    .venv/bin/python scripts/zygote_master.py PORT [--max-children N] [--app NAME] [--spares N]
+
+``--spares N`` starts scripts/zygote_spares.py instead: the same zygote, with ``N`` children
+forked ahead of need (issue 16, step 3).
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from forkserve.serving.zygote import Settings, setup_record
 BATCH = 32
 
 
-def start_zygote(config: object, ours: socket.socket,
-                 theirs: socket.socket) -> subprocess.Popen[bytes]:
+def start_zygote(config: object, ours: socket.socket, theirs: socket.socket,
+                 spares: int = 0) -> subprocess.Popen[bytes]:
     """Exec the zygote on ``theirs`` and send it its Setup (with a memfd scoreboard)."""
     board, memfd = Scoreboard.in_memfd(config.max_children)  # type: ignore[attr-defined]
     board.close()
-    zygote = subprocess.Popen([sys.executable, "-m", "forkserve.serving.zygote",
-                               str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    command = ([os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote_spares.py"),
+                str(theirs.fileno()), str(spares)] if spares
+               else ["-m", "forkserve.serving.zygote", str(theirs.fileno())])
+    zygote = subprocess.Popen([sys.executable, *command], pass_fds=[theirs.fileno()])
     theirs.close()
     socket.send_fds(ours, [setup_record(Settings(config, os.getpid()))],  # type: ignore[arg-type]
                     [memfd])
@@ -60,6 +65,7 @@ def main() -> int:
     parser.add_argument("port", type=int)
     parser.add_argument("--max-children", type=int, default=1024)
     parser.add_argument("--app", default="hello")
+    parser.add_argument("--spares", type=int, default=0)
     args = parser.parse_args()
     config = from_mapping({"app": args.app, "max_children": args.max_children})
     listener = socket.socket()
@@ -68,7 +74,7 @@ def main() -> int:
     listener.listen(1024)
     listener.setblocking(False)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    zygote = start_zygote(config, ours, theirs)
+    zygote = start_zygote(config, ours, theirs, args.spares)
 
     def stop(signum: int, frame: object) -> None:
         zygote.kill()

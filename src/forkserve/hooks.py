@@ -33,17 +33,17 @@ slow hook delays every signal, reap and accept.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+from .serving.lazylog import LazyLogger
 
 if TYPE_CHECKING:
     from .config import Config
 
-log = logging.getLogger("forkserve")
+log = LazyLogger("forkserve")
 
 #: The hook settings, in the order they happen.
 HOOK_NAMES = ("on_starting", "post_fork", "child_exit", "on_reload", "on_exit")

@@ -242,3 +242,22 @@ def test_the_zygote_imports_nothing_of_the_master() -> None:
                  "forkserve.cli", "forkserve.ops.status", "forkserve.ops.metrics", "ssl",
                  "forkserve.master.gate", "forkserve.tools")
     assert [m for m in out if m.startswith(forbidden)] == []
+
+
+@pytest.mark.timeout(30)
+def test_a_child_of_the_zygote_runs_no_after_fork_work(listener: socket.socket) -> None:
+    """The zygote imports neither ``threading`` nor ``logging`` (nor ``setproctitle``'s
+    package, ``socketserver``, ``traceback``, which import them), so CPython has no after-fork
+    handler to run in its children (docs/benchmarks.md, issue 16: a third of a child's page
+    faults); a child imports them only to write a log line (``serving.lazylog``)."""
+    d = Driver(app="tests.integration.modules_app:handle")
+    try:
+        d.expect(wire.Ready)
+        client, served, addr = connect(listener)
+        d.pass_conn(served, addr)
+        d.expect(wire.Started)
+        assert recv_all(client) == b"\n"  # none of them
+        client.close()
+        d.expect(wire.Ended)
+    finally:
+        d.close()

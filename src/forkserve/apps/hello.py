@@ -7,22 +7,22 @@ debug level (``--log-level debug``), not printed to stdout: a server's stdout is
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from ..serving.connection import Connection
+from ..serving.lazylog import DEBUG, LazyLogger
 
 if TYPE_CHECKING:  # asyncio is loaded only where a loop runs (hybrid workers)
     from ..serving.aio_connection import AsyncConnection
 
-log = logging.getLogger("forkserve.app.hello")
+log = LazyLogger("forkserve.app.hello")  # (no logging in a zygote: see lazylog)
 
 ANSWER = b"Hello from server!\n"
 
 
 def handle(conn: Connection) -> None:
     """Answer each line with ``Hello from server!\\n``."""
-    debug = log.isEnabledFor(logging.DEBUG)
+    debug = log.isEnabledFor(DEBUG)
     for line in conn.lines():
         if debug:
             log.debug("Received: %s", line.rstrip(b"\r\n").decode("utf-8", "replace"))
@@ -31,7 +31,7 @@ def handle(conn: Connection) -> None:
 
 async def handle_async(conn: AsyncConnection) -> None:
     """The same, as async code: the form the hybrid model runs for ``hello``."""
-    debug = log.isEnabledFor(logging.DEBUG)
+    debug = log.isEnabledFor(DEBUG)
     async for line in conn.lines():
         if debug:
             log.debug("Received: %s", line.rstrip(b"\r\n").decode("utf-8", "replace"))

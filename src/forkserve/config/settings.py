@@ -7,7 +7,6 @@ keyword arguments and for the other front ends (``load``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -460,6 +459,8 @@ def from_mapping(values: Mapping[str, object], *, source: str | None = None,
     known = [name for name, _, _ in settings()]
     for key in values:
         if key not in known:
+            import difflib  # noqa: PLC0415  (an error's hint: not in every zygote, 1.3 MB)
+
             near = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {naming(near[0])}?" if near else "`forkserve settings` lists them"
             raise ConfigError(naming(key), f"unknown setting; {hint}", source)

@@ -472,7 +472,13 @@ class ForkModel(WithoutPool):
                 "exits when its children are done)")
 
     def _booting(self) -> int:
-        return sum(len(z.booting) for z in self._zygotes())
+        # (asked several times per connection: ``full``, the stress mode; no list built)
+        count = len(self.zygote.booting) if self.zygote is not None else 0
+        if self._next is not None:
+            count += len(self._next.booting)
+        for retired in self._retired.values():
+            count += len(retired.booting)
+        return count
 
     @property
     def full(self) -> bool:
@@ -866,11 +872,18 @@ class ForkModel(WithoutPool):
         super().signal(pid, sig)
 
     def status(self) -> ModelStatus:
+        # a connection passed to a zygote whose Started has not come yet is served all the
+        # same (its child may have answered already: the report is on its way); its slot is
+        # shown once its child has written it
+        board = self.scoreboard
+        booting = [board.read(child.slot) for z in self._zygotes()
+                   for child in z.booting.values()]
         return ModelStatus(
-            capacity=self.config.max_children, busy=len(self.children), idle=None,
-            connections_total=self.accepted, handler_errors=self.handler_errors,
+            capacity=self.config.max_children, busy=len(self.children) + len(booting),
+            idle=None, connections_total=self.accepted, handler_errors=self.handler_errors,
             stress=self.stress.active,
-            processes=[self.scoreboard.read(c.slot) for c in self.children.values()],
+            processes=[*(board.read(c.slot) for c in self.children.values()),
+                       *(slot for slot in booting if slot.pid)],
         )
 
     def close(self) -> None:

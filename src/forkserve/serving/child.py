@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import logging
 import os
 import signal
 import socket
@@ -60,17 +59,19 @@ from ..ops.scoreboard import Scoreboard, SlotState
 from ..protocol.address import format_address
 from ..protocol.defence import Cause
 from .connection import Connection
+from .lazylog import LazyLogger
 from .limits import apply_limits
 from .patience import Patience
 from .preamble import Proxied, open_connection
 from .signals import CHILD, Step, install, look_again, reset
+from .sockets import family_of
 from .stopsignal import StopSignal
 from .tls import HandshakeTimeout
 
 if TYPE_CHECKING:
     import ssl  # only with TLS on: the module costs a forking master 6 MB
 
-log = logging.getLogger("forkserve")
+log = LazyLogger("forkserve")  # (no logging, no threading: see lazylog)
 
 #: What a client gets before the connection closes when a line is over ``max_line``.
 LINE_TOO_LONG_ANSWER = b"ERR line too long\n"
@@ -87,15 +88,44 @@ STOP_REMINDER = 1.0
 
 _PR_SET_PDEATHSIG = 1
 try:
-    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+    # (without use_errno: its result is not looked at, and ctypes' errno swap costs each
+    # child of the zygote some 25 page faults of its own, docs/benchmarks.md, issue 16)
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None).prctl
 except (OSError, AttributeError):  # not Linux: the getppid check still works
     _prctl = None
 
-_setproctitle: Callable[[str], None] | None
-try:
-    from setproctitle import setproctitle as _setproctitle
-except ImportError:  # an optional extra: titles are a nicety
-    _setproctitle = None
+
+
+def _load_setproctitle() -> Callable[[str], None] | None:
+    """setproctitle's C function, if the optional extra is installed. Loaded without its
+    package: the package's ``__init__`` imports ``logging`` (and so ``threading``), whose
+    after-fork handlers every child of the zygote would run (``lazylog``)."""
+    import importlib.machinery  # noqa: PLC0415  (imported by the interpreter's start)
+    import importlib.util  # noqa: PLC0415
+
+    try:
+        spec = importlib.util.find_spec("setproctitle")  # (does not import the package)
+        where = spec.submodule_search_locations if spec is not None else None
+        if not where:
+            return None
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(where[0], "_setproctitle" + suffix)
+            if os.path.exists(path):
+                loader = importlib.machinery.ExtensionFileLoader("setproctitle._setproctitle",
+                                                                 path)
+                found_spec = importlib.util.spec_from_loader(loader.name, loader)
+                if found_spec is None:
+                    return None
+                module = importlib.util.module_from_spec(found_spec)
+                loader.exec_module(module)
+                found: Callable[[str], None] = module.setproctitle
+                return found
+    except (ImportError, OSError, AttributeError, ValueError):
+        pass
+    return None  # an optional extra: titles are a nicety
+
+
+_setproctitle = _load_setproctitle()
 
 
 def set_title(title: str) -> None:
@@ -151,6 +181,9 @@ class ChildContext:
     master_signals: Iterable[int]
     #: The TLS context, when TLS is on.
     tls: ssl.SSLContext | None = None
+    #: Whether ``config`` sets any rlimit (``limits.any_limits``, asked once by the process
+    #: that forks: a child of the zygote touches as little of its memory as it can).
+    limited: bool = True
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -238,9 +271,10 @@ def arm_connection_timer(config: Config, started: float) -> None:
 def _serve_in_child(ctx: ChildContext, sock: socket.socket, addr: object, slot: int,
                     header: Proxied | None) -> ChildExit:
     ctx.close_master_fds()
-    apply_limits(ctx.config)
+    if ctx.limited:
+        apply_limits(ctx.config)
     pid, start = os.getpid(), time.monotonic()
-    peer = format_address(addr, sock.family)
+    peer = format_address(addr, family_of(sock))
     board = ctx.scoreboard
     board.write(slot, pid=pid, state=SlotState.READING, conn_start=start, heartbeat=start,
                 peer=peer)

@@ -79,6 +79,7 @@ from .sockets import (
     RECV_SIZE,
     close_notify,
     drain_queued,
+    family_of,
     linger,
     set_blocking_mode,
     set_timeouts,
@@ -133,9 +134,10 @@ class Connection:
         #: When the connection must end (``max_time``), on the monotonic clock.
         self._expires = time.monotonic() + max_time if max_time else None
         set_timeouts(sock, self._kernel_read_timeout(), write_timeout)
-        self.peer = peer if peer is not None else format_address(sock.getpeername(), sock.family)
+        self.peer = (peer if peer is not None
+                     else format_address(sock.getpeername(), family_of(sock)))
         self.local = (local if local is not None
-                      else format_address(sock.getsockname(), sock.family))
+                      else format_address(sock.getsockname(), family_of(sock)))
         self.bytes_in = 0
         self.bytes_out = 0
         self._framer = LineFramer(max_line)

@@ -37,9 +37,7 @@ import importlib
 import inspect
 import os
 import socket
-import socketserver
 import sys
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -49,6 +47,7 @@ from ..errors import ConfigError, IdleTimeout, PeerGone
 from .connection import Connection
 
 if TYPE_CHECKING:  # asyncio is loaded only where a loop runs (hybrid workers)
+
     from .aio_connection import AsyncConnection
 
 #: The models that can await an async handler.
@@ -169,6 +168,8 @@ def _import_failed(module_name: str, exc: BaseException, base: str) -> str:
 def _where(exc: BaseException, base: str) -> tuple[str | None, int | None]:
     """Where ``exc`` was raised: the innermost line of the user's own code (under ``base``),
     else the innermost line outside the import machinery."""
+    import traceback  # noqa: PLC0415  (a failed import only: the zygote does without it)
+
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith("<frozen ")]
     own = [f for f in frames if f.filename.startswith(base + os.sep)] or frames[-1:]
@@ -177,8 +178,11 @@ def _where(exc: BaseException, base: str) -> tuple[str | None, int | None]:
 
 def adapt(obj: object, name: str = "the app") -> App:
     """Turn a function, a handler class or a socketserver handler into ``app(conn)``."""
+    # (socketserver imports threading, whose after-fork handler every child of the zygote
+    # would run: a socketserver handler's module has imported it already, so look there)
+    socketserver = sys.modules.get("socketserver")
     if inspect.isclass(obj):
-        if issubclass(obj, socketserver.BaseRequestHandler):
+        if socketserver is not None and issubclass(obj, socketserver.BaseRequestHandler):
             if issubclass(obj, socketserver.DatagramRequestHandler):
                 raise ConfigError("app", f"{name}: datagram handlers are not supported")
             return _socketserver_app(obj)
@@ -261,7 +265,7 @@ def _address(addr: Any, family: int) -> Any:
     return addr if family != socket.AF_UNIX else (addr or "")
 
 
-def _socketserver_app(cls: type[socketserver.BaseRequestHandler]) -> App:
+def _socketserver_app(cls: type[Any]) -> App:  # (a socketserver.BaseRequestHandler)
     def run(conn: Connection) -> None:
         sock = conn.sock
         # it reads and writes the socket itself, past the connection's deadlines and watchdog
@@ -269,7 +273,7 @@ def _socketserver_app(cls: type[socketserver.BaseRequestHandler]) -> App:
         conn._hand_over()
         try:
             client = _address(sock.getpeername(), sock.family)
-            cls(sock, client, _ServerShim(conn))  # type: ignore[arg-type]
+            cls(sock, client, _ServerShim(conn))
         except BlockingIOError:  # SO_RCVTIMEO or SO_SNDTIMEO expired inside the handler
             raise IdleTimeout("client idle or not reading (timeout)") from None
         except (ConnectionError, TimeoutError) as exc:

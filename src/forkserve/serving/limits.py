@@ -48,6 +48,11 @@ def check_limits(config: Config) -> None:
                                     "only root may raise")
 
 
+def any_limits(config: Config) -> bool:
+    """Whether ``apply_limits`` has anything to set (asked once, before the forks)."""
+    return bool(_wanted(config))
+
+
 def apply_limits(config: Config) -> None:
     """In a child or worker: set soft and hard limits. Raises ``OSError``."""
     for _name, res, value in _wanted(config):

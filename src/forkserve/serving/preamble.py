@@ -39,6 +39,7 @@ from ..protocol.address import format_address
 from ..protocol.proxyproto import ProxyHeader, ProxyParser
 from .connection import Connection
 from .patience import Patience
+from .sockets import family_of
 from .stopsignal import StopSignal, ready_by
 from .tls import HandshakeTimeout, handshake
 
@@ -127,13 +128,13 @@ def open_connection(sock: socket.socket, addr: object, config: Config,
     accepted = time.monotonic()
     deadline = accepted + config.handshake_timeout
     with contextlib.suppress(OSError):
-        if sock.family != socket.AF_UNIX:
+        if family_of(sock) != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         if monitor is not None and (config.proxy_protocol or tls is not None):
             monitor.waiting()  # the client's time: bounded by handshake_timeout
         local = None
-        family: int = sock.family
+        family = family_of(sock)
         if header is not None:  # read already (by the master, or by the caller)
             addr, local, family = header.addr, header.local, header.family
         elif config.proxy_protocol:

@@ -41,6 +41,13 @@ def timed_out(began: float, timeout: float | None) -> bool:
     return timeout is not None and time.monotonic() - began >= timeout * 0.99
 
 
+def family_of(sock: socket.socket) -> int:
+    """``sock.family`` as a plain int: the property turns it into an ``AddressFamily`` member
+    through enum's Python code, whose pages each child of the zygote would copy (issue 16).
+    Compare it with ``socket.AF_UNIX`` as usual."""
+    return super(socket.socket, sock).family
+
+
 def set_blocking_mode(sock: socket.socket) -> bool:
     """Put ``sock`` in the mode its deadlines need (rule 4 of ``connection``); True for TLS."""
     # (ssl is loaded only when TLS is on; without it no socket can be an SSLSocket)

@@ -8,23 +8,29 @@ interpreter, not a copy of the master, holding one end of a ``SOCK_SEQPACKET`` s
 
 1. Boot. The first record is ``Setup``: the settings (pickled: the ``Config``, the master's pid,
    the generation) with the scoreboard's memfd in the packet. The zygote asks for SIGKILL when
-   the master dies (``PR_SET_PDEATHSIG``, plus a ``getppid`` check), configures logging, loads
-   the app by name and makes the TLS context (only with TLS on: ``ssl`` costs 6 MB), then
-   ``gc.collect()``, ``gc.freeze()`` and ``Ready``. An app that does not import ends the boot
+   the master dies (``PR_SET_PDEATHSIG``, plus a ``getppid`` check), loads the app by name
+   and makes the TLS context (only with TLS on: ``ssl`` costs 6 MB), then ``gc.collect()``,
+   ``gc.freeze()`` and ``Ready``. It imports neither ``threading`` nor ``logging``, whose
+   after-fork handlers every child would run (``serving.lazylog``: a child imports and
+   configures ``logging`` at its first log record; an app that imports it is configured
+   before the first fork). An app that does not import ends the boot
    with ``Failed`` (one line: the same ``ConfigError`` text the master would print) and exit
    status ``BOOT_ERROR``, and the master stops the server with that line.
 2. Serving. It reads packets of ``Conn`` records, each with its socket in the packet's
    ``SCM_RIGHTS``, and forks one child per record, which runs ``child.run_child`` exactly as a
    child of the master did (hygiene, limits, PDEATHSIG, PROXY, TLS, handler, slot) and
-   ``_exit``s. The zygote's PDEATHSIG is SIGKILL, the child's SIGTERM relative to the zygote:
-   a dead master takes the zygote, a dead zygote its children (each finishes as an orphan:
-   no grace for incomplete requests, gone within milliseconds).
+   ``_exit``s. The ``Conn`` records of a packet are forked for back to back, the books and
+   reports after the last fork: between two forks the zygote writes, and so copies, almost
+   none of the pages it shares with its children. The zygote's PDEATHSIG is SIGKILL, the
+   child's SIGTERM relative to the zygote: a dead master takes the zygote, a dead zygote its
+   children (each finishes as an orphan: no grace for incomplete requests, gone within
+   milliseconds).
 3. Reaping. SIGCHLD wakes the loop (``set_wakeup_fd``; the handler does nothing); the loop
    reaps with ``waitpid(-1, WNOHANG)`` until 0 and reports ``Ended`` with the wait status
    and the bytes the child's slot counted. Reports are batched: one ``send`` per turn.
 4. It never grows: its state is a dict of children (at most ``max_children``), its loop
-   allocates nothing that survives a turn, and ``gc.freeze()`` runs before every fork, so a
-   child shares every page of the zygote that it does not write.
+   allocates nothing that survives a turn, and ``gc.freeze()`` runs before every run of
+   forks, so a child shares every page of the zygote that it does not write.
 5. Retire. ``Retire`` means no more ``Conn`` records will come: it exits once the last child
    is reaped. The end of the socketpair (the master gone) ends it at once.
 6. Signals. The operator's signals to the process group (TERM, INT, QUIT, HUP, USR1, USR2)
@@ -36,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import logging
 import os
 import pickle
 import select
@@ -50,7 +55,10 @@ from ..errors import ExitCode, ForkserveError
 from ..kernel import pthread_sigmask
 from ..ops.scoreboard import MEMFD_NAME, Scoreboard
 from ..protocol import zygote as wire
+from . import lazylog
 from .child import ChildContext, exit_process, run_child, set_parent_death_signal, set_title
+from .lazylog import LazyLogger
+from .limits import any_limits
 from .preamble import Proxied
 
 if TYPE_CHECKING:
@@ -59,9 +67,9 @@ if TYPE_CHECKING:
     from ..apps import App
     from ..config import Config
 
-log = logging.getLogger("forkserve")
+log = LazyLogger("forkserve")
 
-#: Blocked around each fork (see ``Zygote._fork``).
+#: Blocked around each run of forks (see ``Zygote._fork_each``).
 BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
            signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD)
 
@@ -108,6 +116,8 @@ class Zygote:
         self._decoder = wire.Decoder()
         #: The fds of the packet being read that no child has taken yet.
         self._unclaimed: list[int] = []
+        #: The socket of the child being forked (``_close_in_child`` keeps it open).
+        self._serving_fd = -1
         self._reports: list[bytes] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller = select.epoll()
@@ -116,16 +126,20 @@ class Zygote:
         self._context = ChildContext(
             app=app, config=settings.config, scoreboard=board, master_pid=os.getpid(),
             close_master_fds=self._close_in_child, master_signals=(signal.SIGCHLD, *IGNORED),
-            tls=tls)
+            tls=tls, limited=any_limits(settings.config))
         self._unix = int(socket.AF_UNIX)
+        #: What a child closes (``_close_in_child``), besides the packet's other sockets.
+        self._own_fds = (*self._board_fds, self._poller.fileno(), ctl.fileno(), self._wake_r,
+                         self._wake_w)
 
     def _close_in_child(self) -> None:
-        for fd in (*self._board_fds, *self._unclaimed):
+        # by number, not through the objects that own them (each object touched is a page
+        # the child copies); they are never used or collected in the child, which _exits
+        for fd in self._own_fds:
             os.close(fd)
-        self._poller.close()
-        self.ctl.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in self._unclaimed:
+            if fd != self._serving_fd:
+                os.close(fd)
 
     def run(self) -> int:
         """Serve until retired (and every child reaped) or the master is gone."""
@@ -157,54 +171,96 @@ class Zygote:
             for fd in fds:
                 os.close(fd)
             raise wire.WireError("a packet from the master was cut (too many fds or bytes)")
-        fds.reverse()  # (consumed from the end: in order)
-        self._unclaimed = fds  # a child closes the sockets of the packet that are not its own
+        done = 0  # fds[:done] are closed (their runs forked)
         try:
+            run: list[tuple[wire.Conn, int]] = []  # Conn records in a row, and their sockets
             for record in self._decoder.feed(data):
-                self._obey(record, fds)
+                if isinstance(record, wire.Conn):
+                    if done + len(run) == len(fds):
+                        raise wire.WireError("a Conn record without its socket")
+                    run.append((record, fds[done + len(run)]))
+                    continue
+                done = self._fork_run(run, fds, done)
+                run = []
+                self._obey(record)
+            done = self._fork_run(run, fds, done)
         finally:
-            for fd in fds:  # a packet with more fds than Conn records: a bug, never a leak
-                os.close(fd)
+            for fd in fds[done:]:  # a packet with more fds than Conn records (a bug) or cut
+                os.close(fd)  # by an error: never a leak
         return True
 
-    def _obey(self, record: wire.Record, fds: list[int]) -> None:
-        if isinstance(record, wire.Conn):
-            if not fds:
-                raise wire.WireError("a Conn record without its socket")
-            self._fork(record, socket.socket(fileno=fds.pop()))
-        elif isinstance(record, wire.Retire):
+    def _obey(self, record: wire.Record) -> None:
+        if isinstance(record, wire.Retire):
             self.retiring = True
         elif isinstance(record, wire.Query):
             self._report(wire.Counters(self.forks, self.fork_failures, len(self.children)))
         else:
             raise wire.WireError(f"the zygote cannot obey {type(record).__name__}")
 
-    def _fork(self, conn: wire.Conn, sock: socket.socket) -> None:
-        peer = conn.peer.as_addr(self._unix)
-        header = None
-        if conn.proxied:
-            local = conn.local.as_addr(self._unix) if conn.local is not None else None
-            header = Proxied(peer, local, conn.peer.family)
-        gc.freeze()  # (whatever this turn allocated: the child must not copy it to collect)
-        # the signals the child handles stay pending until it has installed its handlers
+    def _fork_run(self, run: list[tuple[wire.Conn, int]], fds: list[int], done: int) -> int:
+        """Fork one child per record of ``run`` (consecutive ``Conn`` records of the packet
+        whose fds are ``fds``, the first ``done`` of them closed already), back to back:
+        between two forks the zygote runs only the loop below, so it writes (and copies, its
+        pages being shared with the children) as little as it can; the books and the reports
+        come after the last fork. Each child closes the packet's other open sockets
+        (``_close_in_child``). Every socket of ``run`` is closed here; returns ``done`` past
+        them."""
+        if not run:
+            return done
+        unix = self._unix
+        ready = []
+        self._unclaimed = fds[done:]
+        try:
+            for conn, fd in run:
+                peer = conn.peer.as_addr(unix)
+                header = None
+                if conn.proxied:
+                    local = conn.local.as_addr(unix) if conn.local is not None else None
+                    header = Proxied(peer, local, conn.peer.family)
+                # (the socket objects made here, not in each child: their code's pages are
+                # this process's own; the child would copy them)
+                ready.append((conn.slot, socket.socket(fileno=fd), peer, header))
+            forked = self._fork_each(ready)
+        finally:
+            self._unclaimed = []
+            for _, sock, _, _ in ready:
+                sock.detach()  # (closed below, with those of the run no object was made for)
+            for _, fd in run:
+                os.close(fd)  # (the children have their copies)
+        for (slot, _, _, _), outcome in zip(ready, forked, strict=True):
+            if isinstance(outcome, OSError):
+                self.fork_failures += 1
+                self._report(wire.ForkFailed(slot, outcome.errno or 0))
+            else:
+                self.forks += 1
+                self.children[outcome] = slot
+                self._report(wire.Started(slot, outcome))
+        return done + len(run)
+
+    def _fork_each(self, ready: list[tuple[int, socket.socket, object, Proxied | None]]
+                   ) -> list[int | OSError]:
+        """The forks of ``_fork_run``: a pid or the error, per entry of ``ready``."""
+        forked: list[int | OSError] = []
+        context = self._context
+        gc.freeze()  # (whatever this turn allocated: a child must not copy it to collect)
+        # the signals a child handles stay pending until it has installed its handlers
         # (run_child clears the mask then): a SIGUSR2 or SIGTERM from the master in between
         # would otherwise meet the default action, which ends the process
         pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
-            pid = os.fork()
-            if pid == 0:
-                run_child(self._context, sock, peer, conn.slot, header=header)  # never returns
-        except OSError as exc:
-            sock.close()
-            self.fork_failures += 1
-            self._report(wire.ForkFailed(conn.slot, exc.errno or 0))
-            return
+            for slot, sock, peer, header in ready:
+                self._serving_fd = sock.fileno()
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    forked.append(exc)
+                    continue
+                if pid == 0:
+                    run_child(context, sock, peer, slot, header=header)  # never returns
+                forked.append(pid)
         finally:
             pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
-        sock.close()
-        self.forks += 1
-        self.children[pid] = conn.slot
-        self._report(wire.Started(conn.slot, pid))
+        return forked
 
     def _reap(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -271,13 +327,14 @@ def _fds_of(name: str) -> list[int]:
 
 def load_app(config: Config) -> tuple[App, ssl.SSLContext | None]:
     """The app and the TLS context, as the master made them. Raises ``ForkserveError``."""
-    from ..ops.logs import configure  # noqa: PLC0415  (imports in the order of the boot)
-    from .handlers import load  # noqa: PLC0415
+    from .handlers import load  # noqa: PLC0415  (imports in the order of the boot)
     from .tls import make_context  # noqa: PLC0415
 
-    configure(config.log_level, config.log_file)
+    lazylog.defer(config.log_level, config.log_file)  # (not logging: see lazylog)
     tls = make_context(config) if config.certfile is not None else None
-    return load(config.app), tls
+    app = load(config.app)
+    lazylog.settle()  # an app that imported logging itself logs as forkserve does
+    return app, tls
 
 
 def _name_process() -> None:
