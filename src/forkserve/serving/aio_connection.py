@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, cast
 
 from ..errors import ConnectionExpired, FirstByteTimeout, IdleTimeout, LineTooLong, PeerGone
+from ..protocol.address import format_address
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -70,11 +71,12 @@ class AsyncConnection(asyncio.Protocol):
     def __init__(self, *, max_line: int, idle_timeout: float | None,
                  write_timeout: float | None, first_byte_timeout: float | None = None,
                  max_time: float | None = None, linger_timeout: float = 2.0,
-                 settings: Config | None = None, peer: str = "", local: str = "",
+                 settings: Config | None = None, peer: str = "", local: str | None = "",
                  on_proven: Callable[[], None] | None = None,
                  stress: Patience | None = None) -> None:
         self.peer = peer
-        self.local = local
+        #: None: the socket's own address, looked up when first asked (``local``).
+        self._local = local
         #: The server's settings, read-only.
         self.settings = settings
         self.bytes_in = 0
@@ -112,6 +114,19 @@ class AsyncConnection(asyncio.Protocol):
         self.gone: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ the loop's side
+
+    @property
+    def local(self) -> str:
+        """The server's address of this connection, as text (the proxy's view behind one)."""
+        if self._local is None:
+            transport = self.transport
+            name = None if transport is None else transport.get_extra_info("sockname")
+            if name is None:
+                return ""
+            family = (socket.AF_UNIX if not isinstance(name, tuple)
+                      else socket.AF_INET6 if len(name) == 4 else socket.AF_INET)
+            self._local = format_address(name, family)
+        return self._local
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport instances, but have its methods)

@@ -125,9 +125,11 @@ class ThreadedHandlers:
         """``change`` connections more in the pool; tell the master when the last thread is
         taken (its stress judgement, see the module doc)."""
         self.in_use += change
-        self.worker.publish()
         if change > 0 and self.in_use == self.config.threads:
+            self.worker.publish()  # (before BUSY: the master reads the slot when told)
             self.worker.report.busy()
+        else:
+            self.worker.publish_soon()
 
     def look_again(self) -> None:
         """The stress mode began or ended: every wait in a thread looks at its deadline."""

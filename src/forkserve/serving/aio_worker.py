@@ -85,6 +85,7 @@ from .patience import Patience
 from .poolreport import PoolReport
 from .preamble import Proxied
 from .signals import HYBRID, Step, install_on_loop
+from .sockets import family_of
 from .worker import WorkerContext, resident_mb
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ class AioWorker:
                                    stress_first_byte=config.stress_first_byte_timeout or None,
                                    stressed=lambda: board.stressed)
         self.stress_word: asyncio.Future[None] | None = None
+        self._publish_due = False
         #: The thread pool of a blocking handler (None: an async one).
         self.threads: ThreadedHandlers | None = None
         self.report = PoolReport(ctx.ready_fd, slot, self.pid)
@@ -143,6 +145,7 @@ class AioWorker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiter: ListenerWaiter | None = None
         self._by_fd = {lst.sock.fileno(): lst.sock for lst in ctx.listeners}
+        self._families = {lst.sock: family_of(lst.sock) for lst in ctx.listeners}
 
     def _look_again(self) -> None:
         """``LOOK_AGAIN``: the stress mode began or ended; every wait for a client looks at
@@ -245,7 +248,10 @@ class AioWorker:
         taken = 0
         while taken < batch and self._room() > 0:
             try:
-                sock, addr = lsock.accept()
+                # (``accept`` builds the socket through the family and type properties,
+                # enum code: a sixth of the accept's cost here; the listener's family is known)
+                fd, addr = lsock._accept()  # type: ignore[attr-defined]
+                sock = socket.socket(self._families[lsock], socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 break  # another worker took it, or the queue is empty
             except OSError as exc:
@@ -257,7 +263,9 @@ class AioWorker:
             self._start(sock, addr)
         if self._room() <= 0 and self.accepting:
             self._watch_listeners(False)  # the backlog holds the rest (rule 4)
-            # the master judges its stress mode now (all workers at their cap: stress)
+            # the master judges its stress mode now (all workers at their cap: stress), from
+            # the slot: written first
+            self.publish()
             self.report.busy()
         return taken
 
@@ -278,13 +286,13 @@ class AioWorker:
         task = self.loop.create_task(self._connection(sock, addr))
         self.tasks.add(task)
         task.add_done_callback(self._ended)
-        self.publish()
+        self.publish_soon()
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("worker %d: a connection task failed: %r", self.pid, exc)
-        self.publish()
+        self.publish_soon()
         if self.stopping:
             if not self.tasks and self._done is not None and not self._done.done():
                 self._done.set_result(None)
@@ -334,9 +342,10 @@ class AioWorker:
                            header: Proxied | None, started: float, deadline: float,
                            place: int, release: Callable[[], None]) -> None:
         config = self.config
-        family = sock.family if header is None else header.family
-        local = format_address(sock.getsockname(), sock.family) if header is None or \
-            header.local is None else format_address(header.local, family)
+        family = family_of(sock) if header is None else header.family
+        # (the socket's own address: looked up only if the handler asks, ``conn.local``)
+        local = None if header is None or header.local is None else \
+            format_address(header.local, family)
         conn = AsyncConnection(
             max_line=config.max_line, idle_timeout=config.idle_timeout,
             write_timeout=config.write_timeout,
@@ -505,7 +514,15 @@ class AioWorker:
 
     # ------------------------------------------------------------------ the scoreboard, the pipe
 
+    def publish_soon(self) -> None:
+        """``publish`` at the end of this turn of the loop: once for a whole accept batch,
+        or for the connections that ended in one turn."""
+        if not self._publish_due and self.loop is not None:
+            self._publish_due = True
+            self.loop.call_soon(self.publish)
+
     def publish(self) -> None:
+        self._publish_due = False
         open_now = len(self.tasks)
         state = SlotState.FINISHING if self.stopping else (
             SlotState.WRITING if open_now else SlotState.IDLE)
