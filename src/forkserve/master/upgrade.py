@@ -42,7 +42,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..kernel import Kernel
 from ..ops import pidfile
@@ -161,8 +161,11 @@ def take_ready_fd() -> Successor | None:
     socket files handed over (the variables are removed, so no child sees them). None when
     this master was not started by an upgrade."""
     text = os.environ.pop(READY_FD, None)
-    files = _handed_files(os.environ.pop(FILES, "{}"))
-    ours = _handed_inodes(os.environ.pop(OURS, "[]"))
+    files = {str(path): inode for path, inode in _handed(
+        FILES, dict, "the socket files stay the old master's").items()
+        if isinstance(inode, int)}
+    ours = frozenset(inode for inode in _handed(
+        OURS, list, "no socket is sealed at this master's stop") if isinstance(inode, int))
     if text is None:
         return None
     try:
@@ -175,28 +178,18 @@ def take_ready_fd() -> Successor | None:
     return Successor(fd, files, ours)
 
 
-def _handed_files(text: str) -> dict[str, int]:
+def _handed(variable: str, kind: type, unusable: str) -> Any:
+    """The JSON value of the environment variable ``variable`` (removed), if it is a
+    ``kind``; else ``kind()``, and the log says the value was ``unusable``."""
+    text = os.environ.pop(variable, json.dumps(kind()))
     try:
-        files = json.loads(text)
+        value = json.loads(text)
     except ValueError:
-        files = None
-    if not isinstance(files, dict):
-        log.warning("upgrade: %s=%r is unusable; the socket files stay the old master's",
-                    FILES, text[:80])
-        return {}
-    return {str(path): inode for path, inode in files.items() if isinstance(inode, int)}
-
-
-def _handed_inodes(text: str) -> frozenset[int]:
-    try:
-        inodes = json.loads(text)
-    except ValueError:
-        inodes = None
-    if not isinstance(inodes, list):
-        log.warning("upgrade: %s=%r is unusable; no socket is sealed at this master's stop",
-                    OURS, text[:80])
-        return frozenset()
-    return frozenset(i for i in inodes if isinstance(i, int))
+        value = None
+    if not isinstance(value, kind):
+        log.warning("upgrade: %s=%r is unusable; %s", variable, text[:80], unusable)
+        return kind()
+    return value
 
 
 def socket_inode(listener: Listener) -> int:
