@@ -88,8 +88,6 @@ class HybridModel(PreforkModel):
         self.pool.target = pool_plan.start
         #: When to judge the stress mode (None: when a worker reaches its cap and says so).
         self._stress_look: float | None = None
-        #: A blocking handler: its threads, not the loop's connections, are the capacity.
-        self._blocking = async_form(serving.app) is None
 
     def _run_worker(self, ctx: WorkerContext, slot: int) -> NoReturn:
         from ..serving.aio_worker import run_aio_worker  # noqa: PLC0415  (imported already)
@@ -99,13 +97,17 @@ class HybridModel(PreforkModel):
     def reconfigure(self, serving: Serving) -> str:
         pool_plan = hybrid_plan(serving)
         self.serving = serving
-        self._blocking = async_form(serving.app) is None
         self.pool.generation += 1
         self.adapter.plan = pool_plan
         self.pool.target = pool_plan.start
         return f"starting worker generation {self.pool.generation}"
 
     # ------------------------------------------------------------------ stress mode
+
+    @property
+    def _blocking(self) -> bool:
+        """A blocking handler: its worker's threads are a capacity too."""
+        return async_form(self.serving.app) is None
 
     def _stir(self) -> None:
         """A worker spoke (a worker at its cap, or with every thread in use, says BUSY):

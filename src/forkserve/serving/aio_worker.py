@@ -75,7 +75,6 @@ from .child import (
     CHILD_GRACE_MARGIN,
     PENALISED_EXITS,
     client_ended,
-    exit_process,
     set_parent_death_signal,
     set_title,
 )
@@ -86,7 +85,7 @@ from .poolreport import PoolReport
 from .preamble import Proxied
 from .signals import HYBRID, Step, install_on_loop
 from .sockets import family_of
-from .worker import WorkerContext, resident_mb
+from .worker import BootAborted, WorkerContext, quit_now, resident_mb, worker_body
 
 if TYPE_CHECKING:
     pass
@@ -145,7 +144,6 @@ class AioWorker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._waiter: ListenerWaiter | None = None
         self._by_fd = {lst.sock.fileno(): lst.sock for lst in ctx.listeners}
-        self._families = {lst.sock: family_of(lst.sock) for lst in ctx.listeners}
 
     def _look_again(self) -> None:
         """``LOOK_AGAIN``: the stress mode began or ended; every wait for a client looks at
@@ -179,7 +177,7 @@ class AioWorker:
             Step.FINISH: functools.partial(self.begin_stop, "signal"),
             Step.REOPEN: self._reopen, Step.LOOK_AGAIN: self._look_again,
             Step.GIVE_WAY: self.admission.given_way,
-        }, {Step.QUIT: _quit_now})
+        }, {Step.QUIT: quit_now})
         faulthandler.enable(file=sys.stderr)  # the watchdog's SIGABRT prints every stack
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         set_parent_death_signal(signal.SIGTERM)
@@ -188,12 +186,12 @@ class AioWorker:
         set_title(f"forkserve: hybrid worker {self.slot} (gen {self.generation})")
         if not hooks.call(self.config, "post_fork",
                           Process(self.pid, "worker", self.slot, self.generation)):
-            raise _BootAborted
+            raise BootAborted
         self.publish()
         try:
             self.report.ready()
         except BrokenPipeError:
-            raise _BootAborted from None
+            raise BootAborted from None
         return loop
 
     # ------------------------------------------------------------------ loop
@@ -251,7 +249,7 @@ class AioWorker:
                 # (``accept`` builds the socket through the family and type properties,
                 # enum code: a sixth of the accept's cost here; the listener's family is known)
                 fd, addr = lsock._accept()  # type: ignore[attr-defined]
-                sock = socket.socket(self._families[lsock], socket.SOCK_STREAM, 0, fd)
+                sock = socket.socket(family_of(lsock), socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 break  # another worker took it, or the queue is empty
             except OSError as exc:
@@ -534,33 +532,18 @@ class AioWorker:
                                                  else self.threads.in_use),
                                   errors=self.errors)
 
-class _BootAborted(Exception):
-    """The worker cannot become ready (the reason is already in the log)."""
-
 
 def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
-
-
-def _quit_now(signum: int, frame: object) -> None:
-    os._exit(WorkerExit.OK)  # a fast stop: nothing to finish
 
 
 def run_aio_worker(ctx: WorkerContext, slot: int, generation: int,
                    places: Places | None = None) -> NoReturn:
     """Body of a freshly forked hybrid worker (``places``: the places board, see
     ``aio_guard``). Never returns."""
-    status: int = WorkerExit.BOOT_ERROR
-    try:
+    def start() -> Callable[[], int]:
         worker = AioWorker(ctx, slot, generation, places)
         loop = worker.boot()
-        status = WorkerExit.ERROR
-        status = loop.run_until_complete(worker.main())
-    except _BootAborted:
-        pass
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            log.exception("worker %d failed", os.getpid())
-    finally:
-        # This must never return into the master's loop, hence os._exit() on every path.
-        exit_process(status)
+        return functools.partial(loop.run_until_complete, worker.main())
+
+    worker_body(start)

@@ -188,7 +188,7 @@ class Worker:
         """The worker's signal table (``signals.WORKER``), its wakeup pipe, then the mask."""
         signal.set_wakeup_fd(-1)
         reset(self.ctx.master_signals)
-        install(WORKER, {Step.FINISH: self._finish, Step.QUIT: _quit_now,
+        install(WORKER, {Step.FINISH: self._finish, Step.QUIT: quit_now,
                          Step.LOOK_AGAIN: look_again, Step.REOPEN: self._reopen_asked,
                          Step.GIVE_WAY: self._drop_unproven})
         self.stop.install()
@@ -432,18 +432,20 @@ def resident_mb() -> float:
         return int(fh.read().split()[1]) * _PAGE_MB
 
 
-def _quit_now(signum: int, frame: FrameType | None) -> None:
-    os._exit(WorkerExit.OK)  # a fast stop: nothing to finish, no core dump
+def quit_now(signum: int, frame: object) -> None:
+    """SIGQUIT in a pool worker (prefork or hybrid): a fast stop, nothing to finish."""
+    os._exit(WorkerExit.OK)  # (no core dump)
 
 
-def run_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
-    """Body of a freshly forked worker. Never returns."""
+def worker_body(start: Callable[[], Callable[[], int]]) -> NoReturn:
+    """Body of a freshly forked pool worker, prefork's or hybrid's: ``start`` boots it (or
+    raises ``BootAborted``, the reason logged) and returns what serves until the worker's
+    end, which returns its exit status. Never returns."""
     status: int = WorkerExit.BOOT_ERROR
     try:
-        worker = Worker(ctx, slot, generation)
-        worker.boot()
+        serve = start()
         status = WorkerExit.ERROR
-        status = worker.run()
+        status = serve()
     except BootAborted:
         pass
     except BaseException:
@@ -452,3 +454,13 @@ def run_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
     finally:
         # This must never return into the master's loop, hence os._exit() on every path.
         exit_process(status)
+
+
+def run_worker(ctx: WorkerContext, slot: int, generation: int) -> NoReturn:
+    """Body of a freshly forked prefork worker. Never returns."""
+    def start() -> Callable[[], int]:
+        worker = Worker(ctx, slot, generation)
+        worker.boot()
+        return worker.run
+
+    worker_body(start)
