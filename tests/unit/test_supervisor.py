@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -17,11 +18,78 @@ from forkserve.master.accepting import FORK_PAUSE_SECONDS
 from forkserve.master.signals import SIGNALS, Intent
 from forkserve.master.supervisor import Supervisor
 from forkserve.models import Serving
-from forkserve.models.fork import ForkModel
+from forkserve.models.fork import ForkModel, Zygote
+from forkserve.protocol import zygote as wire
 from forkserve.serving.accept import ACCEPT_PAUSE_SECONDS
 from forkserve.serving.child import STOP_REMINDER
 from tests.unit.conftest import never_called
 from tests.unit.fakes import FakeKernel
+
+
+class FakeZygote:
+    """The zygote's side of the wire, played on the fake kernel: the model's real records go
+    out over a real socketpair; each ``Conn`` gets a pid from the fake kernel's ``fork`` (or
+    ``ForkFailed`` from its ``fork_error``), reported as the real zygote reports it. Children
+    of the real zygote are real processes: tests/integration/test_zygote*."""
+
+    def __init__(self, sup: Supervisor, kernel: FakeKernel) -> None:
+        model = sup.model
+        assert isinstance(model, ForkModel)
+        self.sup, self.model, self.kernel = sup, model, kernel
+        ours, self.wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        self.pid = kernel.fork()
+        self.zygote = model.zygote = Zygote(self.pid, ours, 0, ready=True)
+        self.slots: dict[int, int] = {}  # pid -> slot
+        self.retired = False
+        self.fds_received = 0
+
+    def fork(self) -> list[int]:
+        """Take what the master sent: a child per Conn (its fds closed, as the zygote's
+        children are the only holders); the pids, once the master has read the reports."""
+        records: list[wire.Record] = []
+        pids: list[int] = []
+        self.wire.setblocking(False)
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.wire, 65536, 64)
+            except BlockingIOError:
+                break
+            self.fds_received += len(fds)
+            for fd in fds:
+                os.close(fd)
+            records += wire.Decoder().feed(data)
+        reports: list[wire.Record] = []
+        for record in records:
+            if isinstance(record, wire.Retire):
+                self.retired = True
+            elif isinstance(record, wire.Conn):
+                try:
+                    pid = self.kernel.fork()
+                except OSError as exc:
+                    reports.append(wire.ForkFailed(record.slot, exc.errno or 0))
+                    continue
+                self.slots[pid] = record.slot
+                pids.append(pid)
+                reports.append(wire.Started(record.slot, pid))
+        self._say(reports)
+        return pids
+
+    def end(self, pid: int, code: int = 0, sig: int = 0) -> None:
+        """The child ``pid`` ended: reaped and reported by the zygote."""
+        self.kernel.live.discard(pid)
+        self._say([wire.Ended(self.slots.pop(pid), pid, sig or code << 8)])
+
+    def leave(self) -> None:
+        """The zygote exits (retired and its children gone), reaped by the master."""
+        self.kernel.exit(self.pid)
+        self.sup._reap()
+
+    def _say(self, reports: list[wire.Record]) -> None:
+        if reports:
+            self.wire.sendall(b"".join(wire.encode(r) for r in reports))
+            while self.model._on_zygote(self.zygote):
+                pass
 
 
 @pytest.fixture
@@ -32,16 +100,23 @@ def sup(kernel: FakeKernel) -> Iterator[Supervisor]:
     supervisor._close()
 
 
-def spawn(sup: Supervisor) -> int:
-    """A child forked by the master on the fake kernel (``_fork_here``: exec's path; the fork
-    model's children come from its zygote, a real process: tests/integration/test_zygote*)."""
+@pytest.fixture
+def zygote(sup: Supervisor, kernel: FakeKernel) -> Iterator[FakeZygote]:
+    fake = FakeZygote(sup, kernel)
+    yield fake
+    fake.wire.close()
+
+
+def spawn(zygote: FakeZygote) -> int:
+    """A child of the zygote for a new connection: the master passes the socket, the zygote
+    forks and reports; the child's pid."""
     a, b = socket.socketpair()
     b.close()
-    model = sup.model
-    assert isinstance(model, ForkModel)
-    assert model._fork_here(a, ("127.0.0.1", 4000))
+    assert zygote.model._spawn(a, ("127.0.0.1", 4000))
     assert a.fileno() == -1, "the master closes its copy of the connection"
-    return max(model.children)
+    (pid,) = zygote.fork()
+    assert pid in zygote.model.children
+    return pid
 
 
 def test_reap_loops_until_nothing_is_left_and_decodes(kernel: FakeKernel) -> None:
@@ -57,31 +132,47 @@ def test_reap_loops_until_nothing_is_left_and_decodes(kernel: FakeKernel) -> Non
 
 
 def test_fork_failure_closes_that_client_and_pauses_accepting(
-        sup: Supervisor, kernel: FakeKernel, caplog: pytest.LogCaptureFixture) -> None:
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel,
+        caplog: pytest.LogCaptureFixture) -> None:
     sup.update_accepting()
     assert sup.accepting.active
     kernel.fork_error = OSError(errno.EAGAIN, "Resource temporarily unavailable")
     a, b = socket.socketpair()
-    model = sup.model
-    assert isinstance(model, ForkModel)
+    model = zygote.model
     with caplog.at_level(logging.ERROR, logger="forkserve"):
-        assert not model._fork_here(a, ("127.0.0.1", 1))
+        assert model._spawn(a, ("127.0.0.1", 1))
         assert a.fileno() == -1
+        assert zygote.fork() == []
         assert b.recv(1) == b"", "the refused client sees its connection closed"
         assert not sup.accepting.active
         assert sup._timeout() == pytest.approx(FORK_PAUSE_SECONDS)
         c, d = socket.socketpair()
-        assert not model._fork_here(c, ("127.0.0.1", 2))  # a second failure within the second
+        assert model._spawn(c, ("127.0.0.1", 2))
+        assert zygote.fork() == []  # a second failure within the second
     reports = [r for r in caplog.records if "fork failed" in r.getMessage()]
     assert len(reports) == 1, "reported at most once a second"
     assert "EAGAIN" in reports[0].getMessage()
     assert model._free_slots == [2, 1, 0], "a failed fork gives its slot back"
+    assert not model.children
+    assert not zygote.zygote.booting
     kernel.now += FORK_PAUSE_SECONDS
     kernel.fork_error = None
     sup.update_accepting()
     assert sup.accepting.active
     for s in (b, d):
         s.close()
+
+
+def test_without_a_zygote_the_client_is_refused_and_accepting_pauses(
+        sup: Supervisor, zygote: FakeZygote) -> None:
+    sup.update_accepting()
+    zygote.model._hang_up(zygote.zygote)  # (its wire closed: it is being replaced)
+    a, b = socket.socketpair()
+    assert zygote.model._spawn(a, ("127.0.0.1", 1)) is None
+    assert b.recv(1) == b""
+    assert not sup.accepting.active
+    assert zygote.model._free_slots == [2, 1, 0]
+    b.close()
 
 
 def test_accept_errors_capacity_pauses_transient_skips(sup: Supervisor,
@@ -99,45 +190,61 @@ def test_accept_errors_capacity_pauses_transient_skips(sup: Supervisor,
     assert sup.accepting.active
 
 
-def test_at_max_children_accepting_stops_until_a_child_is_reaped(sup: Supervisor,
-                                                                 kernel: FakeKernel) -> None:
+def test_at_max_children_accepting_stops_until_a_child_ends(sup: Supervisor,
+                                                            zygote: FakeZygote) -> None:
     sup.update_accepting()
-    pids = [spawn(sup) for _ in range(3)]
+    pids = [spawn(zygote) for _ in range(2)]
+    a, b = socket.socketpair()
+    b.close()
+    assert zygote.model._spawn(a, ("127.0.0.1", 4000))
     sup.update_accepting()
-    assert not sup.accepting.active, "at max_children the listeners are not watched"
-    kernel.exit(pids[0])
-    sup._reap()
+    assert not sup.accepting.active, "a connection passed and not forked yet holds its room"
+    pids += zygote.fork()
+    zygote.end(pids[0])
     assert sup.accepting.active
+    assert zygote.fds_received == 3
 
 
-def test_graceful_stop_terms_waits_then_kills_at_the_deadline(sup: Supervisor,
-                                                              kernel: FakeKernel) -> None:
-    pids = [spawn(sup) for _ in range(2)]
+def test_a_dead_zygotes_orphans_are_reaped_by_the_master(sup: Supervisor, zygote: FakeZygote,
+                                                         kernel: FakeKernel) -> None:
+    pid = spawn(zygote)
+    zygote.leave()  # its children are re-parented to the master (the subreaper)
+    assert pid in zygote.model.children
+    kernel.exit(pid)
+    sup._reap()
+    assert not zygote.model.children
+    assert zygote.model._free_slots == [2, 1, 0]
+
+
+def test_graceful_stop_terms_waits_then_kills_at_the_deadline(
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel) -> None:
+    pids = [spawn(zygote) for _ in range(2)]
     sup._begin_stop(fast=False)
     assert kernel.killed == [(p, signal.SIGTERM) for p in pids]
-    kernel.exit(pids[0])
-    sup._reap()
+    zygote.fork()
+    assert zygote.retired, "the zygote is retired, not signalled: it exits after its children"
+    zygote.end(pids[0])
     kernel.now += 9.9
     sup.checklist.advance()
     assert not sup._finished()
     assert sup._timeout() == pytest.approx(0.1)
     kernel.now += 0.1
     sup.checklist.advance()
-    assert kernel.killed[-1] == (pids[1], signal.SIGKILL)
+    assert kernel.killed[-2:] == [(pids[1], signal.SIGKILL), (zygote.pid, signal.SIGKILL)]
     assert sup._timeout() is None, "after the kill, only SIGCHLD can wake the loop"
     kernel.die(pids[1], signal.SIGKILL)
+    kernel.die(zygote.pid, signal.SIGKILL)
     sup._reap()
     assert sup._finished()
     assert sup.checklist.killed, "exit status 1: something had to be killed"
 
 
 def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
-        sup: Supervisor, kernel: FakeKernel) -> None:
-    pids = [spawn(sup) for _ in range(2)]
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel) -> None:
+    pids = [spawn(zygote) for _ in range(2)]
     sup._begin_stop(fast=False)
     assert sup._timeout() == pytest.approx(STOP_REMINDER)
-    kernel.exit(pids[0])
-    sup._reap()
+    zygote.end(pids[0])
     kernel.now += STOP_REMINDER
     sup.checklist.advance()
     assert kernel.killed == [(pids[0], signal.SIGTERM), (pids[1], signal.SIGTERM),
@@ -146,8 +253,9 @@ def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
     kernel.now += 5
     sup.checklist.advance()
     assert len(kernel.killed) == 3
-    kernel.exit(pids[1])
-    sup._reap()
+    zygote.end(pids[1])
+    assert not sup._finished(), "the zygote is still there"
+    zygote.leave()
     assert sup._finished()
     assert not sup.checklist.killed
 
@@ -155,8 +263,10 @@ def test_graceful_stop_tells_what_is_left_once_more_after_a_second(
 def test_exec_programs_get_one_sigterm_as_inetd_sends(kernel: FakeKernel) -> None:
     config = Config(model="fork", graceful_timeout=10)
     sup = Supervisor(Serving(config, Program("/bin/cat", ("cat",), {})), [], kernel=kernel)
+    zygote = FakeZygote(sup, kernel)
     try:
-        pid = spawn(sup)
+        pid = spawn(zygote)
+        assert zygote.fds_received == 2, "the socket and the program's stderr pipe"
         sup._begin_stop(fast=False)
         for _ in range(3):
             kernel.now += STOP_REMINDER
@@ -165,22 +275,67 @@ def test_exec_programs_get_one_sigterm_as_inetd_sends(kernel: FakeKernel) -> Non
         assert sup._timeout() == pytest.approx(10 - 3 * STOP_REMINDER)
     finally:
         sup._close()
+        zygote.wire.close()
 
 
-def test_graceful_stop_without_stragglers_exits_0(sup: Supervisor, kernel: FakeKernel) -> None:
-    pid = spawn(sup)
+@pytest.mark.parametrize(("fast", "expected"), [
+    ((False,), signal.SIGTERM), ((False, True), signal.SIGKILL), ((True,), signal.SIGKILL)])
+def test_a_child_that_starts_during_a_stop_is_told_what_the_others_were(
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel, fast: tuple[bool, ...],
+        expected: signal.Signals) -> None:
+    first = spawn(zygote)
+    a, b = socket.socketpair()
+    b.close()
+    assert zygote.model._spawn(a, ("127.0.0.1", 4001))  # passed; its Started not read yet
+    for each in fast:  # (a graceful stop, maybe overtaken by a fast one)
+        sup._begin_stop(fast=each)
+    (late,) = zygote.fork()
+    assert zygote.retired, "no connection will come: the zygote retires"
+    assert (first, expected) in kernel.killed
+    assert kernel.killed[-1] == (late, expected)
+
+
+def test_an_upgrade_hands_exec_programs_over_unsignalled_even_late_ones(
+        kernel: FakeKernel) -> None:
+    config = Config(model="fork", graceful_timeout=10)
+    sup = Supervisor(Serving(config, Program("/bin/cat", ("cat",), {})), [], kernel=kernel)
+    zygote = FakeZygote(sup, kernel)
+    try:
+        first = spawn(zygote)
+        a, b = socket.socketpair()
+        b.close()
+        assert zygote.model._spawn(a, ("127.0.0.1", 4001))
+        sup.begin_graceful_stop(handover=True)
+        (late,) = zygote.fork()
+        assert zygote.retired, "the zygote still retires: no connection will come"
+        assert kernel.killed == [], "SIGTERM would cut the programs short"
+        zygote.end(first)
+        zygote.end(late)
+        zygote.leave()
+        assert sup._finished()
+    finally:
+        sup._close()
+        zygote.wire.close()
+
+
+def test_graceful_stop_without_stragglers_exits_0(sup: Supervisor, zygote: FakeZygote) -> None:
+    pid = spawn(zygote)
     sup._begin_stop(fast=False)
-    kernel.exit(pid)
-    sup._reap()
+    zygote.end(pid)
+    zygote.fork()
+    assert zygote.retired
+    zygote.leave()
     assert sup._finished()
     assert not sup.checklist.killed
 
 
-def test_quit_during_a_graceful_stop_kills_at_once(sup: Supervisor, kernel: FakeKernel) -> None:
-    pid = spawn(sup)
+def test_quit_during_a_graceful_stop_kills_at_once(sup: Supervisor, zygote: FakeZygote,
+                                                   kernel: FakeKernel) -> None:
+    pid = spawn(zygote)
     sup._received.extend([signal.SIGTERM, signal.SIGTERM, signal.SIGQUIT])
     sup._act_on_signals()
-    assert kernel.killed == [(pid, signal.SIGTERM), (pid, signal.SIGKILL)]
+    assert kernel.killed == [(pid, signal.SIGTERM), (pid, signal.SIGKILL),
+                             (zygote.pid, signal.SIGKILL)]
 
 
 def test_the_signal_table_covers_every_intent() -> None:

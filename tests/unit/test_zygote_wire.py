@@ -52,6 +52,9 @@ VECTORS: list[tuple[Record, str]] = [
     (Conn(1, Address(INET6, "::1", 80), proxied=True, local=Address(INET, "10.0.0.1", 8080)),
      f"02000000 1c000000 01000000 03 {INET6:02x}00 5000 0300 3a3a31 "
      f"{INET:02x}00 901f 0800 31302e302e302e31"),
+    # exec: slot 2, a stderr pipe after the socket, AF_INET 127.0.0.1:40000
+    (Conn(2, Address(INET, "127.0.0.1", 40000), stderr=True),
+     f"02000000 14000000 02000000 04 {INET:02x}00 409c 0900 3132372e302e302e31"),
     # an unnamed AF_UNIX peer
     (Conn(0, Address(UNIX, "", 0)), f"02000000 0b000000 00000000 00 {UNIX:02x}00 0000 0000"),
 ]
@@ -92,7 +95,7 @@ def test_a_cut_record_waits_for_the_rest(cut: int) -> None:
     ("02000000 03000000 050000", "shorter than its fixed part"),
     ("02000000 05000000 05000000 00", "cut inside an address"),
     (f"02000000 0c000000 05000000 00 {INET:02x}00 0000 0500 31", "longer than the record"),
-    (f"02000000 0b000000 05000000 04 {INET:02x}00 0000 0000", "unknown flags 0x4"),
+    (f"02000000 0b000000 05000000 08 {INET:02x}00 0000 0000", "unknown flags 0x8"),
     (f"02000000 0b000000 05000000 02 {INET:02x}00 0000 0000", "cut inside an address"),
     (f"02000000 0c000000 05000000 00 {INET:02x}00 0000 0000 ff", "bytes after its addresses"),
 ])
@@ -136,7 +139,7 @@ addresses = st.builds(Address, st.sampled_from([INET, INET6, UNIX]), hosts,
                       st.integers(0, 65535))
 u32 = st.integers(0, 2**32 - 1)
 records = st.one_of(
-    st.builds(Conn, u32, addresses, st.booleans(), st.none() | addresses),
+    st.builds(Conn, u32, addresses, st.booleans(), st.none() | addresses, st.booleans()),
     st.builds(Ready, u32, u32), st.builds(Started, u32, u32),
     st.builds(Ended, u32, u32, st.integers(-2**31, 2**31 - 1), st.integers(0, 2**64 - 1),
               st.integers(0, 2**64 - 1)),

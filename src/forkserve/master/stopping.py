@@ -14,7 +14,9 @@ most until ``deadlines()``; it reaps (step 7) and ends once ``finished``.
    queued on each listener (``Model.drain``: the fork model forks for it, prefork workers are
    told on the scoreboard), so those clients are answered, not reset by the close.
 3. **Close the listeners**: new clients are refused, not left hanging in a queue nobody
-   reads. (On a handover the sockets stay open in the new master.)
+   reads. (On a handover the sockets stay open in the new master.) The model is told
+   (``Model.stop_begun``): the fork model's zygote retires, and exits after its last
+   child.
 4. **Ask every process to finish**: SIGTERM (a child stops reading and writes what it owes).
    A fast stop sends SIGKILL instead and is done. A handover of exec programs sends nothing:
    SIGTERM would cut them short, and they end on their own.
@@ -86,6 +88,7 @@ class StopChecklist:
         if self.stop is not None:
             if fast and not self.stop.fast:
                 self.stop.fast, self.stop.cut = True, len(self._model.pids())
+                self._model.stop_begun(signal.SIGKILL)
                 self._kill_all(signal.SIGKILL)
             return
         stop = self.stop = Stop(fast=fast, deadline=now + timeout, told_at=now,
@@ -100,14 +103,17 @@ class StopChecklist:
             if not fast and not handover:
                 self._model.drain(listener)  # 2
             listener.close()  # 3
+        told = None if handover and not fast and self._model.ends_on_sigterm else (
+            signal.SIGKILL if fast else signal.SIGTERM)
+        self._model.stop_begun(told)
         pending = len(self._model.pids())
         if fast:
             stop.cut = pending
             log.info("fast stop: killing %d process(es)", pending)
         else:
             log.info("graceful stop: waiting up to %g s for %d process(es)", timeout, pending)
-        if fast or not (handover and self._model.ends_on_sigterm):
-            self._kill_all(signal.SIGKILL if fast else signal.SIGTERM)  # 4
+        if told is not None:
+            self._kill_all(told)  # 4
 
     def advance(self) -> None:
         """Steps 5 and 6, when due."""

@@ -28,7 +28,9 @@ the zygote's outbox until it has room, and they count as children meanwhile.
   ``forkserve.serve``) or a hook given as a function: the zygote is then forked from the
   master instead of exec'd (as large as the master, but the master still forks nothing per
   connection).
-- exec's programs (``fork_exec``) are still forked by the master (``_fork_here``).
+- exec's programs (``fork_exec``) come from the same zygote: each ``Conn`` carries the write
+  end of the program's stderr pipe too, and the child becomes the program
+  (``serving.program``) instead of running a handler.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import socket
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
 from .. import hooks
 from ..config import Config
@@ -61,13 +63,16 @@ from ..protocol.address import format_address
 from ..protocol.admission import ClientKey, Reason, source_tag
 from ..protocol.defence import Cause
 from ..protocol.proxyproto import ProxyParser
-from ..serving.child import PENALISED_EXITS, ChildContext, run_child
+from ..serving.child import PENALISED_EXITS
 from ..serving.preamble import Proxied, check_trusted, proxied
 from ..serving.signals import LOOK_AGAIN
 from ..serving.sourceguard import SourceGuard
 from ..serving.zygote import Settings, run_forked, setup_record
 from .host import Host, ModelStatus, Serving, WithoutPool
 from .stress import StressMode
+
+if TYPE_CHECKING:
+    from ..apps.exec import Program
 
 log = logging.getLogger("forkserve")
 
@@ -142,6 +147,28 @@ class Child:
 
 
 @dataclass
+class Outgoing:
+    """A record for a zygote, and the fds that go with it (closed here once sent): a
+    ``Conn``'s socket, and for a program its stderr pipe's write end (-1: none)."""
+
+    data: bytes
+    sock: socket.socket | None = None
+    stderr_w: int = -1
+
+    def fds(self) -> list[int]:
+        if self.sock is None:
+            return []
+        return [self.sock.fileno()] if self.stderr_w < 0 else [self.sock.fileno(), self.stderr_w]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.stderr_w >= 0:
+            os.close(self.stderr_w)
+            self.stderr_w = -1
+
+
+@dataclass
 class Zygote:
     """A zygote process, master side: its pid and its end of the wire."""
 
@@ -158,7 +185,7 @@ class Zygote:
     booting: dict[int, Child] = field(default_factory=dict)
     #: ``Conn`` records and their sockets not sent yet (the wire was full: the zygote is
     #: behind; a unix datagram queue holds few packets), in order.
-    outbox: list[tuple[bytes, socket.socket | None]] = field(default_factory=list)
+    outbox: list[Outgoing] = field(default_factory=list)
     #: A duplicate of ``sock``'s fd, watched for room while ``outbox`` waits (the loop
     #: watches one event per fd: ``sock`` itself is watched for reading).
     room_fd: int = -1
@@ -182,8 +209,6 @@ class ForkModel(WithoutPool):
     #: statuses of ``PENALISED_EXITS`` and look again on LOOK_AGAIN. Not so for programs
     #: (exec): their exit statuses are their own, and SIGUSR2 would end them.
     client_proof = True
-    #: Children come from a zygote (exec's programs are forked by the master).
-    uses_zygote = True
 
     def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
         self.serving = serving
@@ -192,11 +217,7 @@ class ForkModel(WithoutPool):
         self.gate = gate
         size = self.config.max_children
         #: The zygote's children share the scoreboard through a memfd (it is started by exec).
-        self._board_fd = -1
-        if self.uses_zygote:
-            self.scoreboard, self._board_fd = Scoreboard.in_memfd(size)
-        else:
-            self.scoreboard = Scoreboard(size)
+        self.scoreboard, self._board_fd = Scoreboard.in_memfd(size)
         #: The zygote that forks new children; one started by a reload until it is ready;
         #: those retired (by a reload), until they exit, by pid.
         self.zygote: Zygote | None = None
@@ -206,13 +227,15 @@ class ForkModel(WithoutPool):
         self.zygote_deaths = 0
         #: A stop came while PROXY headers were being read: the zygote retires after them.
         self._retire_when_headers_read = False
+        #: What the stop sends its processes (``stop_begun``), sent also to those that start
+        #: during it.
+        self._stop_signal: int | None = None
         #: Inside ``_take``: Conn records wait to go as one packet.
         self._batching = False
         #: An exec'd zygote could not start (not the app's fault): zygotes are forked.
         self._exec_failed = False
         self.children: dict[int, Child] = {}
         self._free_slots = list(range(size - 1, -1, -1))
-        self._context = self._make_context()
         self.accepted = 0
         self.handler_errors = 0
         #: PROXY protocol: accepted sockets whose header is still being read, by fd.
@@ -226,18 +249,9 @@ class ForkModel(WithoutPool):
     def config(self) -> Config:
         return self.serving.config
 
-    def _make_context(self) -> ChildContext:
-        serving, host = self.serving, self.host
-        return ChildContext(
-            app=serving.app, config=serving.config, scoreboard=self.scoreboard,
-            master_pid=host.pid, close_master_fds=host.close_in_child,
-            master_signals=host.handled_signals, tls=serving.tls,
-        )
-
     def start(self) -> None:
-        if self.uses_zygote:
-            become_subreaper()
-            self.zygote = self._start_zygote()
+        become_subreaper()
+        self.zygote = self._start_zygote()
 
     # ------------------------------------------------------------------ the zygote
 
@@ -245,7 +259,7 @@ class ForkModel(WithoutPool):
         """Start a zygote by exec (``serving/zygote.py``) and send it its Setup; None (and
         the server halts) if it cannot be started at all."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        settings = Settings(self.config, self.host.pid, self._generation)
+        settings = Settings(self.config, self.host.pid, self._generation, self._program())
         try:
             data = setup_record(settings) if self._by_name() else None
         except (TypeError, AttributeError, ValueError, pickle.PicklingError):
@@ -272,6 +286,10 @@ class ForkModel(WithoutPool):
         zygote = Zygote(pid, ours, self._generation)
         self.host.watch(ours.fileno(), functools.partial(self._heard_from, zygote))
         return zygote
+
+    def _program(self) -> Program | None:
+        """exec's program, for the zygote's children to become (None: they run the app)."""
+        return None
 
     def _by_name(self) -> bool:
         """Whether a fresh interpreter can load the app by its name (not a handler defined in
@@ -338,14 +356,19 @@ class ForkModel(WithoutPool):
             self._heard(zygote, record)
         return True
 
-    def _hang_up(self, zygote: Zygote) -> None:
-        self._stop_watching_room(zygote)
-        for _, sock in zygote.outbox:  # never sent: their clients see the connection close
-            if sock is not None:
-                sock.close()
+    def _hang_up(self, zygote: Zygote, *, here: bool = True) -> None:
+        """Close ``zygote``'s wire and what waits for it (``here``: in the master, which
+        watches them; else in a forked child, which only closes its copies)."""
+        if here:
+            self._stop_watching_room(zygote)
+        elif zygote.room_fd >= 0:
+            os.close(zygote.room_fd)
+        for outgoing in zygote.outbox:  # never sent: their clients see the connection close
+            outgoing.close()
         zygote.outbox.clear()
         if zygote.sock.fileno() >= 0:
-            self.host.unwatch(zygote.sock.fileno())
+            if here:
+                self.host.unwatch(zygote.sock.fileno())
             zygote.sock.close()
 
     def _heard(self, zygote: Zygote, record: wire.Record) -> None:
@@ -379,15 +402,16 @@ class ForkModel(WithoutPool):
             return
         child.pid = record.pid
         self.children[record.pid] = child
-        told = []
+        self._on_started(child)
         if self.stress.active and self.client_proof:  # it began before it was told
-            told.append(LOOK_AGAIN)
-        if self.host.stopping:  # the stop's SIGTERM went out before it existed
-            told.append(signal.SIGTERM)
-        for sig in told:
             with contextlib.suppress(ProcessLookupError):
-                self.kernel.kill(record.pid, sig)
+                self.kernel.kill(record.pid, LOOK_AGAIN)
+        if self.host.stopping and self._stop_signal is not None:
+            self.signal(record.pid, self._stop_signal)  # (it went out before it existed)
         self._update_stress()
+
+    def _on_started(self, child: Child) -> None:
+        """``child`` has its pid now (the exec model watches its program from here)."""
 
     def _boot_failed(self, zygote: Zygote, reason: str) -> None:
         if zygote is self._next:  # a reload's: the running zygote keeps serving
@@ -408,7 +432,7 @@ class ForkModel(WithoutPool):
         self._retired[zygote.pid] = zygote
         if not zygote.retired:
             zygote.retired = True
-            zygote.outbox.append((wire.encode(wire.Retire()), None))  # after what it has
+            zygote.outbox.append(Outgoing(wire.encode(wire.Retire())))  # after what it has
             self._send(zygote)
 
     def _lost(self, child: Child) -> None:
@@ -460,10 +484,7 @@ class ForkModel(WithoutPool):
         """A reload: children forked from now on use ``serving`` (those running keep what
         they were forked with): a new zygote, which takes over once it is ready."""
         self.serving = serving
-        self._context = self._make_context()
         self.guard = self._make_guard()
-        if not self.uses_zygote:
-            return "new children use it"
         if self._next is not None:
             self._retire(self._next)
         self._generation += 1
@@ -585,7 +606,7 @@ class ForkModel(WithoutPool):
 
     def _can_prove(self, sock: socket.socket) -> bool:
         """Can the master see this connection's proof (``_proven_already``)?"""
-        return self.serving.tls is None and self.uses_zygote
+        return self.serving.tls is None
 
     def _proven_already(self, sock: socket.socket) -> bool | None:
         """True: a whole line from the client is in the socket already (without TLS, whose
@@ -632,13 +653,8 @@ class ForkModel(WithoutPool):
             self.gate.release(held.key)
             self.host.update_accepting()
             return
-        before = set(self.children)
         if not self._spawn_admitted(held.sock, held.addr, held.header, held.key):
-            self.host.update_accepting()
-        if self.host.stopping:  # the stop's SIGTERM went out before this child existed
-            for pid in set(self.children) - before:
-                with contextlib.suppress(ProcessLookupError):
-                    self.kernel.kill(pid, signal.SIGTERM)
+            self.host.update_accepting()  # (a stop's signal reaches it at ``_started``)
 
     def _update_stress(self) -> None:
         if self.client_proof:  # (SIGUSR2 would end a program: exec has no stress mode)
@@ -677,13 +693,8 @@ class ForkModel(WithoutPool):
         del self._awaiting[fd]
         self.host.unwatch(fd)
         named = proxied(header, waiting.sock, waiting.addr)
-        before = set(self.children)
         if not self._admit_and_spawn(waiting.sock, named.addr, named):
-            self.host.update_accepting()
-        if self.host.stopping:  # the stop's SIGTERM went out before this child existed
-            for pid in set(self.children) - before:
-                with contextlib.suppress(ProcessLookupError):
-                    self.kernel.kill(pid, signal.SIGTERM)
+            self.host.update_accepting()  # (a stop's signal reaches it at ``_started``)
 
     def pending(self) -> int:
         return len(self._awaiting) + len(self._probation) + self._booting()
@@ -723,13 +734,14 @@ class ForkModel(WithoutPool):
         for held in self._probation.values():
             held.sock.close()
         self._probation.clear()
+        for zygote in self._zygotes():  # (a zygote forked by a reload: the others' wires)
+            self._hang_up(zygote, here=False)
 
-    def _spawn(self, sock: socket.socket, addr: object,
-               header: Proxied | None = None) -> Child | None:
-        """Have a child serve ``sock``: the zygote forks it (exec: the master does); None if
-        that failed (accepting is then paused)."""
-        if not self.uses_zygote:
-            return self._fork_here(sock, addr, header)
+    def _spawn(self, sock: socket.socket, addr: object, header: Proxied | None = None, *,
+               stderr_w: int = -1) -> Child | None:
+        """Have a child serve ``sock``: the zygote forks it; None if that failed (accepting is
+        then paused). ``stderr_w`` (exec: the write end of the program's stderr pipe) goes
+        with the socket; either way, ``sock`` and ``stderr_w`` are closed here."""
         # after a reload, connections go to the new zygote at once: it reads them once it
         # has booted (a reload is seen by the next connection, as before)
         zygote = self._next if self._next is not None else self.zygote
@@ -738,14 +750,16 @@ class ForkModel(WithoutPool):
         peer = addr if header is None else header.addr
         local = None if header is None or header.local is None else header.local
         record = wire.Conn(slot, wire.Address.of(peer, family), proxied=header is not None,
-                           local=None if local is None else wire.Address.of(local, family))
+                           local=None if local is None else wire.Address.of(local, family),
+                           stderr=stderr_w >= 0)
+        outgoing = Outgoing(wire.encode(record), sock, stderr_w)
         if zygote is None or zygote.sock.fileno() < 0:
             self.scoreboard.mark_proven(slot)
             self._free_slots.append(slot)
-            sock.close()  # this client is refused: better than a master that waits
+            outgoing.close()  # this client is refused: better than a master that waits
             self.host.fork_failed(OSError(errno.EAGAIN, "no zygote (it is being replaced)"))
             return None
-        zygote.outbox.append((wire.encode(record), sock))
+        zygote.outbox.append(outgoing)
         self.accepted += 1
         child = zygote.booting[slot] = Child(0, slot, format_address(peer, family),
                                              self.kernel.monotonic())
@@ -759,8 +773,8 @@ class ForkModel(WithoutPool):
         while zygote.outbox and zygote.sock.fileno() >= 0:
             batch = zygote.outbox[:ACCEPT_BATCH]
             try:
-                socket.send_fds(zygote.sock, [b"".join(data for data, _ in batch)],
-                                [sock.fileno() for _, sock in batch if sock is not None])
+                socket.send_fds(zygote.sock, [b"".join(out.data for out in batch)],
+                                [fd for out in batch for fd in out.fds()])
             except (BlockingIOError, InterruptedError):
                 if zygote.room_fd < 0:
                     zygote.room_fd = os.dup(zygote.sock.fileno())
@@ -770,9 +784,8 @@ class ForkModel(WithoutPool):
             except OSError:
                 return  # it is gone: its reaping frees what it held (``_zygote_exited``)
             del zygote.outbox[:len(batch)]
-            for _, sock in batch:
-                if sock is not None:
-                    sock.close()  # the zygote has its copy
+            for out in batch:
+                out.close()  # the zygote has its copies
         self._stop_watching_room(zygote)
 
     def _stop_watching_room(self, zygote: Zygote) -> None:
@@ -781,43 +794,13 @@ class ForkModel(WithoutPool):
             os.close(zygote.room_fd)
             zygote.room_fd = -1
 
-    def _fork_here(self, sock: socket.socket, addr: object,
-                   header: Proxied | None = None) -> Child | None:
-        """Fork a child for ``sock`` from the master (exec's programs); None if forking
-        failed (accepting is then paused)."""
-        slot = self._free_slots.pop()  # (tagged unproven by _guard: the child clears it)
-        kernel = self.kernel
-        try:
-            with self.host.signals_blocked():
-                pid = kernel.fork()
-                if pid == 0:
-                    self._run_child(sock, addr, slot, header)  # never returns
-        except OSError as exc:
-            self.scoreboard.mark_proven(slot)
-            self._free_slots.append(slot)
-            sock.close()  # this client is refused: better than a master that dies
-            self.host.fork_failed(exc)
-            return None
-        sock.close()  # the child has its copy; the master must not keep one
-        self.accepted += 1
-        family = sock.family if header is None else header.family
-        child = self.children[pid] = Child(pid, slot, format_address(addr, family),
-                                           kernel.monotonic())
-        return child
-
-    def _run_child(self, sock: socket.socket, addr: object, slot: int,
-                   header: Proxied | None) -> NoReturn:
-        """In the new child: serve ``sock`` and exit (the exec model runs a program instead)."""
-        run_child(self._context, sock, addr, slot, header=header)
-
     def on_exit(self, exited: Exited) -> bool:
         zygote = self._zygote_of(exited.pid)
         if zygote is not None:
             self._zygote_exited(zygote, exited)
             self.host.update_accepting()
             return True
-        # a zygote's child whose zygote died (re-parented to the master, the subreaper), or
-        # one the master forked (exec)
+        # a zygote's child whose zygote died (re-parented to the master, the subreaper)
         if exited.pid not in self.children:
             return False
         self._ended(exited)
@@ -856,18 +839,24 @@ class ForkModel(WithoutPool):
     def interrupt(self, fast: bool) -> None:
         pass  # children are signalled by the master's stop checklist
 
+    def stop_begun(self, sig: int | None) -> None:
+        """No connection will come: the zygotes retire (the serving one once the PROXY
+        headers and probations it is still owed are settled, ``manage``); a child whose
+        ``Started`` comes from now on is sent ``sig``."""
+        self._stop_signal = sig
+        for zygote in self._zygotes():
+            if zygote is self.zygote and (self._awaiting or self._probation):
+                self._retire_when_headers_read = True
+            else:
+                self._retire(zygote)
+
     def pids(self) -> Collection[int]:
         return [*self.children, *(z.pid for z in self._zygotes())]
 
     def signal(self, pid: int, sig: int) -> None:
-        """A stop's signal: a zygote is retired instead of told SIGTERM (it ignores the
-        operator's signals; it exits when its children are done)."""
-        zygote = self._zygote_of(pid)
-        if zygote is not None and sig in (signal.SIGTERM, signal.SIGINT):
-            if zygote is self.zygote and (self._awaiting or self._probation):
-                self._retire_when_headers_read = True  # they still need it (``manage``)
-            else:
-                self._retire(zygote)
+        """A stop's signal: a zygote is not told SIGTERM (it ignores the operator's signals;
+        ``stop_begun`` has retired it: it exits when its children are done)."""
+        if sig in (signal.SIGTERM, signal.SIGINT) and self._zygote_of(pid) is not None:
             return
         super().signal(pid, sig)
 

@@ -2,38 +2,45 @@
 
 Theory of operation
 -------------------
-Accepting, the cap on children, reaping, the access record and the stop checklist are the
-fork model's (this class only adds to it); the child becomes the program
-(``apps.exec.run_program``). The master adds three things per program, all from its one loop:
+Accepting, the cap on children, the zygote that forks them, the access record and the stop
+checklist are the fork model's (this class only adds to it); the zygote's child becomes the
+program (``serving.program.run_program``) instead of running a handler. The master adds
+three things per program, all from its one loop:
 
-1. **stderr**. Before the fork the master makes a pipe; the child puts its write end on fd
-   2, the master watches the read end (``Host.watch``) and logs each line at info
-   level as ``[PID] line``. Reads are non-blocking, one ``STDERR_READ`` chunk per readiness
-   event, so a chatty program costs the master work in proportion to what it writes and can
-   neither block it nor starve the other fds; a line longer than ``MAX_STDERR_LINE`` is cut
-   and logged in pieces, and control characters are escaped. At EOF the pipe is closed;
-   when the program is reaped, what is left in the pipe is logged before its exit line and
-   the pipe is closed (output of a background grandchild after that is lost).
+1. **stderr**. For each connection the master makes a pipe and passes its write end to the
+   zygote with the socket (``Conn``'s ``stderr``); the child puts it on fd 2. Once the
+   zygote reports the child's pid (``Started``), the master watches the read end
+   (``Host.watch``) and logs each line at info level as ``[PID] line`` (until then the pipe
+   holds what the program writes). Reads are non-blocking, one ``STDERR_READ`` chunk per
+   readiness event, so a chatty program costs the master work in proportion to what it
+   writes and can neither block it nor starve the other fds; a line longer than
+   ``MAX_STDERR_LINE`` is cut and logged in pieces, and control characters are escaped. At
+   EOF the pipe is closed; when the program is reaped, what is left in the pipe is logged
+   before its exit line and the pipe is closed (output of a background grandchild after that
+   is lost). A connection whose child never started (the fork failed, the zygote died) has
+   its pipe closed with its slot.
 2. **Idle and write timeouts**, without touching the connection: see ``traffic``. Each
    program has one check time, kept in a heap; the model's ``next_deadline`` makes the
    master's ``select`` wake for the earliest one and ``manage`` runs those that are due. The
-   first check is at ``idle_timeout`` after the start (a connection that ends sooner costs
-   nothing); a check reschedules itself for when the timeout could next expire, never sooner
-   than ``MIN_RECHECK`` (at most one look per program per second with the usual timeouts).
-   A program quiet for ``idle_timeout`` (no data either way), or whose output waits for a
-   client that has taken nothing for ``write_timeout``, is killed with SIGKILL, with its
-   process group (the program leads one: a pipeline dies whole, so the client gets its FIN).
-   Where TCP_INFO cannot be read (unix listeners), the ``/proc/PID/io`` counters are looked
-   at every ``idle_timeout / IO_CHECKS`` (the kill then comes within 1.25 x idle_timeout).
+   first check is at ``idle_timeout`` after the connection was passed (a connection that
+   ends sooner costs nothing); a check reschedules itself for when the timeout could next
+   expire, never sooner than ``MIN_RECHECK`` (at most one look per program per second with
+   the usual timeouts). A program quiet for ``idle_timeout`` (no data either way), or whose
+   output waits for a client that has taken nothing for ``write_timeout``, is killed with
+   SIGKILL, with its process group (the program leads one: a pipeline dies whole, so the
+   client gets its FIN). Where TCP_INFO cannot be read (unix listeners), the
+   ``/proc/PID/io`` counters are looked at every ``idle_timeout / IO_CHECKS`` (the kill then
+   comes within 1.25 x idle_timeout).
 3. **The exit line**, like ``tcpserver -v``'s ``end``: ``end pid P peer ADDR status S
-   duration Ds`` at info level when the program is reaped, with the reason when forkserve
-   killed it (``status SIGKILL (idle timeout)``); a signal nobody here sent is a warning. The
-   access record follows, as in the fork model (its byte counts are 0: the program's I/O does
-   not pass through forkserve).
+   duration Ds`` at info level when the program's end is reported (by the zygote; by the
+   master's reaper if its zygote died), with the reason when forkserve killed it (``status
+   SIGKILL (idle timeout)``); a signal nobody here sent is a warning. The access record
+   follows, as in the fork model (its byte counts are 0: the program's I/O does not pass
+   through forkserve).
 
-Costs: one pipe (two fds, one kept by the master while the program runs) and one
-``fstat`` per connection on top of the fork model; a master holds ``max_children`` extra
-fds at most.
+Costs: one pipe (two fds, one kept by the master while the program runs; the other passed
+to the zygote with the socket) and one ``fstat`` per connection on top of the fork model; a
+master holds ``max_children`` extra fds at most.
 """
 
 from __future__ import annotations
@@ -47,16 +54,19 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 from ..apps.exec import Program
 from ..kernel import Exited, Kernel
 from ..master.gate import Gate
 from ..master.listeners import Listener
 from ..master.traffic import Quiet, io_total, tcp_quiet
+from ..serving import program as _program_module  # noqa: F401  (see below)
 from ..serving.preamble import Proxied
-from ..serving.program import run_program
 from .fork import Child, ForkModel
+
+# ``serving.program`` is the zygote's, imported here too: a zygote forked from the master (a
+# hook given as a function, or the interpreter unreadable after a privilege drop) cannot
+# always import it itself (the standard library may be out of the dropped user's reach).
 from .host import Host, Serving
 
 log = logging.getLogger("forkserve")
@@ -153,25 +163,27 @@ class ExecModel(ForkModel):
     remind_stop = False  # a program gets one SIGTERM at a stop, as from inetd or systemd
     ends_on_sigterm = True  # (an upgrade leaves the old master's programs to end by themselves)
     client_proof = False  # its exit statuses are the program's own; SIGUSR2 would end it
-    #: The master forks each program's process itself (the zygote is the fork model's: exec
-    #: from the zygote is left for later, see docs/benchmarks.md "Issue 16").
-    uses_zygote = False
 
     def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
         super().__init__(serving, host=host, kernel=kernel, gate=gate)
         self.program = self._program(serving)
         self.running: dict[int, Running] = {}
         self._checks: list[tuple[float, int]] = []  # (when, pid), stale entries skipped
-        self._stderr_w = -1
-        #: Why forkserve killed the program being reported (set around ``on_exit``).
+        #: Connections passed to the zygote whose child has no pid yet, by slot: the read end
+        #: of the program's stderr pipe, and the socket's inode (None: a unix listener).
+        self._booting_stderr: dict[int, tuple[int, int | None]] = {}
+        #: Why forkserve killed the program being reported (set around ``_ended``).
         self._killed_for: str | None = None
-        #: Programs started by a stop's drain: not sent the stop's SIGTERM (see ``signal``).
+        #: Programs started by a stop's drain: not sent the stop's SIGTERM (see ``signal``),
+        #: by pid, and by slot until their pid is known.
         self._spared: set[int] = set()
+        self._spared_slots: set[int] = set()
+        self._draining = False
 
-    @staticmethod
-    def _program(serving: Serving) -> Program:
-        assert isinstance(serving.app, Program), "models.create gives exec a Program"
-        return serving.app
+    def _program(self, serving: Serving | None = None) -> Program:
+        app = (serving or self.serving).app
+        assert isinstance(app, Program), "models.create gives exec a Program"
+        return app
 
     def reconfigure(self, serving: Serving) -> str:
         self.program = self._program(serving)
@@ -179,24 +191,31 @@ class ExecModel(ForkModel):
 
     # ------------------------------------------------------------------ starting
 
-    def _spawn(self, sock: socket.socket, addr: object,
-               header: Proxied | None = None) -> Child | None:
+    def _spawn(self, sock: socket.socket, addr: object, header: Proxied | None = None, *,
+               stderr_w: int = -1) -> Child | None:
         try:
             tcp_inode = None if sock.family == socket.AF_UNIX else os.fstat(sock.fileno()).st_ino
-            read_fd, self._stderr_w = os.pipe2(os.O_CLOEXEC)
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         except OSError as exc:  # out of fds: refuse this client and pause, as accept() would
             sock.close()
             self.host.accept_failed(exc)
             return None
-        try:
-            child = super()._spawn(sock, addr, header)
-        finally:
-            os.close(self._stderr_w)
-            self._stderr_w = -1
+        child = super()._spawn(sock, addr, header, stderr_w=write_fd)  # (it closes write_fd)
         if child is None:
             os.close(read_fd)
             return None
         os.set_blocking(read_fd, False)
+        self._booting_stderr[child.slot] = (read_fd, tcp_inode)
+        if self._draining:
+            self._spared_slots.add(child.slot)
+        return child
+
+    def _on_started(self, child: Child) -> None:
+        """The zygote forked ``child``: watch its stderr and its connection from now on."""
+        read_fd, tcp_inode = self._booting_stderr.pop(child.slot)
+        if child.slot in self._spared_slots:
+            self._spared_slots.discard(child.slot)
+            self._spared.add(child.pid)
         relay = StderrRelay(read_fd, child.pid, self.host.unwatch)
         config = self.config
         # a client that stops reading may do so from the start: the write timeout is a
@@ -208,12 +227,14 @@ class ExecModel(ForkModel):
                                           io_since=child.started)
         heapq.heappush(self._checks, (first, child.pid))
         self.host.watch(read_fd, relay.on_readable)
-        return child
 
-    def _run_child(self, sock: socket.socket, addr: object, slot: int,
-                   header: Proxied | None) -> NoReturn:
-        run_program(self._context, self.program, sock, addr, slot, stderr_fd=self._stderr_w,
-                    header=header)
+    def _lost(self, child: Child) -> None:
+        """A connection whose child never started: its pipe goes with its slot."""
+        stderr = self._booting_stderr.pop(child.slot, None)
+        if stderr is not None:
+            os.close(stderr[0])
+        self._spared_slots.discard(child.slot)
+        super()._lost(child)
 
     # ------------------------------------------------------------------ timeouts
 
@@ -285,6 +306,9 @@ class ExecModel(ForkModel):
         ends whole), or to the program alone if the group is gone or refuses. A program
         started by a stop's drain is spared the stop's SIGTERM: its client waited in the
         queue for an answer, not for a signal."""
+        if self._zygote_of(pid) is not None:
+            super().signal(pid, sig)  # (a stop retires a zygote: see ForkModel.signal)
+            return
         if sig == signal.SIGTERM and pid in self._spared:
             return
         try:
@@ -298,15 +322,17 @@ class ExecModel(ForkModel):
                     self.kernel.kill(pid, sig)
 
     def drain(self, listener: Listener) -> None:
-        before = set(self.children)
-        super().drain(listener)
-        self._spared |= set(self.children) - before
+        self._draining = True
+        try:
+            super().drain(listener)
+        finally:
+            self._draining = False
 
     # ------------------------------------------------------------------ ending
 
-    def on_exit(self, exited: Exited) -> bool:
+    def _ended(self, exited: Exited) -> None:
         self._spared.discard(exited.pid)
-        if self.host.stopping and exited.pid in self.children:
+        if self.host.stopping:
             # what is left of its pipeline goes with it at a stop (nothing else would end it)
             with contextlib.suppress(OSError):
                 self.kernel.kill(-exited.pid, signal.SIGKILL)
@@ -315,7 +341,7 @@ class ExecModel(ForkModel):
             program.stderr.drain()  # its last words come before its end line
             self._killed_for = program.killed_for
         try:
-            return super().on_exit(exited)
+            super()._ended(exited)
         finally:
             self._killed_for = None
 
@@ -329,8 +355,20 @@ class ExecModel(ForkModel):
                 "end pid %d peer %s status %s duration %.3fs", exited.pid, child.peer, status,
                 duration)
 
+    def close_in_child(self) -> None:
+        """In a zygote forked from the master: the programs' stderr pipes are the master's."""
+        super().close_in_child()
+        for program in self.running.values():
+            if program.stderr.fd >= 0:
+                os.close(program.stderr.fd)
+        for read_fd, _ in self._booting_stderr.values():
+            os.close(read_fd)
+
     def close(self) -> None:
         for program in self.running.values():
             program.stderr.close()
         self.running.clear()
+        for read_fd, _ in self._booting_stderr.values():
+            os.close(read_fd)
+        self._booting_stderr.clear()
         super().close()

@@ -233,6 +233,13 @@ class Model(Protocol):
         """A graceful stop is about to close ``listener``: serve what is queued on it, if
         this model can without waiting (the fork model forks for it)."""
 
+    def stop_begun(self, sig: int | None) -> None:
+        """A stop has closed the listeners (after ``drain``; on a handover too) and sends every
+        process ``sig`` (None: nothing, on an upgrade's handover of exec programs). No
+        connection will come any more (the fork model retires its zygote), and a process
+        that starts from now on is sent ``sig`` too. Called again with SIGKILL when a fast
+        stop overtakes a graceful one."""
+
     def interrupt(self, fast: bool) -> None:
         """A stop was asked for. Called from the master's signal handler: at most a couple
         of system calls on a connection served in this process, no locks, no logging."""
@@ -278,6 +285,9 @@ class WithoutPool:
 
     def drain(self, listener: Listener) -> None:
         pass  # the single model serves in the master: it cannot take more without waiting
+
+    def stop_begun(self, sig: int | None) -> None:
+        pass  # no process starts but by the master's own hand
 
     def close_in_child(self) -> None:
         pass  # nothing of the model's own to close in a child

@@ -452,6 +452,9 @@ class PreforkModel:
         # the workers accept: they serve what is queued before they let go of the listeners
         self.scoreboard.announce_drain()
 
+    def stop_begun(self, sig: int | None) -> None:
+        pass  # no worker starts during a stop; each lets go of its listeners itself
+
     def close_in_child(self) -> None:
         pass  # the ready pipe's read end is closed by the worker itself
 

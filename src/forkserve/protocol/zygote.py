@@ -6,9 +6,11 @@ The master and its zygote (``serving/zygote.py``) share one ``SOCK_SEQPACKET`` s
 Every record is an 8-byte header (kind, 3 zero bytes, payload length, little-endian) and its
 payload; a packet holds one or more whole records, and the records of a packet are read in
 order. The master accepts each connection, decides admission, and sends a ``Conn`` record per
-connection with the socket itself in the packet's ``SCM_RIGHTS``: the i-th ``Conn`` record of a
-packet owns the i-th fd of the packet (one ``sendmsg`` per accept batch, as the issue's
-measurements chose; see docs/benchmarks.md, "Issue 16"). The zygote forks one child per
+connection with the socket itself in the packet's ``SCM_RIGHTS``: the ``Conn`` records of a
+packet own its fds in order, one each, or two for a ``Conn`` flagged ``stderr`` (exec: the
+socket, then the write end of the program's stderr pipe, whose read end the master keeps)
+(one ``sendmsg`` per accept batch, as the issue's measurements chose; see
+docs/benchmarks.md, "Issue 16"). The zygote forks one child per
 ``Conn`` and reports, batched per turn of its loop: ``Ready`` once its imports are done,
 ``Started`` per child, ``Ended`` per child reaped (wait status and the bytes its slot
 counted), ``ForkFailed`` when ``fork()`` failed (the master releases the slot and pauses),
@@ -61,9 +63,10 @@ class WireError(ValueError):
 
 #: An address: family, port, then the host's length and bytes (AF_UNIX: the path, port 0).
 _ADDR = struct.Struct("<HHH")
-#: Conn: slot, flags (1: the master read a PROXY header; 2: it named a local address too).
+#: Conn: slot, flags (1: the master read a PROXY header; 2: it named a local address too;
+#: 4: a stderr pipe follows the socket in the packet's fds).
 _CONN = struct.Struct("<IB")
-_PROXIED, _LOCAL = 1, 2
+_PROXIED, _LOCAL, _STDERR = 1, 2, 4
 _READY = struct.Struct("<II")  # pid, generation
 _STARTED = struct.Struct("<II")  # slot, pid
 _ENDED = struct.Struct("<IIiQQ")  # slot, pid, wait status, bytes in, bytes out
@@ -104,12 +107,19 @@ class Setup:
 @dataclass(frozen=True)
 class Conn:
     """One accepted connection for the zygote to fork a child for; its socket is the packet's
-    next fd. ``proxied``: the peer (and maybe local) address came from a PROXY header."""
+    next fd. ``proxied``: the peer (and maybe local) address came from a PROXY header.
+    ``stderr``: the fd after the socket is the write end of the program's stderr pipe."""
 
     slot: int
     peer: Address
     proxied: bool = False
     local: Address | None = None
+    stderr: bool = False
+
+    @property
+    def fds(self) -> int:
+        """How many of the packet's fds this record owns."""
+        return 2 if self.stderr else 1
 
 
 @dataclass(frozen=True)
@@ -183,8 +193,9 @@ def encode(record: Record) -> bytes:
             if len(settings) > MAX_PAYLOAD:
                 raise WireError(f"settings of {len(settings)} bytes (at most {MAX_PAYLOAD})")
             return _frame(Kind.SETUP, settings)
-        case Conn(slot, peer, proxied, local):
-            flags = (_PROXIED if proxied else 0) | (_LOCAL if local is not None else 0)
+        case Conn(slot, peer, proxied, local, stderr):
+            flags = ((_PROXIED if proxied else 0) | (_LOCAL if local is not None else 0)
+                     | (_STDERR if stderr else 0))
             body = _CONN.pack(slot, flags) + _address(peer)
             if local is not None:
                 body += _address(local)
@@ -223,7 +234,7 @@ def _decode_conn(payload: bytes) -> Conn:
     if len(payload) < _CONN.size:
         raise WireError("a Conn record shorter than its fixed part")
     slot, flags = _CONN.unpack_from(payload)
-    if flags & ~(_PROXIED | _LOCAL):
+    if flags & ~(_PROXIED | _LOCAL | _STDERR):
         raise WireError(f"a Conn record with unknown flags {flags:#x}")
     peer, at = _read_address(payload, _CONN.size)
     local = None
@@ -231,7 +242,7 @@ def _decode_conn(payload: bytes) -> Conn:
         local, at = _read_address(payload, at)
     if at != len(payload):
         raise WireError("a Conn record with bytes after its addresses")
-    return Conn(slot, peer, bool(flags & _PROXIED), local)
+    return Conn(slot, peer, bool(flags & _PROXIED), local, bool(flags & _STDERR))
 
 
 _FIXED: dict[Kind, tuple[struct.Struct, type]] = {

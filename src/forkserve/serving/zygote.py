@@ -19,12 +19,14 @@ interpreter, not a copy of the master, holding one end of a ``SOCK_SEQPACKET`` s
 2. Serving. It reads packets of ``Conn`` records, each with its socket in the packet's
    ``SCM_RIGHTS``, and forks one child per record, which runs ``child.run_child`` exactly as a
    child of the master did (hygiene, limits, PDEATHSIG, PROXY, TLS, handler, slot) and
-   ``_exit``s. The ``Conn`` records of a packet are forked for back to back, the books and
-   reports after the last fork: between two forks the zygote writes, and so copies, almost
-   none of the pages it shares with its children. The zygote's PDEATHSIG is SIGKILL, the
-   child's SIGTERM relative to the zygote: a dead master takes the zygote, a dead zygote its
-   children (each finishes as an orphan: no grace for incomplete requests, gone within
-   milliseconds).
+   ``_exit``s. For ``forkserve exec`` the settings carry the program, each ``Conn`` the write
+   end of its stderr pipe too, and the child becomes the program (``program.run_program``: fds
+   0, 1 and 2, then ``execve``). The ``Conn`` records of a packet are forked for back to back,
+   the books and reports after the last fork: between two forks the zygote writes, and so
+   copies, almost none of the pages it shares with its children. The zygote's PDEATHSIG is
+   SIGKILL, the child's SIGTERM relative to the zygote: a dead master takes the zygote, a dead
+   zygote its children (each finishes as an orphan: no grace for incomplete requests, gone
+   within milliseconds).
 3. Reaping. SIGCHLD wakes the loop (``set_wakeup_fd``; the handler does nothing); the loop
    reaps with ``waitpid(-1, WNOHANG)`` until 0 and reports ``Ended`` with the wait status
    and the bytes the child's slot counted. Reports are batched: one ``send`` per turn.
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     import ssl
 
     from ..apps import App
+    from ..apps.exec import Program
     from ..config import Config
 
 log = LazyLogger("forkserve")
@@ -78,7 +81,8 @@ BLOCKED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal
 COMM = b"fs-zygote"
 _PR_SET_NAME = 15
 
-#: At most this many sockets in one packet (the kernel's SCM_MAX_FD is 253).
+#: At most this many fds in one packet: the master's ``ACCEPT_BATCH`` (32) ``Conn`` records
+#: of two fds each (exec: the socket and the stderr pipe); the kernel's SCM_MAX_FD is 253.
 MAX_FDS = 64
 #: A packet from the master is at most this long (64 ``Conn`` records of under 600 bytes).
 MAX_PACKET = 64 * 1024
@@ -94,6 +98,8 @@ class Settings:
     config: Config
     master_pid: int
     generation: int = 0
+    #: exec: the program each child becomes (``serving.program``), in place of the app.
+    program: Program | None = None
 
 
 def setup_record(settings: Settings) -> bytes:
@@ -116,13 +122,19 @@ class Zygote:
         self._decoder = wire.Decoder()
         #: The fds of the packet being read that no child has taken yet.
         self._unclaimed: list[int] = []
-        #: The socket of the child being forked (``_close_in_child`` keeps it open).
-        self._serving_fd = -1
+        #: The fds of the child being forked: its socket, and its stderr pipe for a program
+        #: (``_close_in_child`` keeps them open).
+        self._kept: tuple[int, int] = (-1, -1)
         self._reports: list[bytes] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poller = select.epoll()
         self._poller.register(ctl.fileno(), select.EPOLLIN)
         self._poller.register(self._wake_r, select.EPOLLIN)
+        self._program = settings.program
+        if self._program is not None:
+            from .program import run_program  # noqa: PLC0415  (exec's zygote only)
+
+            self._run_program = run_program
         self._context = ChildContext(
             app=app, config=settings.config, scoreboard=board, master_pid=os.getpid(),
             close_master_fds=self._close_in_child, master_signals=(signal.SIGCHLD, *IGNORED),
@@ -137,8 +149,9 @@ class Zygote:
         # the child copies); they are never used or collected in the child, which _exits
         for fd in self._own_fds:
             os.close(fd)
+        kept = self._kept
         for fd in self._unclaimed:
-            if fd != self._serving_fd:
+            if fd not in kept:
                 os.close(fd)
 
     def run(self) -> int:
@@ -173,17 +186,22 @@ class Zygote:
             raise wire.WireError("a packet from the master was cut (too many fds or bytes)")
         done = 0  # fds[:done] are closed (their runs forked)
         try:
-            run: list[tuple[wire.Conn, int]] = []  # Conn records in a row, and their sockets
+            # Conn records in a row, their sockets and stderr pipes (-1: none), and the
+            # number of fds they own
+            run: list[tuple[wire.Conn, int, int]] = []
+            owned = 0
             for record in self._decoder.feed(data):
                 if isinstance(record, wire.Conn):
-                    if done + len(run) == len(fds):
-                        raise wire.WireError("a Conn record without its socket")
-                    run.append((record, fds[done + len(run)]))
+                    at = done + owned
+                    if at + record.fds > len(fds):
+                        raise wire.WireError("a Conn record without its fds")
+                    run.append((record, fds[at], fds[at + 1] if record.stderr else -1))
+                    owned += record.fds
                     continue
-                done = self._fork_run(run, fds, done)
-                run = []
+                done = self._fork_run(run, fds, done, owned)
+                run, owned = [], 0
                 self._obey(record)
-            done = self._fork_run(run, fds, done)
+            done = self._fork_run(run, fds, done, owned)
         finally:
             for fd in fds[done:]:  # a packet with more fds than Conn records (a bug) or cut
                 os.close(fd)  # by an error: never a leak
@@ -197,21 +215,22 @@ class Zygote:
         else:
             raise wire.WireError(f"the zygote cannot obey {type(record).__name__}")
 
-    def _fork_run(self, run: list[tuple[wire.Conn, int]], fds: list[int], done: int) -> int:
+    def _fork_run(self, run: list[tuple[wire.Conn, int, int]], fds: list[int], done: int,
+                  owned: int) -> int:
         """Fork one child per record of ``run`` (consecutive ``Conn`` records of the packet
-        whose fds are ``fds``, the first ``done`` of them closed already), back to back:
-        between two forks the zygote runs only the loop below, so it writes (and copies, its
-        pages being shared with the children) as little as it can; the books and the reports
-        come after the last fork. Each child closes the packet's other open sockets
-        (``_close_in_child``). Every socket of ``run`` is closed here; returns ``done`` past
-        them."""
+        whose fds are ``fds``, the first ``done`` of them closed already, the next ``owned``
+        those of ``run``), back to back: between two forks the zygote runs only the loop
+        below, so it writes (and copies, its pages being shared with the children) as little
+        as it can; the books and the reports come after the last fork. Each child closes the
+        packet's other open fds (``_close_in_child``). Every fd of ``run`` is closed here;
+        returns ``done`` past them."""
         if not run:
             return done
         unix = self._unix
         ready = []
         self._unclaimed = fds[done:]
         try:
-            for conn, fd in run:
+            for conn, fd, stderr in run:
                 peer = conn.peer.as_addr(unix)
                 header = None
                 if conn.proxied:
@@ -219,15 +238,15 @@ class Zygote:
                     header = Proxied(peer, local, conn.peer.family)
                 # (the socket objects made here, not in each child: their code's pages are
                 # this process's own; the child would copy them)
-                ready.append((conn.slot, socket.socket(fileno=fd), peer, header))
+                ready.append((conn.slot, socket.socket(fileno=fd), peer, header, stderr))
             forked = self._fork_each(ready)
         finally:
             self._unclaimed = []
-            for _, sock, _, _ in ready:
+            for _, sock, _, _, _ in ready:
                 sock.detach()  # (closed below, with those of the run no object was made for)
-            for _, fd in run:
+            for fd in fds[done:done + owned]:
                 os.close(fd)  # (the children have their copies)
-        for (slot, _, _, _), outcome in zip(ready, forked, strict=True):
+        for (slot, _, _, _, _), outcome in zip(ready, forked, strict=True):
             if isinstance(outcome, OSError):
                 self.fork_failures += 1
                 self._report(wire.ForkFailed(slot, outcome.errno or 0))
@@ -235,9 +254,9 @@ class Zygote:
                 self.forks += 1
                 self.children[outcome] = slot
                 self._report(wire.Started(slot, outcome))
-        return done + len(run)
+        return done + owned
 
-    def _fork_each(self, ready: list[tuple[int, socket.socket, object, Proxied | None]]
+    def _fork_each(self, ready: list[tuple[int, socket.socket, object, Proxied | None, int]]
                    ) -> list[int | OSError]:
         """The forks of ``_fork_run``: a pid or the error, per entry of ``ready``."""
         forked: list[int | OSError] = []
@@ -248,15 +267,18 @@ class Zygote:
         # would otherwise meet the default action, which ends the process
         pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
         try:
-            for slot, sock, peer, header in ready:
-                self._serving_fd = sock.fileno()
+            for slot, sock, peer, header, stderr in ready:
+                self._kept = (sock.fileno(), stderr)
                 try:
                     pid = os.fork()
                 except OSError as exc:
                     forked.append(exc)
                     continue
-                if pid == 0:
-                    run_child(context, sock, peer, slot, header=header)  # never returns
+                if pid == 0:  # (neither returns)
+                    if self._program is not None:
+                        self._run_program(context, self._program, sock, peer, slot,
+                                          stderr_fd=stderr, header=header)
+                    run_child(context, sock, peer, slot, header=header)
                 forked.append(pid)
         finally:
             pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
@@ -325,14 +347,20 @@ def _fds_of(name: str) -> list[int]:
     return found
 
 
-def load_app(config: Config) -> tuple[App, ssl.SSLContext | None]:
-    """The app and the TLS context, as the master made them. Raises ``ForkserveError``."""
+def load_app(settings: Settings) -> tuple[App, ssl.SSLContext | None]:
+    """The app and the TLS context, as the master made them (exec: the program, no TLS).
+    Raises ``ForkserveError``."""
     from .handlers import load  # noqa: PLC0415  (imports in the order of the boot)
     from .tls import make_context  # noqa: PLC0415
 
+    config = settings.config
     lazylog.defer(config.log_level, config.log_file)  # (not logging: see lazylog)
-    tls = make_context(config) if config.certfile is not None else None
-    app = load(config.app)
+    app: App
+    if settings.program is not None:  # (checked in the master: nothing to load)
+        app, tls = settings.program, None
+    else:
+        tls = make_context(config) if config.certfile is not None else None
+        app = load(config.app)
     lazylog.settle()  # an app that imported logging itself logs as forkserve does
     return app, tls
 
@@ -384,7 +412,7 @@ def main(argv: list[str]) -> int:
         return ExitCode.BOOT_ERROR  # the master died before prctl
     _name_process()
     try:
-        app, tls = load_app(settings.config)
+        app, tls = load_app(settings)
     except (ForkserveError, OSError) as exc:
         with contextlib.suppress(OSError):
             ctl.sendall(wire.encode(wire.Failed(str(exc))))
