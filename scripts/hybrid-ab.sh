@@ -8,6 +8,12 @@
 #   e.g. git worktree add /tmp/wt-old <commit>; OLD_SRC=/tmp/wt-old/src \
 #        scripts/hybrid-ab.sh 3 connect 10
 #
+# KIND=fork or KIND=exec measures that forkserve model instead of the hybrid one (exec runs
+# `sed -u 's/.*/Hello from server!/'` per connection); HYBRID_ARGS adds options. SERVERS picks
+# who runs, in order, from old, new, uv (asyncio+uvloop), seed (the C server) and tcpserver
+# (ucspi-tcp running the same sed: the anchor of a program per connection), e.g.
+#   KIND=exec SERVERS="old new tcpserver" OLD_SRC=/tmp/old/src scripts/hybrid-ab.sh 3 connect 10
+#
 # The bench is built in $BENCH (default /tmp/fsbench17: cp -r ../shared/bench /tmp/fsbench17
 # && make -C /tmp/fsbench17, and its .venv with uvloop for the anchor, see its README).
 set -uo pipefail
@@ -16,12 +22,19 @@ BENCH=${BENCH:-/tmp/fsbench17}
 ROUNDS=${1:?ROUNDS}; MODE=${2:?MODE}; CONNS=${3:?CONNS}; shift 3
 PORT=${PORT:-19311}
 PY="$ROOT/.venv/bin/python"
-HYBRID="-m forkserve serve --bind 127.0.0.1:$PORT --model hybrid ${HYBRID_ARGS:-}"
+HELLO_SED='s/.*/Hello from server!/'
+read -r -a EXTRA <<< "${HYBRID_ARGS:-}"
+case ${KIND:-hybrid} in
+    exec) HYBRID=(-m forkserve exec --bind "127.0.0.1:$PORT" "${EXTRA[@]}" -- sed -u "$HELLO_SED") ;;
+    *) HYBRID=(-m forkserve serve --bind "127.0.0.1:$PORT" --model "${KIND:-hybrid}" "${EXTRA[@]}") ;;
+esac
 for r in $(seq 1 "$ROUNDS"); do
     for who in ${SERVERS:-old new uv seed}; do
         case $who in
-            old) PYTHONPATH=${OLD_SRC:?OLD_SRC} setsid $PY $HYBRID >/dev/null 2>&1 & ;;
-            new) PYTHONPATH=$ROOT/src setsid $PY $HYBRID >/dev/null 2>&1 & ;;
+            old) PYTHONPATH=${OLD_SRC:?OLD_SRC} setsid $PY "${HYBRID[@]}" >/dev/null 2>&1 & ;;
+            new) PYTHONPATH=$ROOT/src setsid $PY "${HYBRID[@]}" >/dev/null 2>&1 & ;;
+            tcpserver) setsid tcpserver -H -R -l 0 -c 1024 127.0.0.1 "$PORT" \
+                           sed -u "$HELLO_SED" >/dev/null 2>&1 & ;;
             uv) setsid "$BENCH/.venv/bin/python" "$BENCH/anchors/py_asyncio.py" "$PORT" \
                     --uvloop >/dev/null 2>&1 & ;;
             seed) setsid "$BENCH/anchors/seed_server_backlog128" "$PORT" >/dev/null 2>&1 & ;;

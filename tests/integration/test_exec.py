@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -151,6 +152,48 @@ def test_silent_program_is_killed_at_the_idle_timeout(server_factory: Factory) -
     assert quiet_for < 2 * LATE_FACTOR + LATE_SLACK
     end_line(server, port, r"SIGKILL \(idle timeout\)")
     assert not server.children()
+
+
+def test_programs_come_from_the_zygote_and_the_master_keeps_only_their_stderr(
+        server_factory: Factory) -> None:
+    server = exec_server(server_factory, *BIND, "--", "sh", "-c",
+                         "echo started >&2; exec cat")
+    with server.connect() as s:
+        port = s.getsockname()[1]
+        s.sendall(b"ping\n")
+        assert recv_exactly(s, 5) == b"ping\n"
+        (zygote,) = server.zygotes()
+        (program,) = server.children()
+        assert program.ppid == zygote, "the master forks nothing per connection"
+        server.wait_for_log(rf"\[{program.pid}\] started")
+        pipes = [os.readlink(f"/proc/{server.pid}/fd/{fd}")
+                 for fd in os.listdir(f"/proc/{server.pid}/fd")]
+        program_stderr = os.readlink(f"/proc/{program.pid}/fd/2")
+        assert pipes.count(program_stderr) == 1, "the read end; the write end is the program's"
+        zygote_fds = [os.readlink(f"/proc/{zygote}/fd/{fd}")
+                      for fd in os.listdir(f"/proc/{zygote}/fd")]
+        assert program_stderr not in zygote_fds, "passed on, not kept"
+    assert end_line(server, port, "0") == program.pid
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_zygote_is_replaced_and_its_programs_end_on_their_sigterm(
+        server_factory: Factory) -> None:
+    server = exec_server(server_factory, *BIND, "--", "cat")
+    with server.connect() as s:
+        port = s.getsockname()[1]
+        s.sendall(b"ping\n")
+        assert recv_exactly(s, 5) == b"ping\n"
+        (zygote,) = server.zygotes()
+        os.kill(zygote, signal.SIGKILL)
+        s.settimeout(5)
+        assert recv_all(s) == b"", "cat ended on its PDEATHSIG (SIGTERM): the client sees EOF"
+    # reaped by the master (its subreaper), which still writes its end line
+    end_line(server, port, "SIGTERM")
+    server.wait_for_log(r"\(the zygote\) was killed by SIGKILL")
+    assert wait_until(lambda: len(server.zygotes()) == 1 and server.zygotes() != [zygote], 5)
+    answer, _ = ask(server, b"again\n")
+    assert answer == b"again\n"
 
 
 @pytest.mark.parametrize("model", ["prefork", "single"])
