@@ -95,9 +95,10 @@ class SpareZygote(real.Zygote):
         finally:
             pthread_sigmask(signal.SIG_UNBLOCK, real.BLOCKED)
 
-    def _fork_run(self, run: list[tuple[wire.Conn, int]], fds: list[int], done: int) -> int:
+    def _fork_run(self, run: list[tuple[wire.Conn, int, int]], fds: list[int], done: int,
+                  owned: int) -> int:
         handed = 0
-        for conn, fd in run:
+        for conn, fd, _ in run:  # (the fork model's Conn: one fd each, no stderr pipe)
             if not self.idle:
                 break
             pid, ours = self.idle.pop()
@@ -113,7 +114,7 @@ class SpareZygote(real.Zygote):
             self.forks += 1
             self.children[pid] = conn.slot
             self._report(wire.Started(conn.slot, pid))
-        return super()._fork_run(run[handed:], fds, done + handed)
+        return super()._fork_run(run[handed:], fds, done + handed, owned - handed)
 
     def spare(self, theirs: socket.socket) -> NoReturn:
         """A spare's life: the set-up that needs no connection, the wait, then the rest of
@@ -161,7 +162,7 @@ def main(argv: list[str]) -> int:
     ctl = socket.socket(fileno=int(argv[0]))
     settings, board, board_fds = real.boot(ctl)
     child.set_parent_death_signal(signal.SIGKILL)
-    app, tls = real.load_app(settings.config)
+    app, tls = real.load_app(settings)
     gc.collect()
     gc.freeze()
     zygote = SpareZygote(ctl, settings, board, app, tls, board_fds=board_fds)
