@@ -1,6 +1,7 @@
 """zygote_cost.py - what one new connection costs, split by process: the master, the zygote
 (the master's one long-lived child, if it has one) and the serving children, in page faults
-and CPU time per connection, under ``loadgen -m connect -c 10`` (3 s after 1 s of warm-up).
+and CPU time per connection, under ``loadgen -m connect -c 10`` (3 s after 1 s of warm-up;
+``CONNS=N`` for another number of clients).
 
     .venv/bin/python scripts/zygote_cost.py PORT CMD [ARG...]     (PORT in ARGs is replaced)
 
@@ -59,7 +60,8 @@ def main() -> int:
         zygote = zygote_of(server.pid)
         pids = [server.pid] + ([zygote] if zygote else [])
         before = [counters(pid) for pid in pids]
-        out = subprocess.run([loadgen, "-p", port, "-m", "connect", "-c", "10", "-d", "3",
+        conns = os.environ.get("CONNS", "10")
+        out = subprocess.run([loadgen, "-p", port, "-m", "connect", "-c", conns, "-d", "3",
                               "-w", "1"], check=True, capture_output=True, text=True,
                              timeout=30).stdout
         time.sleep(0.3)  # the last children reaped

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Server, recv_exactly, wait_until
+from tests.integration.harness import Server, proc_info, recv_exactly, wait_until
 
 Factory = Callable[..., Server]
 #: The app's modules are rewritten within a second, at the same size: with bytecode files,
@@ -31,7 +31,13 @@ def ask(server: Server) -> bytes:
 
 
 def worker_pids(server: Server) -> set[int]:
-    return {p.pid for p in server.children()}
+    """The master's live workers at one instant: its children as the kernel lists them in one
+    read, zombies left out. (A scan of /proc lists the pids first and reads each one after:
+    a roll that forks a new worker and retires an old one between the two showed one worker
+    where there were always two.)"""
+    with open(f"/proc/{server.pid}/task/{server.pid}/children") as fh:
+        listed = [int(pid) for pid in fh.read().split()]
+    return {pid for pid in listed if (info := proc_info(pid)) is not None and info.state != "Z"}
 
 
 def roll(server: Server, size: int) -> tuple[set[int], int]:
