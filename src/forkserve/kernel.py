@@ -26,6 +26,9 @@ SIG_DFL: int = _signal.SIG_DFL
 SIG_IGN: int = _signal.SIG_IGN
 pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = _signal.pthread_sigmask
 set_handler: Callable[[int, Handler], object] = _signal.signal
+#: A signal's disposition as a number or a function, without ``signal.getsignal``'s enum
+#: conversion (Python code run per call; a program's child asks for every signal).
+get_handler: Callable[[int], object] = _signal.getsignal
 
 
 class Kernel(Protocol):

@@ -126,9 +126,10 @@ class Scoreboard:
               connections: int = 0, bytes_in: int = 0, bytes_out: int = 0,
               conn_start: float = 0.0, heartbeat: float = 0.0, peer: str = "",
               errors: int = 0) -> None:
-        """Overwrite slot ``index``. Only the slot's owner calls this."""
+        """Overwrite slot ``index``. Only the slot's owner calls this. (``_value_``, not
+        ``value``: enum's property is Python code, run in every child, whose pages it copies.)"""
         _FORMAT.pack_into(
-            self._map, index * SLOT_SIZE, pid, generation, state.value.encode(), connections,
+            self._map, index * SLOT_SIZE, pid, generation, state._value_.encode(), connections,
             bytes_in, bytes_out, conn_start, heartbeat, peer.encode()[:PEER_BYTES], errors,
         )
 
@@ -141,7 +142,7 @@ class Scoreboard:
 
     def mark(self, index: int, state: SlotState) -> None:
         """Change only the state letter (safe from a signal handler: one ``pack_into``)."""
-        _STATE.pack_into(self._map, index * SLOT_SIZE + _STATE_AT, state.value.encode())
+        _STATE.pack_into(self._map, index * SLOT_SIZE + _STATE_AT, state._value_.encode())
 
     def beat(self, index: int) -> None:
         """Stamp the heartbeat only: "alive and not stuck" (one ``pack_into``)."""

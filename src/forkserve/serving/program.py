@@ -52,11 +52,13 @@ from typing import NoReturn, Protocol
 from .. import hooks
 from ..errors import ClientError
 from ..hooks import Process
+from ..kernel import SIG_DFL, get_handler, pthread_sigmask, set_handler
 from ..ops.scoreboard import SlotState
 from ..protocol.address import format_address
 from .child import ChildContext, set_parent_death_signal
 from .limits import apply_limits
 from .preamble import Proxied, proxy_addresses
+from .sockets import family_of
 
 #: The exit status of a child whose ``execve`` failed (the shell's "command not found").
 EXEC_FAILED = 127
@@ -95,14 +97,23 @@ def connection_env(sock: socket.socket, addr: object,
             "TCPREMOTEIP": remote_ip, "TCPREMOTEPORT": str(remote_port)}
 
 
+#: Every signal number but SIGKILL and SIGSTOP, as plain ints (``signal.valid_signals()``
+#: gives enum members, and ``signal.getsignal`` converts each answer to one: some 270 calls of
+#: enum's Python code in every program's child, each a page it copies).
+_SIGNALS = tuple(int(sig) for sig in signal.valid_signals()
+                 if sig not in (signal.SIGKILL, signal.SIGSTOP))
+
+
 def _default_signals() -> None:
     """Every disposition back to SIG_DFL (the mask is cleared later, right before execve)."""
     signal.set_wakeup_fd(-1)
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP) or signal.getsignal(sig) == signal.SIG_DFL:
+    for sig in _SIGNALS:
+        if get_handler(sig) == SIG_DFL:  # (None, a handler not set by Python: reset it too)
             continue
-        with contextlib.suppress(OSError, ValueError):  # the C library's reserved signals
-            signal.signal(sig, signal.SIG_DFL)
+        try:  # noqa: SIM105  (not contextlib.suppress: its Python code, in every child)
+            set_handler(sig, SIG_DFL)
+        except (OSError, ValueError):  # the C library's reserved signals: see below
+            pass
     _default_reserved_signals()
 
 
@@ -145,14 +156,16 @@ def run_program(ctx: ChildContext, program: Executable, sock: socket.socket, add
     """In a freshly forked child: become ``program`` on ``sock``. Never returns."""
     try:
         ctx.close_master_fds()
-        apply_limits(ctx.config)
-        if not hooks.call(ctx.config, "post_fork", Process(os.getpid(), "child", slot)):
+        if ctx.limited:
+            apply_limits(ctx.config)
+        if (ctx.config.post_fork is not None
+                and not hooks.call(ctx.config, "post_fork", Process(os.getpid(), "child", slot))):
             os._exit(EXEC_FAILED)
         _default_signals()
         set_parent_death_signal(signal.SIGTERM)
         if os.getppid() != ctx.master_pid:  # the master died before prctl: nobody to serve
             os._exit(EXEC_FAILED)
-        local, family = None, int(sock.family)
+        local, family = None, family_of(sock)
         if header is not None:  # the master read the PROXY header
             addr, local, family = header.addr, header.local, header.family
         elif ctx.config.proxy_protocol:  # the real client's addresses, the header consumed
@@ -170,7 +183,7 @@ def run_program(ctx: ChildContext, program: Executable, sock: socket.socket, add
                              heartbeat=now, peer=format_address(addr, family))
         os.setpgid(0, 0)
         _install_fds(sock.fileno(), stderr_fd)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        pthread_sigmask(signal.SIG_SETMASK, ())  # (raw: no enum made of the old mask)
         os.execve(program.path, program.argv, env)
     except BaseException as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)

@@ -57,6 +57,10 @@ class Step(enum.Enum):
     IGNORE = "ignore"
     DEFAULT = "default action"
 
+    #: Members are singletons and compare by identity: hash them so too, in C. (Enum's own
+    #: ``__hash__`` is Python code, run for each row a child installs: pages it copies.)
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True)
 class Row:
