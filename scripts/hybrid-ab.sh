@@ -18,6 +18,7 @@
 # && make -C /tmp/fsbench17, and its .venv with uvloop for the anchor, see its README).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$ROOT/scripts/bench-lib.sh"
 BENCH=${BENCH:-/tmp/fsbench17}
 ROUNDS=${1:?ROUNDS}; MODE=${2:?MODE}; CONNS=${3:?CONNS}; shift 3
 PORT=${PORT:-19311}
@@ -40,11 +41,7 @@ for r in $(seq 1 "$ROUNDS"); do
             seed) setsid "$BENCH/anchors/seed_server_backlog128" "$PORT" >/dev/null 2>&1 & ;;
         esac
         pid=$!
-        for _ in $(seq 1 100); do
-            (echo > "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-            sleep 0.1
-        done
-        sleep 1
+        wait_port "$PORT"
         out=$("$BENCH/loadgen" -p "$PORT" -c "$CONNS" -m "$MODE" -d 3 -w 1 "$@" 2>/dev/null)
         echo "$r $who $(echo "$out" | head -1 | python3 -c 'import json, sys
 d = json.loads(sys.stdin.readline())

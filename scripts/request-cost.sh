@@ -7,6 +7,7 @@
 #   scripts/request-cost.sh PORT fork|bare|fts      (BENCH: the built bench, /tmp/fsbench17)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$ROOT/scripts/bench-lib.sh"
 BENCH=${BENCH:-/tmp/fsbench17}
 PORT=${1:?PORT}; WHO=${2:?fork, bare or fts}
 PY="$ROOT/.venv/bin/python"
@@ -17,11 +18,7 @@ case $WHO in
     *) echo "unknown server $WHO" >&2; exit 2 ;;
 esac
 pid=$!
-for _ in $(seq 1 100); do
-    (echo > "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-done
-sleep 1
+wait_port "$PORT"
 reaper=$pid
 if [ "$WHO" = fork ]; then
     for child in $(cat "/proc/$pid/task/$pid/children"); do
@@ -38,4 +35,4 @@ import json, os
 d = json.loads(os.environ['OUT'])
 print('$WHO', round(d['rps']), 'req/s,', round(($after - $before) / $ticks / (d['rps'] * 3) * 1e6, 2),
       'us of CPU a request in the children')"
-kill -TERM -- "-$pid"; sleep 0.5; kill -KILL -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+kill -TERM -- "-$pid"; sleep 0.5; kill -KILL -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
