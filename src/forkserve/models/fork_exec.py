@@ -63,11 +63,12 @@ from ..master.traffic import Quiet, io_total, tcp_quiet
 from ..serving import program as _program_module  # noqa: F401  (see below)
 from ..serving.preamble import Proxied
 from .fork import Child, ForkModel
-
-# ``serving.program`` is the zygote's, imported here too: a zygote forked from the master (a
-# hook given as a function, or the interpreter unreadable after a privilege drop) cannot
-# always import it itself (the standard library may be out of the dropped user's reach).
 from .host import Host, Serving
+
+# ``serving.program`` runs in the zygote's children; it is imported here too because a zygote
+# forked from the master (a hook given as a function, or the interpreter unreadable after a
+# privilege drop) cannot always import it itself: the standard library may be out of the
+# dropped user's reach.
 
 log = logging.getLogger("forkserve")
 
