@@ -62,7 +62,11 @@ def test_each_hook_runs_in_its_process(server_factory: Factory, tmp_path: Path,
     master = str(server.pid)
     with server.connect() as s:
         s.sendall(b"hi\n")
-        assert recv_exactly(s, len(HELLO)) == HELLO
+        try:
+            answer = recv_exactly(s, len(HELLO))
+        except OSError as exc:  # (seen once in CI, a reset: the server's log says why)
+            raise AssertionError(f"{exc!r}\n{server.log_tail()}\n{notes(tmp_path)}") from exc
+        assert answer == HELLO
     # the fork model's children are forked by its zygote (issue 16), the master's child
     parents = {master} if model == "prefork" else {str(p) for p in server.zygotes()}
     config.write_text(f'model = "{model}"\nworkers = 1\nmax_line = 77\n')
