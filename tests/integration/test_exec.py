@@ -256,6 +256,34 @@ def test_graceful_stop_ends_a_running_program(server_factory: Factory) -> None:
     assert not [p for p in session_procs(server.pid) if p.state != "Z"]
 
 
+def test_clients_queued_at_a_stop_get_programs_that_are_not_signalled(
+        server_factory: Factory) -> None:
+    server = exec_server(server_factory, *BIND, "--", "sh", "-c",
+                         'read line; sleep 0.5; echo "answer $line"')
+    running = server.connect()  # its program starts before the stop: the stop ends it
+    running.sendall(b"early\n")
+    assert wait_until(lambda: any("answer" in cmdline(p.pid) for p in server.children()), 10.0)
+    os.kill(server.pid, signal.SIGSTOP)  # (the master takes nothing: the next ones queue)
+    try:
+        queued = [server.connect() for _ in range(3)]
+        for s in queued:
+            s.sendall(b"queued\n")
+        os.kill(server.pid, signal.SIGTERM)  # seen first when it runs again: the drain
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    for s in queued:
+        with s:
+            s.settimeout(10)
+            assert recv_all(s) == b"answer queued\n", "a drained client is answered"
+    with running:
+        running.settimeout(10)
+        try:
+            cut = recv_all(running)
+        except ConnectionResetError:  # (its end may come as a reset: either way, cut short)
+            cut = b""
+        assert cut == b"", f"a program started before the stop gets SIGTERM\n{server.log_tail()}"
+    assert server.wait() == 0
+
 
 def test_limits_apply_to_the_program(server_factory: Factory) -> None:
     server = exec_server(server_factory, *BIND, "--limit-nofile", "32", "--",

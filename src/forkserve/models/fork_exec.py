@@ -143,6 +143,18 @@ class StderrRelay:
             self.fd = -1
 
 
+@dataclass(frozen=True)
+class Booting:
+    """A connection passed to the zygote whose program has no pid yet."""
+
+    #: The read end of the program's stderr pipe.
+    stderr_r: int
+    #: The accepted socket's inode, for TCP_INFO; ``None`` for unix listeners.
+    tcp_inode: int | None
+    #: Passed by a stop's drain: the stop's SIGTERM spares it (see ``ExecModel.signal``).
+    spared: bool
+
+
 @dataclass
 class Running:
     """A program the master watches."""
@@ -152,6 +164,7 @@ class Running:
     #: The accepted socket's inode, for TCP_INFO; ``None`` for unix listeners.
     tcp_inode: int | None
     next_check: float
+    spared: bool = False
     killed_for: str | None = None
     #: ``/proc/PID/io`` fallback: the last total seen and when it last changed.
     io_seen: int | None = None
@@ -167,27 +180,21 @@ class ExecModel(ForkModel):
 
     def __init__(self, serving: Serving, *, host: Host, kernel: Kernel, gate: Gate) -> None:
         super().__init__(serving, host=host, kernel=kernel, gate=gate)
-        self.program = self._program(serving)
+        self.program = _checked(serving)
         self.running: dict[int, Running] = {}
         self._checks: list[tuple[float, int]] = []  # (when, pid), stale entries skipped
-        #: Connections passed to the zygote whose child has no pid yet, by slot: the read end
-        #: of the program's stderr pipe, and the socket's inode (None: a unix listener).
-        self._booting_stderr: dict[int, tuple[int, int | None]] = {}
+        #: Connections passed to the zygote whose program has no pid yet, by slot.
+        self._passed: dict[int, Booting] = {}
         #: Why forkserve killed the program being reported (set around ``_ended``).
         self._killed_for: str | None = None
-        #: Programs started by a stop's drain: not sent the stop's SIGTERM (see ``signal``),
-        #: by pid, and by slot until their pid is known.
-        self._spared: set[int] = set()
-        self._spared_slots: set[int] = set()
+        #: Inside a stop's ``drain``: the programs it starts are spared the stop's SIGTERM.
         self._draining = False
 
-    def _program(self, serving: Serving | None = None) -> Program:
-        app = (serving or self.serving).app
-        assert isinstance(app, Program), "models.create gives exec a Program"
-        return app
+    def _program(self) -> Program:
+        return self.program
 
     def reconfigure(self, serving: Serving) -> str:
-        self.program = self._program(serving)
+        self.program = _checked(serving)  # (before the new zygote is started with it)
         return super().reconfigure(serving)
 
     # ------------------------------------------------------------------ starting
@@ -206,35 +213,29 @@ class ExecModel(ForkModel):
             os.close(read_fd)
             return None
         os.set_blocking(read_fd, False)
-        self._booting_stderr[child.slot] = (read_fd, tcp_inode)
-        if self._draining:
-            self._spared_slots.add(child.slot)
+        self._passed[child.slot] = Booting(read_fd, tcp_inode, spared=self._draining)
         return child
 
     def _on_started(self, child: Child) -> None:
         """The zygote forked ``child``: watch its stderr and its connection from now on."""
-        read_fd, tcp_inode = self._booting_stderr.pop(child.slot)
-        if child.slot in self._spared_slots:
-            self._spared_slots.discard(child.slot)
-            self._spared.add(child.pid)
-        relay = StderrRelay(read_fd, child.pid, self.host.unwatch)
+        booting = self._passed.pop(child.slot)
+        relay = StderrRelay(booting.stderr_r, child.pid, self.host.unwatch)
         config = self.config
         # a client that stops reading may do so from the start: the write timeout is a
         # deadline as soon as the idle one (each check looks again within both)
         first = child.started + min(config.idle_timeout, config.write_timeout) + CHECK_SLACK
         if self.config.max_connection_time:
             first = min(first, child.started + self.config.max_connection_time)
-        self.running[child.pid] = Running(child, relay, tcp_inode, first,
-                                          io_since=child.started)
+        self.running[child.pid] = Running(child, relay, booting.tcp_inode, first,
+                                          spared=booting.spared, io_since=child.started)
         heapq.heappush(self._checks, (first, child.pid))
-        self.host.watch(read_fd, relay.on_readable)
+        self.host.watch(booting.stderr_r, relay.on_readable)
 
     def _lost(self, child: Child) -> None:
         """A connection whose child never started: its pipe goes with its slot."""
-        stderr = self._booting_stderr.pop(child.slot, None)
-        if stderr is not None:
-            os.close(stderr[0])
-        self._spared_slots.discard(child.slot)
+        booting = self._passed.pop(child.slot, None)
+        if booting is not None:
+            os.close(booting.stderr_r)
         super()._lost(child)
 
     # ------------------------------------------------------------------ timeouts
@@ -310,7 +311,8 @@ class ExecModel(ForkModel):
         if self._zygote_of(pid) is not None:
             super().signal(pid, sig)  # (a stop retires a zygote: see ForkModel.signal)
             return
-        if sig == signal.SIGTERM and pid in self._spared:
+        program = self.running.get(pid)
+        if sig == signal.SIGTERM and program is not None and program.spared:
             return
         try:
             self.kernel.kill(-pid, sig)
@@ -332,7 +334,6 @@ class ExecModel(ForkModel):
     # ------------------------------------------------------------------ ending
 
     def _ended(self, exited: Exited) -> None:
-        self._spared.discard(exited.pid)
         if self.host.stopping:
             # what is left of its pipeline goes with it at a stop (nothing else would end it)
             with contextlib.suppress(OSError):
@@ -362,14 +363,19 @@ class ExecModel(ForkModel):
         for program in self.running.values():
             if program.stderr.fd >= 0:
                 os.close(program.stderr.fd)
-        for read_fd, _ in self._booting_stderr.values():
-            os.close(read_fd)
+        for booting in self._passed.values():
+            os.close(booting.stderr_r)
 
     def close(self) -> None:
         for program in self.running.values():
             program.stderr.close()
         self.running.clear()
-        for read_fd, _ in self._booting_stderr.values():
-            os.close(read_fd)
-        self._booting_stderr.clear()
+        for booting in self._passed.values():
+            os.close(booting.stderr_r)
+        self._passed.clear()
         super().close()
+
+
+def _checked(serving: Serving) -> Program:
+    assert isinstance(serving.app, Program), "models.create gives exec a Program"
+    return serving.app
