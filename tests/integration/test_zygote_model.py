@@ -101,6 +101,52 @@ def test_hup_starts_a_new_zygote_and_retires_the_old_one_after_its_children(
     assert len(server.zygotes()) == 1
 
 
+ECHO_IN_MAIN = """
+import sys
+import forkserve
+
+def handle(conn):
+    for line in conn.lines():
+        conn.write(line)
+
+sys.exit(forkserve.serve(handle, bind=["127.0.0.1:0"], model="fork"))
+"""
+
+
+def sockets_of(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            what = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if what.startswith("socket:"):
+            found.add(what)
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_a_zygote_forked_from_the_master_holds_none_of_its_sockets(
+        server_factory: Factory) -> None:
+    """A handler defined in the script that called ``serve()`` cannot be imported by a fresh
+    interpreter: the zygote is forked from the master. One forked by a reload, while the old
+    one still serves a client, holds none of the master's sockets (the listener, the old
+    zygote's wire), so that nothing the master closes stays open in it."""
+    server = server_factory(script=ECHO_IN_MAIN)
+    assert wait_until(lambda: len(server.zygotes()) == 1, 10)
+    (old,) = server.zygotes()
+    with server.connect() as held:
+        held.sendall(b"a\n")
+        assert recv_exactly(held, 2) == b"a\n"
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: len(server.zygotes()) == 2, 10), server.log_tail()
+        (new,) = set(server.zygotes()) - {old}
+        shared = sockets_of(server.pid) & sockets_of(new)
+        assert not shared, f"the new zygote holds the master's {shared}"
+        held.sendall(b"b\n")
+        assert recv_exactly(held, 2) == b"b\n"
+
+
 @pytest.mark.timeout(60)
 def test_a_child_holds_only_its_connection_and_its_std_streams(server_factory: Factory) -> None:
     server = server_factory()

@@ -356,20 +356,23 @@ class ForkModel(WithoutPool):
             self._heard(zygote, record)
         return True
 
-    def _hang_up(self, zygote: Zygote, *, here: bool = True) -> None:
-        """Close ``zygote``'s wire and what waits for it (``here``: in the master, which
-        watches them; else in a forked child, which only closes its copies)."""
-        if here:
-            self._stop_watching_room(zygote)
-        elif zygote.room_fd >= 0:
+    def _hang_up(self, zygote: Zygote) -> None:
+        """Stop watching ``zygote``'s wire, and close it and what waits for it."""
+        self._stop_watching_room(zygote)
+        if zygote.sock.fileno() >= 0:
+            self.host.unwatch(zygote.sock.fileno())
+        self._close_wire(zygote)
+
+    @staticmethod
+    def _close_wire(zygote: Zygote) -> None:
+        """Close ``zygote``'s wire and what waits to go on it (in a forked child: copies)."""
+        if zygote.room_fd >= 0:
             os.close(zygote.room_fd)
+            zygote.room_fd = -1
         for outgoing in zygote.outbox:  # never sent: their clients see the connection close
             outgoing.close()
         zygote.outbox.clear()
-        if zygote.sock.fileno() >= 0:
-            if here:
-                self.host.unwatch(zygote.sock.fileno())
-            zygote.sock.close()
+        zygote.sock.close()
 
     def _heard(self, zygote: Zygote, record: wire.Record) -> None:
         if isinstance(record, wire.Started):
@@ -735,7 +738,7 @@ class ForkModel(WithoutPool):
             held.sock.close()
         self._probation.clear()
         for zygote in self._zygotes():  # (a zygote forked by a reload: the others' wires)
-            self._hang_up(zygote, here=False)
+            self._close_wire(zygote)
 
     def _spawn(self, sock: socket.socket, addr: object, header: Proxied | None = None, *,
                stderr_w: int = -1) -> Child | None:
