@@ -65,9 +65,10 @@ class ChildExited:
     """What ``child_exit`` learns about a child or worker the master reaped."""
 
     pid: int
-    #: ``"0"``, ``"1"`` ... or the signal's name, ``"SIGKILL"``.
+    #: ``"0"``, ``"1"`` ... or the signal's name, ``"SIGKILL"``; ``"unknown"`` when the
+    #: zygote that reaped it died before it said how it ended.
     status: str
-    #: The exit status, or minus the signal number.
+    #: The exit status, or minus the signal number (``Exited.UNSEEN`` when unknown).
     code: int
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 #: ``signal.pthread_sigmask`` and ``signal.signal`` without their Python wrappers, which turn
 #: every signal number in and out into an enum member (microseconds each). For the
@@ -49,17 +49,23 @@ class OsKernel:
 
 @dataclass(frozen=True)
 class Exited:
-    """A reaped child: ``code`` is the exit status, or minus the signal that killed it."""
+    """A reaped child: ``code`` is the exit status, or minus the signal that killed it, or
+    ``UNSEEN``: the process is gone, but how it ended was lost (its parent, a zygote, reaped
+    it and died before it could say)."""
 
     pid: int
     code: int
 
+    UNSEEN: ClassVar[int] = -(1 << 16)
+
     @property
     def signal(self) -> int | None:
-        return -self.code if self.code < 0 else None
+        return -self.code if self.code < 0 and self.code != self.UNSEEN else None
 
     def describe(self) -> str:
-        """``0``, ``1`` ... for an exit; ``SIGKILL`` ... for a signal."""
+        """``0``, ``1`` ... for an exit; ``SIGKILL`` ... for a signal; ``unknown``."""
+        if self.code == self.UNSEEN:
+            return "unknown"
         if self.code >= 0:
             return str(self.code)
         try:

@@ -29,6 +29,15 @@ class FakeKernel:
         self.killed.append((pid, sig))
 
     def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        if pid > 0:  # that child only: its exit, or 0 while it runs, or not a child
+            for done, status in self.exits:
+                if done == pid:
+                    self.exits.remove((done, status))
+                    self.live.discard(done)
+                    return done, status
+            if pid in self.live:
+                return 0, 0
+            raise ChildProcessError(pid)
         if self.exits:
             done, status = self.exits.popleft()
             self.live.discard(done)

@@ -44,9 +44,10 @@ class FakeZygote:
         self.retired = False
         self.fds_received = 0
 
-    def fork(self) -> list[int]:
+    def fork(self, *, heard: bool = True) -> list[int]:
         """Take what the master sent: a child per Conn (its fds closed, as the zygote's
-        children are the only holders); the pids, once the master has read the reports."""
+        children are the only holders); the pids, once the master has read the reports
+        (``heard=False``: they wait unread in the wire)."""
         records: list[wire.Record] = []
         pids: list[int] = []
         self.wire.setblocking(False)
@@ -72,7 +73,7 @@ class FakeZygote:
                 self.slots[pid] = record.slot
                 pids.append(pid)
                 reports.append(wire.Started(record.slot, pid))
-        self._say(reports)
+        self._say(reports, heard=heard)
         return pids
 
     def end(self, pid: int, code: int = 0, sig: int = 0) -> None:
@@ -85,10 +86,10 @@ class FakeZygote:
         self.kernel.exit(self.pid)
         self.sup._reap()
 
-    def _say(self, reports: list[wire.Record]) -> None:
+    def _say(self, reports: list[wire.Record], *, heard: bool = True) -> None:
         if reports:
             self.wire.sendall(b"".join(wire.encode(r) for r in reports))
-            while self.model._on_zygote(self.zygote):
+            while heard and self.model._on_zygote(self.zygote):
                 pass
 
 
@@ -214,6 +215,50 @@ def test_a_dead_zygotes_orphans_are_reaped_by_the_master(sup: Supervisor, zygote
     sup._reap()
     assert not zygote.model.children
     assert zygote.model._free_slots == [2, 1, 0]
+
+
+def test_a_child_its_dead_zygote_reaped_without_a_word_ends_unseen(
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # a fast stop's SIGKILLs: the zygote reaps its child, then dies before its Ended goes out
+    pid = spawn(zygote)
+    sup._begin_stop(fast=True)
+    kernel.live.discard(pid)  # (reaped by the zygote: not the master's to wait for)
+    kernel.die(zygote.pid, signal.SIGKILL)
+    with caplog.at_level(logging.INFO, logger="forkserve"):
+        sup._reap()
+        assert pid in zygote.model.children, "settled after the round of reaping"
+        zygote.model.manage()
+    assert not zygote.model.children
+    assert zygote.model._free_slots == [2, 1, 0]
+    assert sup._finished(), "the stop does not wait for it for ever"
+    assert any(f"pid {pid} (connection from " in r.getMessage() and "ended unseen" in r.getMessage()
+               and r.levelno == logging.INFO for r in caplog.records), "expected in a stop"
+
+
+@pytest.mark.parametrize("zygote_first", [False, True])
+def test_a_child_reaped_before_its_started_is_read_ends_with_its_status(
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel, zygote_first: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # the zygote died: its child, re-parented, is reaped in the same round as the zygote,
+    # in either order, while the child's Started still waits unread in the dead zygote's wire
+    a, b = socket.socketpair()
+    b.close()
+    assert zygote.model._spawn(a, ("127.0.0.1", 4000))
+    (pid,) = zygote.fork(heard=False)
+    assert pid not in zygote.model.children
+    ends = [(zygote.pid, signal.SIGKILL), (pid, signal.SIGKILL)]
+    for dead, sig in ends[::1 if zygote_first else -1]:
+        kernel.die(dead, sig)
+    with caplog.at_level(logging.INFO, logger="forkserve"):
+        sup._reap()
+        zygote.model.manage()
+    assert not zygote.model.children
+    assert zygote.model._free_slots == [2, 1, 0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "not one of ours" in m or "unseen" in m], messages
+    assert any(f"pid {pid} (connection from " in m and "killed by SIGKILL" in m
+               for m in messages), messages
 
 
 def test_graceful_stop_terms_waits_then_kills_at_the_deadline(

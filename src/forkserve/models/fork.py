@@ -144,6 +144,8 @@ class Child:
     key: ClientKey | None = None
     #: Closed by the early drop to make room for a newcomer (SIGQUIT).
     displaced: bool = False
+    #: The pid of the zygote that forked it (0 until its ``Started``).
+    zygote: int = 0
 
 
 @dataclass
@@ -227,6 +229,8 @@ class ForkModel(WithoutPool):
         self.zygote_deaths = 0
         #: A stop came while PROXY headers were being read: the zygote retires after them.
         self._retire_when_headers_read = False
+        #: Children of a zygote that died, to account for once its round of reaping is done.
+        self._orphans: list[int] = []
         #: What the stop sends its processes (``stop_begun``), sent also to those that start
         #: during it.
         self._stop_signal: int | None = None
@@ -379,11 +383,7 @@ class ForkModel(WithoutPool):
             self._started(zygote, record)
         elif isinstance(record, wire.Ended):
             if record.pid in self.children:
-                exited = Exited(record.pid, os.waitstatus_to_exitcode(record.status))
-                self._ended(exited)
-                if self.config.child_exit is not None:  # (the master's reap calls it for
-                    hooks.call(self.config, "child_exit",  # the children it reaps itself)
-                               ChildExited(exited.pid, exited.describe(), exited.code))
+                self._gone(Exited(record.pid, os.waitstatus_to_exitcode(record.status)))
         elif isinstance(record, wire.ForkFailed):
             child = zygote.booting.pop(record.slot, None)
             if child is not None:
@@ -403,7 +403,7 @@ class ForkModel(WithoutPool):
         child = zygote.booting.pop(record.slot, None)
         if child is None:
             return
-        child.pid = record.pid
+        child.pid, child.zygote = record.pid, zygote.pid
         self.children[record.pid] = child
         self._on_started(child)
         if self.stress.active and self.client_proof:  # it began before it was told
@@ -451,6 +451,10 @@ class ForkModel(WithoutPool):
         while zygote.sock.fileno() >= 0 and self._on_zygote(zygote):
             pass
         self._hang_up(zygote)
+        # its children still in the books are the master's now (the subreaper's), or were
+        # reaped by the zygote just before it died, their Ended never sent: once this round of
+        # reaping is done, ``manage`` asks the kernel which (``_settle_orphans``)
+        self._orphans += [pid for pid, c in self.children.items() if c.zygote == zygote.pid]
         for child in zygote.booting.values():  # their sockets died with it
             self._lost(child)
         zygote.booting.clear()
@@ -714,6 +718,8 @@ class ForkModel(WithoutPool):
                     *(held.deadline for held in self._probation.values())], default=None)
 
     def manage(self) -> None:
+        if self._orphans:
+            self._settle_orphans()
         if self._probation:
             now = self.kernel.monotonic()
             for fd in [fd for fd, held in self._probation.items() if held.deadline <= now]:
@@ -803,11 +809,41 @@ class ForkModel(WithoutPool):
             self._zygote_exited(zygote, exited)
             self.host.update_accepting()
             return True
-        # a zygote's child whose zygote died (re-parented to the master, the subreaper)
+        # a zygote's child whose zygote died (re-parented to the master, the subreaper); its
+        # Started may still wait in the dead zygote's wire, not read yet: read it first
+        if exited.pid not in self.children:
+            for zygote in self._zygotes():
+                while zygote.sock.fileno() >= 0 and self._on_zygote(zygote):
+                    pass
         if exited.pid not in self.children:
             return False
         self._ended(exited)
         return True
+
+    def _gone(self, exited: Exited) -> None:
+        """A child's end that the master's reaper did not see (it runs ``child_exit`` for
+        those it reaps itself)."""
+        self._ended(exited)
+        if self.config.child_exit is not None:
+            hooks.call(self.config, "child_exit",
+                       ChildExited(exited.pid, exited.describe(), exited.code))
+
+    def _settle_orphans(self) -> None:
+        """The children of a zygote that died, after the round of reaping that saw it die:
+        one still running is the master's child now (its reaping ends it); one already gone
+        was reaped by the zygote, which died before it said so: it ends here, how unknown.
+        (Without this, a stop would wait for it for ever.)"""
+        orphans, self._orphans = self._orphans, []
+        for pid in orphans:
+            if pid not in self.children:
+                continue
+            try:
+                done, status = self.kernel.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                self._gone(Exited(pid, Exited.UNSEEN))
+                continue
+            if done:  # (it ended after that round: reaped here, not by the loop's reaper)
+                self._gone(Exited(pid, os.waitstatus_to_exitcode(status)))
 
     def _ended(self, exited: Exited) -> None:
         """The end of a child (reported by its zygote, or reaped here)."""
@@ -836,7 +872,11 @@ class ForkModel(WithoutPool):
     def _report_exit(self, child: Child, exited: Exited) -> None:
         """Count and log how a child ended (the access record is written after this)."""
         self.handler_errors += exited.code == ChildExit.HANDLER_ERROR
-        if exited.code not in NORMAL_EXITS:
+        if exited.code == Exited.UNSEEN:
+            log.log(logging.INFO if self.host.stopping else logging.WARNING,
+                    "pid %d (connection from %s) ended unseen: its zygote reaped it and died "
+                    "before it said how", exited.pid, child.peer)
+        elif exited.code not in NORMAL_EXITS:
             self.host.report_abnormal_exit(exited, f"connection from {child.peer}")
 
     def interrupt(self, fast: bool) -> None:
