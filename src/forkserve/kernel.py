@@ -33,6 +33,7 @@ get_handler: Callable[[int], object] = _signal.getsignal
 
 class Kernel(Protocol):
     def fork(self) -> int: ...
+    def spawn(self, path: str, argv: list[str], env: dict[str, str]) -> int: ...
     def kill(self, pid: int, sig: int) -> None: ...
     def waitpid(self, pid: int, options: int) -> tuple[int, int]: ...
     def monotonic(self) -> float: ...
@@ -43,6 +44,12 @@ class OsKernel:
 
     fork = staticmethod(os.fork)
     kill = staticmethod(os.kill)
+
+    @staticmethod
+    def spawn(path: str, argv: list[str], env: dict[str, str]) -> int:
+        """A new program in a child (``posix_spawn``), with no signal blocked: its pid."""
+        return os.posix_spawn(path, argv, env, setsigmask=())
+
     waitpid = staticmethod(os.waitpid)
     monotonic = staticmethod(time.monotonic)
 

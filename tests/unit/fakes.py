@@ -23,6 +23,9 @@ class FakeKernel:
         self.live.add(self.next_pid)
         return self.next_pid
 
+    def spawn(self, path: str, argv: list[str], env: dict[str, str]) -> int:
+        return self.fork()
+
     def kill(self, pid: int, sig: int) -> None:
         if pid not in self.live:
             raise ProcessLookupError(pid)

@@ -19,6 +19,7 @@ from forkserve.master.signals import SIGNALS, Intent
 from forkserve.master.supervisor import Supervisor
 from forkserve.models import Serving
 from forkserve.models.fork import ForkModel, Zygote
+from forkserve.ops.scoreboard import SlotState
 from forkserve.protocol import zygote as wire
 from forkserve.serving.accept import ACCEPT_PAUSE_SECONDS
 from forkserve.serving.child import STOP_REMINDER
@@ -36,6 +37,10 @@ class FakeZygote:
         model = sup.model
         assert isinstance(model, ForkModel)
         self.sup, self.model, self.kernel = sup, model, kernel
+        booted = model.zygote  # (spawned on the fake kernel: no process, and no one on its wire)
+        if booted is not None:
+            model._hang_up(booted)
+            kernel.live.discard(booted.pid)
         ours, self.wire = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
         self.pid = kernel.fork()
@@ -44,10 +49,11 @@ class FakeZygote:
         self.retired = False
         self.fds_received = 0
 
-    def fork(self, *, heard: bool = True) -> list[int]:
+    def fork(self, *, heard: bool = True, said: bool = True) -> list[int]:
         """Take what the master sent: a child per Conn (its fds closed, as the zygote's
         children are the only holders); the pids, once the master has read the reports
-        (``heard=False``: they wait unread in the wire)."""
+        (``heard=False``: they wait unread in the wire; ``said=False``: the zygote dies
+        before it sends them)."""
         records: list[wire.Record] = []
         pids: list[int] = []
         self.wire.setblocking(False)
@@ -73,7 +79,8 @@ class FakeZygote:
                 self.slots[pid] = record.slot
                 pids.append(pid)
                 reports.append(wire.Started(record.slot, pid))
-        self._say(reports, heard=heard)
+        if said:
+            self._say(reports, heard=heard)
         return pids
 
     def end(self, pid: int, code: int = 0, sig: int = 0) -> None:
@@ -259,6 +266,30 @@ def test_a_child_reaped_before_its_started_is_read_ends_with_its_status(
     assert not [m for m in messages if "not one of ours" in m or "unseen" in m], messages
     assert any(f"pid {pid} (connection from " in m and "killed by SIGKILL" in m
                for m in messages), messages
+
+
+def test_a_child_whose_started_died_with_its_zygote_is_adopted_by_its_slot(
+        sup: Supervisor, zygote: FakeZygote, kernel: FakeKernel) -> None:
+    a, b = socket.socketpair()
+    b.close()
+    model = zygote.model
+    assert model._spawn(a, ("127.0.0.1", 4000))
+    (slot,) = zygote.zygote.booting
+    (pid,) = zygote.fork(said=False)  # (the zygote is killed before it reports the fork)
+    model.scoreboard.write(slot, pid=pid, state=SlotState.READING)  # a child's first write
+    kernel.die(zygote.pid, signal.SIGKILL)
+    sup._reap()
+    model.manage()
+    assert model.children[pid].slot == slot, "adopted: a stop waits for it, and signals it"
+    assert model.zygote is not None
+    replacement = model.zygote.pid
+    sup._begin_stop(fast=True)
+    assert kernel.killed == [(pid, signal.SIGKILL), (replacement, signal.SIGKILL)]
+    kernel.die(pid, signal.SIGKILL)
+    kernel.die(replacement, signal.SIGKILL)
+    sup._reap()
+    assert sup._finished()
+    assert sorted(model._free_slots) == [0, 1, 2]
 
 
 def test_graceful_stop_terms_waits_then_kills_at_the_deadline(

@@ -300,17 +300,15 @@ class ForkModel(WithoutPool):
         the script that called ``forkserve.serve``: importing it would run the script)."""
         return not self.config.app.startswith("__main__:")
 
-    @staticmethod
-    def _exec_zygote(theirs: socket.socket) -> int:
+    def _exec_zygote(self, theirs: socket.socket) -> int:
         """A fresh interpreter running ``serving.zygote`` on ``theirs``: its pid."""
         env = dict(os.environ)
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         os.set_inheritable(theirs.fileno(), True)
-        return os.posix_spawn(
+        return self.kernel.spawn(
             sys.executable,
-            [sys.executable, "-m", "forkserve.serving.zygote", str(theirs.fileno())],
-            env, setsigmask=())
+            [sys.executable, "-m", "forkserve.serving.zygote", str(theirs.fileno())], env)
 
     def _fork_zygote(self, ours: socket.socket, theirs: socket.socket,
                      settings: Settings) -> int:
@@ -454,8 +452,12 @@ class ForkModel(WithoutPool):
         # its children still in the books are the master's now (the subreaper's), or were
         # reaped by the zygote just before it died, their Ended never sent: once this round of
         # reaping is done, ``manage`` asks the kernel which (``_settle_orphans``)
+        for slot in list(zygote.booting):
+            pid = self.scoreboard.read(slot).pid
+            if pid:  # forked (its slot names it), its Started lost with the zygote: adopted
+                self._started(zygote, wire.Started(slot, pid))
         self._orphans += [pid for pid, c in self.children.items() if c.zygote == zygote.pid]
-        for child in zygote.booting.values():  # their sockets died with it
+        for child in zygote.booting.values():  # never forked: their sockets died with it
             self._lost(child)
         zygote.booting.clear()
         if zygote is self._next:
