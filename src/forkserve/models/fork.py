@@ -17,7 +17,12 @@ the zygote's outbox until it has room, and they count as children meanwhile.
 - Reaping: the zygote reaps its children and reports ``Ended``; the master keeps the books
   (slots, admission, penalties, the access log from the child's scoreboard slot, shared
   through a memfd). The master is a child subreaper: the children of a zygote that died are
-  re-parented to it and reaped here like any other end.
+  re-parented to it and reaped here like any other end. A zygote can die between two of its
+  steps (a fast stop's SIGKILL, the OOM killer): what it said last is read before its end is
+  handled, and before a reaped pid is called a stranger; a child whose ``Started`` was lost
+  is found by the pid it wrote to its slot; a child it reaped without a word left is ended
+  with status ``unknown`` once that round of reaping is done (``_settle_orphans``). A stop
+  never waits for a process that is gone.
 - A dead zygote is replaced at once and counted; its children get SIGTERM from the kernel
   (their PDEATHSIG) and finish as orphans. A zygote that cannot import the app stops the
   server with its one line (``Failed``), as prefork's boot failures do.
