@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from forkserve.tools.bench import runner
+from forkserve.tools.bench.servers import open_connections
 
 from .harness import wait_until
 
@@ -153,3 +158,47 @@ def test_demo_shows_the_queue_form_and_vanish() -> None:
     assert len(proc.stdout.strip().splitlines()[-3:]) == 3
     assert proc.stdout.strip().splitlines()[-4].startswith("single:")
     assert_nothing_left(mark)
+
+
+@pytest.mark.timeout(10)
+def test_open_connections_counts_what_the_server_still_holds() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert open_connections(port) == 0, "a listening socket holds no connection"
+        with socket.create_connection(("127.0.0.1", port)):
+            assert wait_until(lambda: open_connections(port) == 1, 2.0), "queued, not accepted"
+            server_end, _ = listener.accept()
+        assert open_connections(port) == 1, "the client left; the server's end is open"
+        server_end.close()
+        assert wait_until(lambda: open_connections(port) == 0, 2.0)
+
+
+class SteadyServer:
+    """What ``settle`` looks at: a live server whose process count stays above idle (a pool
+    that grew for the load)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def alive(self) -> bool:
+        return True
+
+    def nprocs(self) -> int:
+        return 5
+
+
+@pytest.mark.timeout(20)
+def test_settle_waits_for_the_last_connection_not_for_a_grown_pool_to_shrink(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "SETTLE_TIMEOUT", 1.5)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = SteadyServer(listener.getsockname()[1])
+        start = time.monotonic()
+        runner.settle(server, idle_procs=3)  # type: ignore[arg-type]
+        assert time.monotonic() - start < 1.5, "steady, nothing held: settled"
+        with socket.create_connection(("127.0.0.1", server.port)):
+            server_end, _ = listener.accept()
+            with server_end:
+                start = time.monotonic()
+                runner.settle(server, idle_procs=3)  # type: ignore[arg-type]
+                assert time.monotonic() - start >= 1.5, "a connection still held: not settled"

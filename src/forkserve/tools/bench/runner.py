@@ -35,7 +35,7 @@ from typing import Any
 
 from . import loadclient
 from .loadclient import Histogram, Tally
-from .servers import BenchFailed, RunningServer
+from .servers import BenchFailed, RunningServer, open_connections
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,11 @@ SLOW_HEAD_START = 0.2
 MEM_SAMPLE_AT = (0.5, 0.8)
 #: A client process above this share of one core is probably what limits the figures.
 CLIENT_BOUND_CPU = 0.9
-#: After a scenario, wait at most this long for the server's process count to return to idle.
+#: After a scenario, wait at most this long for the server to let go of it (``settle``).
 SETTLE_TIMEOUT = 10.0
+#: ... and a process count that has not changed this long, with no connection left, is
+#: settled: a pool that grew for the load shrinks on its own schedule, not the bench's.
+SETTLE_STEADY = 0.5
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,17 @@ def _us(hist: Histogram, q: float) -> float | None:
 
 
 def settle(server: RunningServer, idle_procs: int) -> None:
-    """Wait (bounded) until the server is back to its idle process count."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while time.monotonic() < deadline and server.alive():
-        if server.nprocs() <= idle_procs:
+    """Wait (bounded) until the last scenario has left the server: its process count back to
+    idle, or steady for ``SETTLE_STEADY`` with none of its connections left open."""
+    now = time.monotonic()
+    deadline, last, since = now + SETTLE_TIMEOUT, -1, now
+    while now < deadline and server.alive():
+        procs = server.nprocs()
+        if procs <= idle_procs:
+            return
+        if procs != last:
+            last, since = procs, now
+        elif now - since >= SETTLE_STEADY and not open_connections(server.port):
             return
         time.sleep(0.1)
+        now = time.monotonic()

@@ -48,6 +48,24 @@ REAP_TIMEOUT = 5.0
 PORT_PLACEHOLDER = "{port}"
 
 
+#: /proc/net/tcp states of a connection whose local end is not closed yet: ESTABLISHED,
+#: SYN_RECV (being set up), CLOSE_WAIT (the peer closed, this end has not).
+_HELD = {"01", "03", "08"}
+
+
+def open_connections(port: int) -> int:
+    """Connections on this host whose local end is ``port`` and not closed yet (from
+    /proc/net/tcp and tcp6): what a server on ``port`` still holds of its clients."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in _HELD:
+                    count += 1
+    return count
+
+
 class BenchUsage(ForkserveError):
     """The command line cannot work (bad --server, unknown model); exit 2."""
 
