@@ -285,8 +285,10 @@ def test_max_connection_time_ends_a_busy_connection(server_factory: Factory,
         assert recv_exactly(s, len(HELLO)) == HELLO
 
 
-def test_a_graceful_stop_serves_the_clients_already_queued(server_factory: Factory) -> None:
-    server = server_factory()
+@pytest.mark.parametrize("model", ["fork", "single"])
+def test_a_graceful_stop_serves_the_clients_already_queued(server_factory: Factory,
+                                                          model: str) -> None:
+    server = server_factory("--model", model)
     server.signal(signal.SIGSTOP)  # the master is busy: clients queue in the kernel backlog
     try:
         queued = [server.connect() for _ in range(5)]
@@ -301,8 +303,11 @@ def test_a_graceful_stop_serves_the_clients_already_queued(server_factory: Facto
     assert server.wait() == 0
 
 
-def test_a_graceful_stop_serves_queued_clients_behind_a_proxy(server_factory: Factory) -> None:
-    server = server_factory("--proxy-protocol", "--trusted-proxy", "127.0.0.1")
+@pytest.mark.parametrize("model", ["fork", "single"])
+def test_a_graceful_stop_serves_queued_clients_behind_a_proxy(server_factory: Factory,
+                                                             model: str) -> None:
+    server = server_factory("--model", model, "--proxy-protocol", "--trusted-proxy",
+                            "127.0.0.1")
     server.signal(signal.SIGSTOP)
     try:
         queued = [server.connect() for _ in range(3)]
@@ -315,6 +320,25 @@ def test_a_graceful_stop_serves_queued_clients_behind_a_proxy(server_factory: Fa
         with s:
             assert recv_all(s) == HELLO
     assert server.wait() == 0
+
+
+def test_the_clients_a_single_stop_serves_share_its_deadline(server_factory: Factory) -> None:
+    # four silent clients queued: each is owed a second (STOP_GRACE) for its request, the stop
+    # has 1.5 s for all of them: the second is cut at the deadline, and the rest are not
+    # served, each with a deadline of its own
+    server = server_factory("--model", "single", "--graceful-timeout", "1.5")
+    server.expect_exit = 1
+    server.signal(signal.SIGSTOP)
+    try:
+        queued = [server.connect() for _ in range(4)]
+        server.signal(signal.SIGTERM)
+    finally:
+        server.signal(signal.SIGCONT)
+    assert server.wait() == 1, "a client had to be cut to stop: exit 1"
+    cut = server.log().count("outlived the stop deadline")
+    assert cut == 1, server.log_tail()
+    for s in queued:
+        s.close()
 
 
 def test_max_connection_time_bounds_a_slow_reader(server_factory: Factory,

@@ -132,10 +132,11 @@ def test_a_client_that_comes_once_a_stop_began_is_refused_not_queued(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("model", ["fork", "prefork", "hybrid"])
+@pytest.mark.parametrize("model", ["fork", "prefork", "hybrid", "single"])
 def test_a_stop_under_load_resets_no_one(server_factory: Factory, model: str) -> None:
-    server = server_factory("--model", model, *(["--workers", "2"] if model != "fork" else []))
-    assert wait_until(lambda: len(serving_processes(server)) >= (model != "fork") * 2, 10)
+    pool = model in ("prefork", "hybrid")
+    server = server_factory("--model", model, *(["--workers", "2"] if pool else []))
+    assert wait_until(lambda: len(serving_processes(server)) >= pool * 2, 10)
     with Load(server, 6, seconds=30) as load:
         assert wait_until(lambda: load.ok >= 100, 30), load.failures[:5]
         server.signal(signal.SIGTERM)

@@ -12,7 +12,8 @@ most until ``deadlines()``; it reaps (step 7) and ends once ``finished``.
    nothing queued for the close to reset.
 2. **Serve what is queued** (graceful, not a handover): the model takes what the kernel has
    queued on each listener (``Model.drain``: the fork model forks for it, prefork workers are
-   told on the scoreboard), so those clients are answered, not reset by the close.
+   told on the scoreboard, the single model serves them one after the other), so those
+   clients are answered, not reset by the close.
 3. **Close the listeners**: new clients are refused, not left hanging in a queue nobody
    reads. (On a handover the sockets stay open in the new master.) The model is told
    (``Model.stop_begun``): the fork model's zygote retires, and exits after its last

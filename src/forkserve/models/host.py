@@ -284,7 +284,7 @@ class WithoutPool:
         log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
     def drain(self, listener: Listener) -> None:
-        pass  # the single model serves in the master: it cannot take more without waiting
+        pass  # (the fork and single models serve them: see theirs)
 
     def stop_begun(self, sig: int | None) -> None:
         pass  # no process starts but by the master's own hand

@@ -15,6 +15,13 @@ table is ``serving.signals.SINGLE`` (the master's table applies to the rest).
 A stop that arrives between accept() and the start of the handler is not lost: ``interrupt``
 records it even with no connection in service, and ``_run_handler`` looks at that record
 after it has published the connection.
+
+Clients that queued while it served (a graceful stop is acted on once that connection ends)
+are served at the stop (``drain``), one after the other, each told at once that the server
+stops (so a silent one costs ``STOP_GRACE`` at most); the listener's socket filter lets no
+one new in meanwhile. One deadline covers them all: ``graceful_timeout`` from the signal (a
+fast stop: ``FAST_STOP_SECONDS``). What is still queued at the deadline is reset by the close,
+and the master exits 1.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ class SingleModel(WithoutPool):
         self._fast_stop = False
         #: Set by ``interrupt`` (in the signal handler), with or without a connection.
         self._stop_asked = False
+        #: When the stop's time is up (``kernel.monotonic``): set by the first ``interrupt``,
+        #: only ever brought forward (a fast stop), so the clients a stop serves share it.
+        self._stop_due: float | None = None
         self._deadline_hit = False
         #: The handlers the model's table replaced (``serving.signals.SINGLE``).
         self._previous: dict[int, object] = {}
@@ -98,13 +108,26 @@ class SingleModel(WithoutPool):
         raise StopDeadline
 
     def on_readable(self, listener: Listener) -> None:
+        self._take(listener)
+
+    def drain(self, listener: Listener) -> None:
+        """A graceful stop is about to close ``listener``: serve, one after the other, the
+        clients queued on it, until none is left, a fast stop comes or the stop's time is up
+        (see the module doc)."""
+        while (not self._fast_stop and not self._deadline_hit
+               and (self._stop_due is None or self.kernel.monotonic() < self._stop_due)
+               and self._take(listener)):
+            pass
+
+    def _take(self, listener: Listener) -> bool:
+        """Accept one client and serve it (or refuse it); False if none was waiting."""
         try:
             sock, addr = listener.sock.accept()
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             self.host.accept_failed(exc)
-            return
+            return False
         header = None
         if self.config.proxy_protocol:  # first: admission must see the real client
             deadline = self.kernel.monotonic() + self.config.handshake_timeout
@@ -113,7 +136,7 @@ class SingleModel(WithoutPool):
             except (ClientError, OSError) as exc:
                 self.gate.refuse(sock, "proxy", f"{format_address(addr, sock.family)}: "
                                                     f"{exc}")
-                return
+                return True
             addr = header.addr
         admitted, key = self.gate.admit(sock, addr)
         if admitted:
@@ -121,6 +144,7 @@ class SingleModel(WithoutPool):
                 self._serve(sock, addr, header, key)
             finally:
                 self.gate.release(key)
+        return True
 
     def _serve(self, sock: socket.socket, addr: object, header: Proxied | None,
                key: ClientKey | None) -> None:
@@ -182,13 +206,19 @@ class SingleModel(WithoutPool):
         return False  # this model forks nothing
 
     def interrupt(self, fast: bool) -> None:
-        """From the signal handler: tell the connection in service to finish; arm its deadline.
+        """From the signal handler (or for a connection a stop serves): tell the connection
+        in service to finish; arm the stop's deadline.
 
         Two system calls (a ``setsockopt`` or ``shutdown``, and ``setitimer``), no locks.
         """
         conn = self._serving
         self._fast_stop = self._fast_stop or fast
         self._stop_asked = True
+        now = self.kernel.monotonic()
+        due = now + (FAST_STOP_SECONDS if fast else self.config.graceful_timeout)
+        if self._stop_due is not None:
+            due = min(due, self._stop_due)
+        self._stop_due = due
         if conn is None:
             return
         if fast:
@@ -196,8 +226,7 @@ class SingleModel(WithoutPool):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         else:
             conn.interrupt()
-        limit = FAST_STOP_SECONDS if fast else self.config.graceful_timeout
-        signal.setitimer(signal.ITIMER_REAL, max(limit, 0.001))
+        signal.setitimer(signal.ITIMER_REAL, max(due - now, 0.001))
 
     def pids(self) -> Collection[int]:
         return ()
