@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _settings(args, given)
             reload = ((lambda: config_mod.from_cli(args, args.config, given))
                       if args.config else None)
-            return run_server(config, reload_config=reload)
+            return run_server(config, reload_config=reload, exits_after=True)
         if args.command == "exec":
             return _run_exec(args)
         if args.command == "check":
@@ -266,7 +266,7 @@ def _run_exec(args: argparse.Namespace) -> int:
     program = exec_app.prepare([args.program, *args.args], env_items=args.env,
                                pass_env=args.pass_env, chdir=config.chdir)
     reload = (lambda: config_mod.from_cli(args, args.config, given)) if args.config else None
-    return run_server(config, program, reload_config=reload)
+    return run_server(config, program, reload_config=reload, exits_after=True)
 
 
 #: The exit status of a command whose reader went away: a shell's for a SIGPIPE (128 + 13).

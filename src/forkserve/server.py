@@ -34,8 +34,11 @@ CONTROL_BACKLOG = 16
 
 
 def run_server(config: Config, app: App | None = None,
-               reload_config: Callable[[], Config] | None = None) -> int:
+               reload_config: Callable[[], Config] | None = None, *,
+               exits_after: bool = False) -> int:
     """Serve ``config`` (with ``app``, else the app it names) until stopped; return the status.
+    ``exits_after``: the process exits then (the command line), and ignores the signals
+    that come meanwhile (see ``Supervisor``).
 
     Everything an operator can get wrong is checked before any socket is bound, in this order:
     the directory, hooks, the user to become, limits, TLS files, admission rules, the app, the
@@ -62,7 +65,7 @@ def run_server(config: Config, app: App | None = None,
         supervisor = Supervisor(
             Serving(config, app, context, access_log), listeners, admission=admission,
             operators=Operators(control, metrics),
-            launch=Launch(origin, started_in, notifier, upgrade_ready_fd))
+            launch=Launch(origin, started_in, notifier, upgrade_ready_fd, exits_after))
         if config.reload:  # last: nothing can fail after the watcher is started
             devreload.Watcher(supervisor, devreload.directories(config))
         undo.pop_all()  # from here on, the supervisor closes what it was given

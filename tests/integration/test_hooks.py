@@ -40,6 +40,11 @@ def on_exit(status):
 
 def fail(*args):
     raise RuntimeError("hook says no")
+
+def slow_exit(status):
+    _note("exiting", os.getpid(), status)
+    import time
+    time.sleep(1)
 """
 
 ALL = ["--on-starting", "hooks:on_starting", "--post-fork", "hooks:post_fork",
@@ -163,3 +168,20 @@ def test_a_post_fork_hook_that_hangs_is_a_boot_failure(server_factory: Factory,
     server.wait_for_log(r"line \d+ in hang")
     server.expect_exit = 3
     assert server.wait(30) == 3
+
+
+@pytest.mark.parametrize("model", ["fork", "single"])
+def test_signals_while_the_stopped_master_exits_change_nothing(server_factory: Factory,
+                                                               tmp_path: Path,
+                                                               model: str) -> None:
+    # the on_exit hook holds the master in its exit, after the stop: an operator's repeated
+    # TERM (or a TTIN) then must neither kill it (status -15) nor stop it
+    (tmp_path / "hooks.py").write_text(HOOKS)
+    server = server_factory("--model", model, "--chdir", str(tmp_path),
+                            "--on-exit", "hooks:slow_exit")
+    server.signal(signal.SIGTERM)
+    assert wait_until(lambda: any(n[0] == "exiting" for n in notes(tmp_path)), 10)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTERM):
+        server.signal(sig)
+    assert server.wait(10) == 0, server.log_tail()
+    assert notes(tmp_path) == [["exiting", str(server.pid), "0"]]

@@ -72,6 +72,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("forkserve")
 
 
+def _stopped_already(signum: int, frame: FrameType | None) -> None:
+    """A signal after the server stopped, in a process about to exit: nothing to do."""
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -84,6 +87,9 @@ class Launch:
     cwd: str | None = None
     notifier: systemd.Notifier | None = None
     upgrade_ready_fd: upgrade.Successor | None = None
+    #: The process exits once the server has stopped (the command line, not ``serve()``
+    #: called by a program that goes on).
+    exits_after: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class Supervisor:
         self._cwd = launch.cwd or os.getcwd()
         #: Set when an upgrade started this master: written to once it serves.
         self._upgrade_ready_fd = launch.upgrade_ready_fd
+        self._exits_after = launch.exits_after
         #: systemd's notification socket (a no-op outside systemd) and its watchdog pings.
         self.notifier = launch.notifier or systemd.Notifier(None)
         self.heartbeat = systemd.Heartbeat(self.notifier, self._started)
@@ -314,7 +321,10 @@ class Supervisor:
 
     @contextlib.contextmanager
     def _signals_installed(self) -> Iterator[None]:
-        """Install the table's handlers and the wakeup fd; restore the previous ones after."""
+        """Install the table's handlers and the wakeup fd; restore the previous ones after.
+        A process that exits once the server has stopped gets handlers that do nothing
+        instead: a TERM repeated by an operator while it exits must not turn its status into
+        death by that signal (nor TTIN stop it)."""
         previous = {route.signal: signal.signal(route.signal, self._record) for route in SIGNALS}
         old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
@@ -322,7 +332,7 @@ class Supervisor:
         finally:
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, _stopped_already if self._exits_after else handler)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         """The signal handler: record, and nothing else (see the module doc)."""
