@@ -53,7 +53,7 @@ def announce(listeners: Sequence[Listener], operators: Sequence[tuple[str, Liste
         sys.stderr.flush()
 
 
-def stopped(stop: Stop | None, status: int) -> None:
+def stopped(stop: Stop | None, status: int, cut: int) -> None:
     """The last log line of a master: how it stopped, its exit status, connections cut."""
     if stop is None:
         how = "stopped"
@@ -61,4 +61,4 @@ def stopped(stop: Stop | None, status: int) -> None:
         how = "handed over to the new master and stopped"
     else:
         how = "stopped (fast stop)" if stop.fast else "stopped (graceful stop)"
-    log.info("%s: exit status %d, %d connection(s) cut", how, status, stop.cut if stop else 0)
+    log.info("%s: exit status %d, %d connection(s) cut", how, status, cut)

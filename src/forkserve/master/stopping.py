@@ -80,6 +80,8 @@ class StopChecklist:
         self.stop: Stop | None = None
         #: Something had to be killed to stop: the master exits 1.
         self.killed = False
+        #: Connections the master cut itself (the single model's), not by killing a process.
+        self._cut_here = 0
 
     def begin(self, *, fast: bool, timeout: float, handover: bool = False,
               shared: bool = False) -> None:
@@ -145,10 +147,16 @@ class StopChecklist:
         """Step 7 done: nothing left to wait for."""
         return self.stop is not None and not self._model.pids() and not self._model.pending()
 
-    def note_killed(self, message: str) -> None:
-        """Something had to be killed to stop: say so, and exit 1 at the end."""
+    def note_killed(self, message: str, *, cut: int = 0) -> None:
+        """Something had to be killed to stop: say so, and exit 1 at the end. ``cut``:
+        connections the master cut itself (a killed process's are the stop's count)."""
         self.killed = True
+        self._cut_here += cut
         log.warning("%s", message)
+
+    def cut(self) -> int:
+        """Connections the stop cut: its processes killed, and those the master cut."""
+        return (self.stop.cut if self.stop is not None else 0) + self._cut_here
 
     def abandon(self) -> None:
         """The loop failed: leave no child behind. Kill them and reap them, blocking."""

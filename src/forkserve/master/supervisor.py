@@ -204,7 +204,7 @@ class Supervisor:
             log.critical("stopped: %s", self._halt[0])
         killed = ExitCode.KILLED if self.checklist.killed else ExitCode.OK
         status = self._halt[1] if self._halt else killed
-        ready.stopped(self.checklist.stop, status)
+        ready.stopped(self.checklist.stop, status, self.checklist.cut())
         return status
 
     def halt(self, reason: str, status: ExitCode) -> None:
@@ -442,9 +442,9 @@ class Supervisor:
         self.checklist.begin(fast=fast, handover=handover, shared=self.upgrader.pending is not None,
                              timeout=self.config.graceful_timeout)
 
-    def note_killed(self, message: str) -> None:
+    def note_killed(self, message: str, *, cut: int = 0) -> None:
         """Something had to be killed to stop: say so, and exit 1 at the end."""
-        self.checklist.note_killed(message)
+        self.checklist.note_killed(message, cut=cut)
 
     # ------------------------------------------------------------------ cleaning up
 

@@ -152,8 +152,9 @@ class Host(Protocol):
     def report_abnormal_exit(self, exited: Exited, what: str) -> None:
         """Log an unexpected exit of ``what`` (a signal: killed; else its status)."""
 
-    def note_killed(self, message: str) -> None:
-        """Something had to be killed to stop: the master logs it and exits 1."""
+    def note_killed(self, message: str, *, cut: int = 0) -> None:
+        """Something had to be killed to stop: the master logs it and exits 1. ``cut``: the
+        connections cut in the master itself (the single model's), for the last log line."""
 
     def halt(self, reason: str, status: ExitCode) -> None:
         """The model cannot go on (workers cannot boot): stop gracefully, exit ``status``."""

@@ -20,8 +20,8 @@ Clients that queued while it served (a graceful stop is acted on once that conne
 are served at the stop (``drain``), one after the other, each told at once that the server
 stops (so a silent one costs ``STOP_GRACE`` at most); the listener's socket filter lets no
 one new in meanwhile. One deadline covers them all: ``graceful_timeout`` from the signal (a
-fast stop: ``FAST_STOP_SECONDS``). What is still queued at the deadline is reset by the close,
-and the master exits 1.
+fast stop: ``FAST_STOP_SECONDS``). What is still queued at the deadline is closed unserved
+(counted in the log and in the stop's last line), and the master exits 1.
 """
 
 from __future__ import annotations
@@ -118,6 +118,19 @@ class SingleModel(WithoutPool):
                and (self._stop_due is None or self.kernel.monotonic() < self._stop_due)
                and self._take(listener)):
             pass
+        if self._fast_stop:
+            return
+        left = 0  # the stop's time is up: what still waits is closed unserved, and counted
+        while True:
+            try:
+                sock, _ = listener.sock.accept()
+            except OSError:
+                break
+            sock.close()
+            left += 1
+        if left:
+            self.host.note_killed(f"the stop's deadline: {left} queued client(s) closed "
+                                  f"unserved", cut=left)
 
     def _take(self, listener: Listener) -> bool:
         """Accept one client and serve it (or refuse it); False if none was waiting."""
@@ -191,7 +204,8 @@ class SingleModel(WithoutPool):
         signal.setitimer(signal.ITIMER_REAL, 0)
         self._serving = None
         if not self._fast_stop:  # a fast stop kills by design; only a graceful one fails
-            self.host.note_killed(f"the connection from {conn.peer} outlived the stop deadline")
+            self.host.note_killed(f"the connection from {conn.peer} outlived the stop deadline",
+                                  cut=1)
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
