@@ -323,6 +323,27 @@ def test_a_graceful_stop_serves_queued_clients_behind_a_proxy(server_factory: Fa
     assert server.wait() == 0
 
 
+def test_a_full_fork_model_serves_the_queued_clients_as_its_children_end(
+        server_factory: Factory) -> None:
+    server = server_factory("--max-children", "2")
+    held = [server.connect() for _ in range(2)]  # every child taken, by idle clients
+    for s in held:
+        s.sendall(b"hi\n")
+        assert recv_exactly(s, len(HELLO)) == HELLO
+    server.signal(signal.SIGSTOP)
+    try:
+        queued = [server.connect() for _ in range(3)]
+        for s in queued:
+            s.sendall(b"hi\n")
+        server.signal(signal.SIGTERM)
+    finally:
+        server.signal(signal.SIGCONT)
+    for s in [*queued, *held]:  # (before: the three were reset by the close)
+        with s:
+            assert recv_all(s) == (HELLO if s in queued else b"")
+    assert server.wait() == 0
+
+
 def test_the_clients_a_single_stop_serves_share_its_deadline(server_factory: Factory) -> None:
     # four silent clients queued: each is owed a second (STOP_GRACE) for its request, the stop
     # has 1.5 s for all of them: the second is cut at the deadline, and the rest are not

@@ -13,9 +13,12 @@ import pytest
 
 from forkserve.apps.exec import Program
 from forkserve.config import Config
+from forkserve.config.kinds import Address
 from forkserve.kernel import Exited, reap
 from forkserve.master.accepting import FORK_PAUSE_SECONDS
+from forkserve.master.listeners import bind_all
 from forkserve.master.signals import SIGNALS, Intent
+from forkserve.master.stopping import QUEUE_HOLD
 from forkserve.master.supervisor import Supervisor
 from forkserve.models import Serving
 from forkserve.models.fork import ForkModel, Zygote
@@ -290,6 +293,40 @@ def test_a_child_whose_started_died_with_its_zygote_is_adopted_by_its_slot(
     sup._reap()
     assert sup._finished()
     assert sorted(model._free_slots) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("fast_after", [False, True])
+def test_a_full_fork_model_keeps_its_listener_for_the_queue_a_while(
+        kernel: FakeKernel, fast_after: bool) -> None:
+    config = Config(model="fork", max_children=1, graceful_timeout=10)
+    listeners = bind_all((Address.parse("127.0.0.1:0"),), 16)
+    sup = Supervisor(Serving(config, never_called), listeners, kernel=kernel)
+    zygote = FakeZygote(sup, kernel)
+    (listener,) = listeners
+    try:
+        spawn(zygote)  # full
+        queued = socket.create_connection(listener.sock.getsockname())
+        sup._begin_stop(fast=False)
+        assert listener.sock.fileno() >= 0, "kept: the model was full, a client may wait"
+        zygote.fork()
+        assert not zygote.retired, "the zygote forks for what the kept listener gives"
+        assert kernel.now + QUEUE_HOLD in sup.checklist.deadlines(), "the loop wakes for it"
+        kernel.now += 1
+        sup.checklist.advance()
+        assert listener.sock.fileno() >= 0
+        assert not sup._finished()
+        if fast_after:
+            sup._begin_stop(fast=True)
+        else:
+            kernel.now += QUEUE_HOLD
+            sup.checklist.advance()
+        assert listener.sock.fileno() < 0, "closed at the hold's end, or by a fast stop"
+        zygote.fork()
+        assert zygote.retired
+        queued.close()
+    finally:
+        sup._close()
+        zygote.wire.close()
 
 
 def test_graceful_stop_terms_waits_then_kills_at_the_deadline(

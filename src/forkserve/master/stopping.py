@@ -13,11 +13,14 @@ most until ``deadlines()``; it reaps (step 7) and ends once ``finished``.
 2. **Serve what is queued** (graceful, not a handover): the model takes what the kernel has
    queued on each listener (``Model.drain``: the fork model forks for it, prefork workers are
    told on the scoreboard, the single model serves them one after the other), so those
-   clients are answered, not reset by the close.
+   clients are answered, not reset by the close. A fork model at ``max_children`` keeps the
+   listener (its filter lets no one new in) and takes the rest as its children end, for
+   ``QUEUE_HOLD`` at most (half of ``graceful_timeout`` if less): then it is closed and the
+   model told (``Model.queue_closed``). What is still queued then is reset by the close.
 3. **Close the listeners**: new clients are refused, not left hanging in a queue nobody
    reads. (On a handover the sockets stay open in the new master.) The model is told
-   (``Model.stop_begun``): the fork model's zygote retires, and exits after its last
-   child.
+   (``Model.stop_begun``): the fork model's zygote retires (once no listener is kept), and
+   exits after its last child.
 4. **Ask every process to finish**: SIGTERM (a child stops reading and writes what it owes).
    A fast stop sends SIGKILL instead and is done. A handover of exec programs sends nothing:
    SIGTERM would cut them short, and they end on their own.
@@ -50,6 +53,10 @@ from .systemd import Notifier
 
 log = logging.getLogger("forkserve")
 
+#: The longest a graceful stop keeps a listener open for the clients queued on it that the
+#: model had no room for (as a busy prefork worker's ``DRAIN_SECONDS``).
+QUEUE_HOLD = 5.0
+
 
 @dataclass
 class Stop:
@@ -64,6 +71,8 @@ class Stop:
     handover: bool = False
     #: Connections (processes serving them) killed to stop.
     cut: int = 0
+    #: Until when listeners a drain kept open stay open (step 2).
+    hold_until: float = 0.0
 
 
 class StopChecklist:
@@ -82,6 +91,8 @@ class StopChecklist:
         self.killed = False
         #: Connections the master cut itself (the single model's), not by killing a process.
         self._cut_here = 0
+        #: Listeners kept open by step 2 for what is queued on them.
+        self._kept: list[Listener] = []
 
     def begin(self, *, fast: bool, timeout: float, handover: bool = False,
               shared: bool = False) -> None:
@@ -90,6 +101,7 @@ class StopChecklist:
         now = self._kernel.monotonic()
         if self.stop is not None:
             if fast and not self.stop.fast:
+                self._close_kept()
                 self.stop.fast, self.stop.cut = True, len(self._model.pids())
                 self._model.stop_begun(signal.SIGKILL)
                 self._kill_all(signal.SIGKILL)
@@ -103,12 +115,20 @@ class StopChecklist:
             for listener in self._listeners:
                 listener.refuse_new()
         for listener in self._listeners:
-            if not fast and not handover:
-                self._model.drain(listener)  # 2
+            if (not fast and not handover and self._model.drain(listener)  # 2
+                    and listener.ours and not shared):
+                # the model was full and more may wait, in a queue the close would reset
+                # (not systemd's socket, nor one a new master may take: theirs outlives us)
+                self._kept.append(listener)
+                continue
             listener.close()  # 3
+        if self._kept:
+            stop.hold_until = now + min(QUEUE_HOLD, timeout / 2)
         told = None if handover and not fast and self._model.ends_on_sigterm else (
             signal.SIGKILL if fast else signal.SIGTERM)
         self._model.stop_begun(told)
+        if not self._kept:
+            self._model.queue_closed()  # (a drain that was full on a socket not kept)
         pending = len(self._model.pids())
         if fast:
             stop.cut = pending
@@ -119,10 +139,18 @@ class StopChecklist:
             self._kill_all(told)  # 4
 
     def advance(self) -> None:
-        """Steps 5 and 6, when due."""
+        """Step 2 for the listeners it kept, then steps 5 and 6, when due."""
         stop = self.stop
         if stop is None or stop.killed or stop.fast:
             return
+        if self._kept:
+            past = self._kernel.monotonic() >= stop.hold_until
+            for listener in list(self._kept):
+                if past or not self._model.drain(listener):
+                    self._kept.remove(listener)
+                    listener.close()
+            if not self._kept:
+                self._model.queue_closed()
         left = self._model.pids()
         now = self._kernel.monotonic()
         if left and now >= stop.deadline:  # 6
@@ -139,13 +167,16 @@ class StopChecklist:
         if stop is None or stop.killed:
             return []
         out = [stop.deadline]
+        if self._kept:
+            out.append(stop.hold_until)
         if not stop.fast and self._model.pids():
             out.append(self._reminder_due(stop))  # (inf when none is due)
         return out
 
     def finished(self) -> bool:
         """Step 7 done: nothing left to wait for."""
-        return self.stop is not None and not self._model.pids() and not self._model.pending()
+        return (self.stop is not None and not self._kept and not self._model.pids()
+                and not self._model.pending())
 
     def note_killed(self, message: str, *, cut: int = 0) -> None:
         """Something had to be killed to stop: say so, and exit 1 at the end. ``cut``:
@@ -165,6 +196,13 @@ class StopChecklist:
                 self._kernel.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 self._kernel.waitpid(pid, 0)
+
+    def _close_kept(self) -> None:
+        if self._kept:
+            for listener in self._kept:
+                listener.close()
+            self._kept.clear()
+            self._model.queue_closed()
 
     def _reminder_due(self, stop: Stop) -> float:
         """When SIGTERM goes again to what a graceful stop still waits for (inf: never)."""

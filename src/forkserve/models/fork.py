@@ -236,6 +236,8 @@ class ForkModel(WithoutPool):
         self._retire_when_headers_read = False
         #: Children of a zygote that died, to account for once its round of reaping is done.
         self._orphans: list[int] = []
+        #: A stop's drain found the model full: it keeps the listener open (``drain``).
+        self._queue_kept = False
         #: What the stop sends its processes (``stop_begun``), sent also to those that start
         #: during it.
         self._stop_signal: int | None = None
@@ -524,34 +526,47 @@ class ForkModel(WithoutPool):
     def on_readable(self, listener: Listener) -> None:
         self._take(listener, ACCEPT_BATCH)
 
-    def drain(self, listener: Listener) -> None:
+    def drain(self, listener: Listener) -> bool:
         """A graceful stop is about to close ``listener``: take what the kernel has queued
-        (bounded by the backlog and by room), so those clients are served, not reset."""
-        self._take(listener, self.config.backlog)
+        (bounded by the backlog and by room), so those clients are served, not reset. True
+        if it stopped at ``max_children``: more may wait, to take as children end (the
+        serving zygote then retires at ``queue_closed``, not at ``stop_begun``)."""
+        full = self._take(listener, self.config.backlog)
+        self._queue_kept = self._queue_kept or full
+        return full
 
-    def _take(self, listener: Listener, limit: int) -> None:
-        """Accept up to ``limit`` connections; what goes to the zygote goes as one packet."""
+    def queue_closed(self) -> None:
+        self._queue_kept = False
+        if self.host.stopping and self.zygote is not None:
+            if self._awaiting or self._probation:
+                self._retire_when_headers_read = True
+            else:
+                self._retire(self.zygote)
+
+    def _take(self, listener: Listener, limit: int) -> bool:
+        """Accept up to ``limit`` connections; what goes to the zygote goes as one packet.
+        True if it stopped because the model is full (``on_full`` defer)."""
         self._batching = True
         try:
-            self._take_batch(listener, limit)
+            return self._take_batch(listener, limit)
         finally:
             self._batching = False
             for zygote in self._zygotes():
                 if zygote.outbox and zygote.room_fd < 0:
                     self._send(zygote)
 
-    def _take_batch(self, listener: Listener, limit: int) -> None:
+    def _take_batch(self, listener: Listener, limit: int) -> bool:
         for _ in range(limit):
             if self.full and self.config.on_full == "defer":
                 self.host.update_accepting()
-                return
+                return True
             try:
                 sock, addr = listener.sock.accept()
             except BlockingIOError:
-                return
+                return False
             except OSError as exc:
                 if self.host.accept_failed(exc):
-                    return
+                    return False
                 continue
             if self.full:  # on_full = refuse
                 self.gate.refuse(sock, "full", format_address(addr, sock.family))
@@ -560,7 +575,8 @@ class ForkModel(WithoutPool):
                 self._await_header(sock, addr)
                 continue
             if not self._admit_and_spawn(sock, addr, None):
-                return
+                return False
+        return False
 
     def _admit_and_spawn(self, sock: socket.socket, addr: object,
                          header: Proxied | None) -> bool:
@@ -895,6 +911,8 @@ class ForkModel(WithoutPool):
         ``Started`` comes from now on is sent ``sig``."""
         self._stop_signal = sig
         for zygote in self._zygotes():
+            if zygote is self.zygote and self._queue_kept and sig != signal.SIGKILL:
+                continue  # (a kept listener's clients still come: ``queue_closed``)
             if zygote is self.zygote and (self._awaiting or self._probation):
                 self._retire_when_headers_read = True
             else:

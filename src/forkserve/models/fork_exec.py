@@ -324,10 +324,10 @@ class ExecModel(ForkModel):
                 with contextlib.suppress(ProcessLookupError):
                     self.kernel.kill(pid, sig)
 
-    def drain(self, listener: Listener) -> None:
+    def drain(self, listener: Listener) -> bool:
         self._draining = True
         try:
-            super().drain(listener)
+            return super().drain(listener)
         finally:
             self._draining = False
 

@@ -230,16 +230,22 @@ class Model(Protocol):
     def scale(self, delta: int) -> None:
         """TTIN (+1) or TTOU (-1)."""
 
-    def drain(self, listener: Listener) -> None:
+    def drain(self, listener: Listener) -> bool:
         """A graceful stop is about to close ``listener``: serve what is queued on it, if
-        this model can without waiting (the fork model forks for it)."""
+        this model can without waiting (the fork model forks for it). True if clients may
+        still wait that it could serve once it has room (the fork model at ``max_children``):
+        the stop then keeps ``listener`` open a while and calls this again as processes end,
+        then closes it and calls ``queue_closed``."""
+
+    def queue_closed(self) -> None:
+        """The last listener a ``drain`` kept open is closed: nothing more will come."""
 
     def stop_begun(self, sig: int | None) -> None:
-        """A stop has closed the listeners (after ``drain``; on a handover too) and sends every
-        process ``sig`` (None: nothing, on an upgrade's handover of exec programs). No
-        connection will come any more (the fork model retires its zygote), and a process
-        that starts from now on is sent ``sig`` too. Called again with SIGKILL when a fast
-        stop overtakes a graceful one."""
+        """A stop has closed the listeners, but those a ``drain`` keeps open (on a handover
+        too), and sends every process ``sig`` (None: nothing, on an upgrade's handover of
+        exec programs). A process that starts from now on is sent ``sig`` too. No connection
+        will come any more but from a kept listener (the fork model retires its zygote once
+        none is left). Called again with SIGKILL when a fast stop overtakes a graceful one."""
 
     def interrupt(self, fast: bool) -> None:
         """A stop was asked for. Called from the master's signal handler: at most a couple
@@ -284,8 +290,11 @@ class WithoutPool:
     def scale(self, delta: int) -> None:
         log.info("TTIN/TTOU: only the prefork model has a pool to scale")
 
-    def drain(self, listener: Listener) -> None:
-        pass  # (the fork and single models serve them: see theirs)
+    def drain(self, listener: Listener) -> bool:
+        return False  # (the fork and single models serve them: see theirs)
+
+    def queue_closed(self) -> None:
+        pass
 
     def stop_begun(self, sig: int | None) -> None:
         pass  # no process starts but by the master's own hand

@@ -448,9 +448,13 @@ class PreforkModel:
             self.pool.target = self.adapter.plan.start
         return f"starting worker generation {self.pool.generation}"
 
-    def drain(self, listener: Listener) -> None:
+    def drain(self, listener: Listener) -> bool:
         # the workers accept: they serve what is queued before they let go of the listeners
         self.scoreboard.announce_drain()
+        return False
+
+    def queue_closed(self) -> None:
+        pass  # (the master keeps no listener open for the workers)
 
     def stop_begun(self, sig: int | None) -> None:
         pass  # no worker starts during a stop; each lets go of its listeners itself

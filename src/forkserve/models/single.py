@@ -110,7 +110,7 @@ class SingleModel(WithoutPool):
     def on_readable(self, listener: Listener) -> None:
         self._take(listener)
 
-    def drain(self, listener: Listener) -> None:
+    def drain(self, listener: Listener) -> bool:
         """A graceful stop is about to close ``listener``: serve, one after the other, the
         clients queued on it, until none is left, a fast stop comes or the stop's time is up
         (see the module doc)."""
@@ -119,7 +119,7 @@ class SingleModel(WithoutPool):
                and self._take(listener)):
             pass
         if self._fast_stop:
-            return
+            return False
         left = 0  # the stop's time is up: what still waits is closed unserved, and counted
         while True:
             try:
@@ -131,6 +131,7 @@ class SingleModel(WithoutPool):
         if left:
             self.host.note_killed(f"the stop's deadline: {left} queued client(s) closed "
                                   f"unserved", cut=left)
+        return False
 
     def _take(self, listener: Listener) -> bool:
         """Accept one client and serve it (or refuse it); False if none was waiting."""
