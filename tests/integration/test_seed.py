@@ -154,10 +154,19 @@ def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         line = b"x" * 60000 + b"\n"
         s.settimeout(0.2)
-        start = time.monotonic()
-        with contextlib.suppress(OSError):  # until both ways are full: the server is stuck
-            while time.monotonic() - start < 10:
-                s.sendall(line)  # echoed back, never read: the server's writes stall
+        start = moved = time.monotonic()
+        left = b""
+        # echoed back, never read: until both ways are full and the server is stuck, which
+        # its write timeout then ends. A server slowed by a busy machine still takes bytes:
+        # only a second without progress is stuck (the server's send buffer, autotuned to
+        # megabytes, may have taken all that a first stall of 0.2 s left it)
+        with contextlib.suppress(OSError):
+            while time.monotonic() - start < 10 and time.monotonic() - moved < 1.0:
+                try:
+                    sent = s.send(left or line)
+                except TimeoutError:
+                    continue
+                left, moved = (left or line)[sent:], time.monotonic()
         server.wait_for_log(rf"127\.0\.0\.1:{port}: closed: client stopped reading "
                             r"\(write timeout\)", timeout=10)
         duration, status = access_line(server, port)
