@@ -359,7 +359,7 @@ def test_the_clients_a_single_stop_serves_share_its_deadline(server_factory: Fac
     assert server.wait() == 1, "a client had to be cut to stop: exit 1"
     log = server.log()
     assert log.count("outlived the stop deadline") == 1, server.log_tail()
-    closed = re.search(r"(\d+) queued client\(s\) closed unserved", log)
+    closed = re.search(r"(\d+) queued client\(s\) not served", log)
     assert closed, server.log_tail()
     left = int(closed.group(1))  # (2, unless the machine stalled the first one past 1.5 s)
     assert f"exit status 1, {left + 1} connection(s) cut" in log, server.log_tail()

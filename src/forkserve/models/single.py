@@ -20,8 +20,8 @@ Clients that queued while it served (a graceful stop is acted on once that conne
 are served at the stop (``drain``), one after the other, each told at once that the server
 stops (so a silent one costs ``STOP_GRACE`` at most); the listener's socket filter lets no
 one new in meanwhile. One deadline covers them all: ``graceful_timeout`` from the signal (a
-fast stop: ``FAST_STOP_SECONDS``). What is still queued at the deadline is closed unserved
-(counted in the log and in the stop's last line), and the master exits 1.
+fast stop: ``FAST_STOP_SECONDS``). What is still queued at the deadline is reset by the
+close (counted in the log and in the stop's last line), and the master exits 1.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from ..ops.logs import AccessRecord
 from ..protocol.address import format_address
 from ..protocol.admission import ClientKey
 from ..protocol.defence import Cause
+from ..serving.accept import accept_queue
 from ..serving.child import PENALISED_EXITS, serve_one
 from ..serving.connection import Connection
 from ..serving.patience import Patience
@@ -112,25 +113,20 @@ class SingleModel(WithoutPool):
 
     def drain(self, listener: Listener) -> bool:
         """A graceful stop is about to close ``listener``: serve, one after the other, the
-        clients queued on it, until none is left, a fast stop comes or the stop's time is up
-        (see the module doc)."""
-        while (not self._fast_stop and not self._deadline_hit
-               and (self._stop_due is None or self.kernel.monotonic() < self._stop_due)
-               and self._take(listener)):
-            pass
-        if self._fast_stop:
-            return False
-        left = 0  # the stop's time is up: what still waits is closed unserved, and counted
-        while True:
-            try:
-                sock, _ = listener.sock.accept()
-            except OSError:
+        clients queued on it, until they are served, a fast stop comes or the stop's time is
+        up (see the module doc). A TCP listener says how many wait: no more than those are
+        taken (on a socket that lets new clients in, systemd's, they would keep the stop
+        going); elsewhere (unix) ``backlog`` at most."""
+        queued = accept_queue(listener.sock)
+        for _ in range(self.config.backlog if queued is None else queued):
+            if (self._fast_stop or self._deadline_hit or not self._take(listener)
+                    or (self._stop_due is not None
+                        and self.kernel.monotonic() >= self._stop_due)):
                 break
-            sock.close()
-            left += 1
-        if left:
-            self.host.note_killed(f"the stop's deadline: {left} queued client(s) closed "
-                                  f"unserved", cut=left)
+        left = accept_queue(listener.sock) if listener.ours and not self._fast_stop else 0
+        if left:  # (what the close resets: a socket not ours keeps its queue)
+            self.host.note_killed(f"the stop's deadline: {left} queued client(s) not served",
+                                  cut=left)
         return False
 
     def _take(self, listener: Listener) -> bool:
