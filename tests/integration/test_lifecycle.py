@@ -286,18 +286,25 @@ def test_max_connection_time_ends_a_busy_connection(server_factory: Factory,
         assert recv_exactly(s, len(HELLO)) == HELLO
 
 
+def queued_at_a_stop(server: Server, clients: int, request: bytes) -> list[socket.socket]:
+    """``clients`` connected while the master is stopped (SIGSTOP: they wait in the kernel
+    backlog), each having sent ``request``; then SIGTERM, and the master goes on."""
+    server.signal(signal.SIGSTOP)
+    try:
+        queued = [server.connect() for _ in range(clients)]
+        for s in queued:
+            s.sendall(request)
+        server.signal(signal.SIGTERM)
+    finally:
+        server.signal(signal.SIGCONT)
+    return queued
+
+
 @pytest.mark.parametrize("model", ["fork", "single"])
 def test_a_graceful_stop_serves_the_clients_already_queued(server_factory: Factory,
                                                           model: str) -> None:
     server = server_factory("--model", model)
-    server.signal(signal.SIGSTOP)  # the master is busy: clients queue in the kernel backlog
-    try:
-        queued = [server.connect() for _ in range(5)]
-        for s in queued:
-            s.sendall(b"hi\n")
-        server.signal(signal.SIGTERM)
-    finally:
-        server.signal(signal.SIGCONT)
+    queued = queued_at_a_stop(server, 5, b"hi\n")
     for s in queued:  # accepted before the listener closed, answered, not reset
         with s:
             assert recv_all(s) == HELLO
@@ -309,14 +316,8 @@ def test_a_graceful_stop_serves_queued_clients_behind_a_proxy(server_factory: Fa
                                                              model: str) -> None:
     server = server_factory("--model", model, "--proxy-protocol", "--trusted-proxy",
                             "127.0.0.1")
-    server.signal(signal.SIGSTOP)
-    try:
-        queued = [server.connect() for _ in range(3)]
-        for s in queued:  # the proxy's header, then the client's request
-            s.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\nhi\n")
-        server.signal(signal.SIGTERM)
-    finally:
-        server.signal(signal.SIGCONT)
+    # the proxy's header, then the client's request
+    queued = queued_at_a_stop(server, 3, b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\nhi\n")
     for s in queued:
         with s:
             assert recv_all(s) == HELLO
@@ -330,14 +331,7 @@ def test_a_full_fork_model_serves_the_queued_clients_as_its_children_end(
     for s in held:
         s.sendall(b"hi\n")
         assert recv_exactly(s, len(HELLO)) == HELLO
-    server.signal(signal.SIGSTOP)
-    try:
-        queued = [server.connect() for _ in range(3)]
-        for s in queued:
-            s.sendall(b"hi\n")
-        server.signal(signal.SIGTERM)
-    finally:
-        server.signal(signal.SIGCONT)
+    queued = queued_at_a_stop(server, 3, b"hi\n")
     for s in [*queued, *held]:  # (before: the three were reset by the close)
         with s:
             assert recv_all(s) == (HELLO if s in queued else b"")
@@ -350,12 +344,7 @@ def test_the_clients_a_single_stop_serves_share_its_deadline(server_factory: Fac
     # served, each with a deadline of its own
     server = server_factory("--model", "single", "--graceful-timeout", "1.5")
     server.expect_exit = 1
-    server.signal(signal.SIGSTOP)
-    try:
-        queued = [server.connect() for _ in range(4)]
-        server.signal(signal.SIGTERM)
-    finally:
-        server.signal(signal.SIGCONT)
+    queued = queued_at_a_stop(server, 4, b"")  # (silent)
     assert server.wait() == 1, "a client had to be cut to stop: exit 1"
     log = server.log()
     assert log.count("outlived the stop deadline") == 1, server.log_tail()
