@@ -449,6 +449,8 @@ def test_quit_during_a_graceful_stop_kills_at_once(sup: Supervisor, zygote: Fake
     sup._act_on_signals()
     assert kernel.killed == [(pid, signal.SIGTERM), (pid, signal.SIGKILL),
                              (zygote.pid, signal.SIGKILL)]
+    kernel.now += 60  # (past every deadline: a process SIGKILL has not ended yet)
+    assert sup._timeout() is None, "nothing to do but reap: the loop must not spin"
 
 
 def test_the_signal_table_covers_every_intent() -> None:

@@ -162,9 +162,11 @@ class StopChecklist:
             self._kill_all(signal.SIGTERM)
 
     def deadlines(self) -> list[float]:
-        """When ``advance`` has something to do (none once everything left was killed)."""
+        """When ``advance`` has something to do (none once everything left was killed, as a
+        fast stop does at once: only SIGCHLD can wake the loop then, not a past deadline
+        that would have it spin)."""
         stop = self.stop
-        if stop is None or stop.killed:
+        if stop is None or stop.killed or stop.fast:
             return []
         out = [stop.deadline]
         if self._kept:
