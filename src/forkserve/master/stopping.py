@@ -16,11 +16,11 @@ most until ``deadlines()``; it reaps (step 7) and ends once ``finished``.
    clients are answered, not reset by the close. A fork model at ``max_children`` keeps the
    listener (its filter lets no one new in) and takes the rest as its children end, for
    ``QUEUE_HOLD`` at most (half of ``graceful_timeout`` if less): then it is closed and the
-   model told (``Model.queue_closed``). What is still queued then is reset by the close.
+   model told. What is still queued then is reset by the close.
 3. **Close the listeners**: new clients are refused, not left hanging in a queue nobody
    reads. (On a handover the sockets stay open in the new master.) The model is told
-   (``Model.stop_begun``): the fork model's zygote retires (once no listener is kept), and
-   exits after its last child.
+   (``Model.stop_begun``, then ``Model.listeners_closed`` once no listener is kept): the
+   fork model's zygote retires, and exits after its last child.
 4. **Ask every process to finish**: SIGTERM (a child stops reading and writes what it owes).
    A fast stop sends SIGKILL instead and is done. A handover of exec programs sends nothing:
    SIGTERM would cut them short, and they end on their own.
@@ -128,7 +128,7 @@ class StopChecklist:
             signal.SIGKILL if fast else signal.SIGTERM)
         self._model.stop_begun(told)
         if not self._kept:
-            self._model.queue_closed()  # (a drain that was full on a socket not kept)
+            self._model.listeners_closed()
         pending = len(self._model.pids())
         if fast:
             stop.cut = pending
@@ -150,7 +150,7 @@ class StopChecklist:
                     self._kept.remove(listener)
                     listener.close()
             if not self._kept:
-                self._model.queue_closed()
+                self._model.listeners_closed()
         left = self._model.pids()
         now = self._kernel.monotonic()
         if left and now >= stop.deadline:  # 6
@@ -204,7 +204,7 @@ class StopChecklist:
             for listener in self._kept:
                 listener.close()
             self._kept.clear()
-            self._model.queue_closed()
+            self._model.listeners_closed()
 
     def _reminder_due(self, stop: Stop) -> float:
         """When SIGTERM goes again to what a graceful stop still waits for (inf: never)."""

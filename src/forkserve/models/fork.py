@@ -236,8 +236,6 @@ class ForkModel(WithoutPool):
         self._retire_when_headers_read = False
         #: Children of a zygote that died, to account for once its round of reaping is done.
         self._orphans: list[int] = []
-        #: A stop's drain found the model full: it keeps the listener open (``drain``).
-        self._queue_kept = False
         #: What the stop sends its processes (``stop_begun``), sent also to those that start
         #: during it.
         self._stop_signal: int | None = None
@@ -529,15 +527,13 @@ class ForkModel(WithoutPool):
     def drain(self, listener: Listener) -> bool:
         """A graceful stop is about to close ``listener``: take what the kernel has queued
         (bounded by the backlog and by room), so those clients are served, not reset. True
-        if it stopped at ``max_children``: more may wait, to take as children end (the
-        serving zygote then retires at ``queue_closed``, not at ``stop_begun``)."""
-        full = self._take(listener, self.config.backlog)
-        self._queue_kept = self._queue_kept or full
-        return full
+        if it stopped at ``max_children``: more may wait, to take as children end."""
+        return self._take(listener, self.config.backlog)
 
-    def queue_closed(self) -> None:
-        self._queue_kept = False
-        if self.host.stopping and self.zygote is not None:
+    def listeners_closed(self) -> None:
+        """No connection will come: the serving zygote retires (once the PROXY headers and
+        probations it is still owed are settled, ``manage``)."""
+        if self.zygote is not None:
             if self._awaiting or self._probation:
                 self._retire_when_headers_read = True
             else:
@@ -906,16 +902,12 @@ class ForkModel(WithoutPool):
         pass  # children are signalled by the master's stop checklist
 
     def stop_begun(self, sig: int | None) -> None:
-        """No connection will come: the zygotes retire (the serving one once the PROXY
-        headers and probations it is still owed are settled, ``manage``); a child whose
-        ``Started`` comes from now on is sent ``sig``."""
+        """A child whose ``Started`` comes from now on is sent ``sig``; the zygotes that
+        serve no more (a reload's old ones) retire. The serving zygote retires once the
+        listeners are closed (``listeners_closed``)."""
         self._stop_signal = sig
         for zygote in self._zygotes():
-            if zygote is self.zygote and self._queue_kept and sig != signal.SIGKILL:
-                continue  # (a kept listener's clients still come: ``queue_closed``)
-            if zygote is self.zygote and (self._awaiting or self._probation):
-                self._retire_when_headers_read = True
-            else:
+            if zygote is not self.zygote:
                 self._retire(zygote)
 
     def pids(self) -> Collection[int]:

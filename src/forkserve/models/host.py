@@ -235,17 +235,18 @@ class Model(Protocol):
         this model can without waiting (the fork model forks for it). True if clients may
         still wait that it could serve once it has room (the fork model at ``max_children``):
         the stop then keeps ``listener`` open a while and calls this again as processes end,
-        then closes it and calls ``queue_closed``."""
+        then closes it."""
 
-    def queue_closed(self) -> None:
-        """The last listener a ``drain`` kept open is closed: nothing more will come."""
+    def listeners_closed(self) -> None:
+        """Every listener of the stop is closed (at once, or once those a ``drain`` kept are
+        done): no connection will come any more (the fork model retires its zygote). Once
+        per stop, after ``stop_begun``."""
 
     def stop_begun(self, sig: int | None) -> None:
         """A stop has closed the listeners, but those a ``drain`` keeps open (on a handover
         too), and sends every process ``sig`` (None: nothing, on an upgrade's handover of
-        exec programs). A process that starts from now on is sent ``sig`` too. No connection
-        will come any more but from a kept listener (the fork model retires its zygote once
-        none is left). Called again with SIGKILL when a fast stop overtakes a graceful one."""
+        exec programs). A process that starts from now on is sent ``sig`` too. Called again
+        with SIGKILL when a fast stop overtakes a graceful one."""
 
     def interrupt(self, fast: bool) -> None:
         """A stop was asked for. Called from the master's signal handler: at most a couple
@@ -293,7 +294,7 @@ class WithoutPool:
     def drain(self, listener: Listener) -> bool:
         return False  # (the fork and single models serve them: see theirs)
 
-    def queue_closed(self) -> None:
+    def listeners_closed(self) -> None:
         pass
 
     def stop_begun(self, sig: int | None) -> None:

@@ -453,7 +453,7 @@ class PreforkModel:
         self.scoreboard.announce_drain()
         return False
 
-    def queue_closed(self) -> None:
+    def listeners_closed(self) -> None:
         pass  # (the master keeps no listener open for the workers)
 
     def stop_begun(self, sig: int | None) -> None:
